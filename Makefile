@@ -1,0 +1,29 @@
+# One command each: `make test` (set up + run the tests), `make env` (what backends are available).
+# Everything goes into ./.venv; torch is pinned to the CPU wheel and installed first so that the
+# editable install (no build isolation) never pulls a CUDA build.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test env clean
+
+$(BIN)/.gefx-installed: pyproject.toml setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet setuptools wheel pybind11 ninja
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test]"
+	touch $@
+
+setup: $(BIN)/.gefx-installed
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+env: setup
+	$(BIN)/python -m gefx env
+
+clean:
+	rm -rf $(VENV) build *.egg-info gefx/_C*.so

@@ -1,0 +1,44 @@
+"""Per-sample risks for causal language models.
+
+Both functions take logits [B, T, V] and labels [B, T] (the usual Hugging Face convention: labels
+are the input ids with question and padding positions set to -100; the causal shift is applied
+here) and return a per-sample vector [B] in float32 (float64 for float64 logits). Entry k depends
+only on batch row k, which is the contract of ``gefx.grad_dots`` and ``gefx.g_effect``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL [B, T-1] after the causal shift, and the bool mask of answer tokens."""
+    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits must be [B, T, V] and labels [B, T]; got {tuple(logits.shape)} "
+                         f"and {tuple(labels.shape)}")
+    logits = logits[:, :-1]
+    labels = labels[:, 1:].to(logits.device)
+    mask = labels != IGNORE_INDEX
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    nll = F.cross_entropy(logits.to(dt).transpose(1, 2), labels.masked_fill(~mask, 0), reduction="none")
+    return nll * mask, mask
+
+
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample NLL: the mean over each sample's own answer tokens (0 for a sample with none).
+
+    The aggregate risk used by ``g_effect`` is the *sum* of this vector; the paper's mean risk
+    over a batch of B samples is ``sequence_nll(...) / B`` (G-effects scale by the same 1/B).
+    """
+    nll, mask = token_nll(logits, labels)
+    return nll.sum(1) / mask.sum(1).clamp(min=1)
+
+
+def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The reference code's risk as a per-sample vector: sample k's summed token NLL divided by
+    the number of answer tokens in the whole batch, so that the vector sums to the batch's
+    token-mean NLL (what Hugging Face models return as ``loss``)."""
+    nll, mask = token_nll(logits, labels)
+    return nll.sum(1) / mask.sum().clamp(min=1)
