@@ -27,3 +27,9 @@ env: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info gefx/_C*.so
+
+# The main job on the built-in default (offline): `make profile`, or `make profile ARGS="--objectives ga,npo"`.
+ARGS ?=
+.PHONY: profile
+profile: setup
+	$(BIN)/gefx profile $(ARGS)
