@@ -1,4 +1,21 @@
-"""gefx: exact per-sample gradient inner products and G-effects of LLM unlearning objectives."""
+"""gefx: exact per-sample gradient inner products and G-effects of LLM unlearning objectives.
+
+    with gefx.trace(model) as tape:
+        out_f, out_r = model(**forget), model(**retain)
+        objective = -gefx.losses.sequence_nll(out_f.logits, forget["labels"])        # GA
+        risks = {"forget": gefx.losses.sequence_nll(out_f.logits, forget["labels"]),
+                 "retain": gefx.losses.sequence_nll(out_r.logits, retain["labels"])}
+        effects = gefx.g_effect(tape, objective, risks)
+
+Importing gefx queries no device, compiles nothing and does not import transformers.
+"""
 from . import backends, losses, ops
+from .dots import Dots, grad_dots
+from .geffect import GEffect, RiskEffect, g_effect
+from .groups import PRESETS as GROUP_PRESETS
+from .rules import register_rule
+from .tape import Tape, trace
 
 __version__ = "0.1.0"
+__all__ = ["trace", "grad_dots", "g_effect", "ops", "losses", "backends", "register_rule", "Tape",
+           "Dots", "GEffect", "RiskEffect", "GROUP_PRESETS"]

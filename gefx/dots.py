@@ -1,0 +1,352 @@
+"""Per-sample gradient inner products of losses computed from traced forwards.
+
+``collect`` turns a loss into per-parameter gradient pieces (gefx.rules) from one
+``torch.autograd.grad`` call on the recorded layer outputs: no weight-gradient GEMM runs and
+``.grad`` is untouched. The products between two sets of pieces never form a per-sample gradient
+of a matrix parameter:
+
+    pair_matrix(P, Q)      [Bp, Bq]  ghost (Gram-Hadamard) form
+    self_norms(P)          [Bp]      symmetric ghost form
+    marginals(P, Q)        row sums [Bp] (and column sums [Bq]) of pair_matrix(P, Q), by the ghost
+                           form or by the dense form (one aggregated gradient per parameter, then
+                           one GEMM-shaped contraction), whichever needs fewer flops for that
+                           parameter and call (see ``_costs``)
+
+Memory: besides the recorded activations and one output gradient per recorded output (the same
+as a backward keeps), the ghost forms use at most two Gram tiles of GEFX_TILE_MB MiB each (torch
+backend) and the dense form one float32 tensor the size of the parameter.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch.utils._pytree import tree_map
+
+from . import ops
+from .backends import dispatch
+from .groups import resolve
+from .rules import Factored, PerSample, Piece, rule_for
+from .tape import Tape
+
+
+@dataclass
+class Grads:
+    """Per-sample gradients of one loss, as pieces per canonical parameter name."""
+
+    pieces: dict[str, list[Piece]]
+    batch: int
+
+
+# -- collecting output gradients ----------------------------------------------------------------
+def _check_loss(loss, what: str, per_sample: bool) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(loss).__name__}")
+    if per_sample and loss.dim() != 1:
+        raise ValueError(f"{what} must be a per-sample vector [B] (entry k depending only on batch "
+                         f"row k), got a tensor of shape {tuple(loss.shape)}"
+                         + ("; a scalar loss has no per-sample split" if loss.dim() == 0 else ""))
+    if not per_sample and loss.dim() not in (0, 1):
+        raise ValueError(f"{what} must be a scalar or a per-sample vector, got shape {tuple(loss.shape)}")
+    if not loss.is_floating_point():
+        raise TypeError(f"{what} must be floating point, got {loss.dtype}")
+    bad = ~torch.isfinite(loss.detach())
+    if bad.any():
+        kind = "NaN" if torch.isnan(loss.detach()).any() else "inf"
+        where = bad.nonzero().flatten().tolist()[:8] if loss.dim() else []
+        raise ValueError(f"{what} contains {kind}" + (f" at entries {where}" if where else ""))
+    if not loss.requires_grad:
+        raise ValueError(f"{what} does not depend on the traced forward (it does not require grad; "
+                         "was it computed under torch.no_grad or from detached outputs?)")
+    return loss
+
+
+def _flatten_batch(piece: Piece) -> Piece:
+    """Read all samples of a piece as one: the gradient of the summed loss."""
+    if isinstance(piece, PerSample):
+        return PerSample(piece.grad.sum(0, keepdim=True, dtype=_acc(piece.grad)))
+    left = piece.left.reshape(1, -1) if piece.ids else piece.left.reshape(1, -1, piece.left.shape[-1])
+    mask = None if piece.mask is None else piece.mask.reshape(1, -1)
+    return Factored(left, piece.right.reshape(1, -1, piece.right.shape[-1]), mask)
+
+
+def _merge(pieces: list[Piece]) -> list[Piece]:
+    """Concatenate factored pieces of one kind along tokens (a module called several times, or a
+    parameter shared by several modules of one kind) and add per-sample pieces."""
+    out: list[Piece] = []
+    for ids in (False, True):
+        same = [p for p in pieces if isinstance(p, Factored) and p.ids == ids]
+        if len(same) == 1:
+            out.append(same[0])
+        elif same:
+            masks = None if all(p.mask is None for p in same) else torch.cat(
+                [torch.ones(p.right.shape[:2], dtype=torch.bool, device=p.right.device) if p.mask is None
+                 else p.mask for p in same], 1)
+            out.append(Factored(torch.cat([p.left for p in same], 1), torch.cat([p.right for p in same], 1), masks))
+    dense = [p.grad for p in pieces if isinstance(p, PerSample)]
+    if dense:
+        out.append(PerSample(torch.stack(dense).sum(0) if len(dense) > 1 else dense[0]))
+    return out
+
+
+def collect(tape: Tape, loss: torch.Tensor, *, per_sample: bool, what: str = "loss") -> Grads:
+    """Gradient pieces of `loss` for every counted parameter. A per-sample loss keeps its batch;
+    otherwise the loss is summed and read as one sample (the aggregated gradient)."""
+    tape.check_open()
+    _check_loss(loss, what, per_sample)
+    calls = tape.calls
+    outs = [o for c in calls for o in c.outputs]
+    if not outs:
+        raise ValueError("nothing was recorded: run the model's forward inside the gefx.trace block")
+    try:
+        grads = torch.autograd.grad(loss.sum(), outs, retain_graph=True, allow_unused=True)
+    except RuntimeError as exc:
+        raise RuntimeError(f"could not differentiate {what} through the traced forward: {exc} "
+                           "(was its graph freed by a backward without retain_graph=True?)") from exc
+    if all(g is None for g in grads):
+        raise ValueError(f"{what} does not depend on any forward traced by this gefx.trace "
+                         "(or on none of its counted parameters)")
+    pieces: dict[str, list[Piece]] = {}
+    k = 0
+    for call in calls:
+        gs = grads[k:k + len(call.outputs)]
+        k += len(call.outputs)
+        if all(g is None for g in gs):
+            continue
+        if per_sample:
+            for o, g in zip(call.outputs, gs):
+                if g is not None and (o.dim() == 0 or o.shape[0] != loss.shape[0]):
+                    name = tape.module_names.get(call.module, type(call.module).__name__)
+                    raise ValueError(f"{what} has {loss.shape[0]} entries but the traced forward it "
+                                     f"depends on has batch size {o.shape[0] if o.dim() else 'none'} "
+                                     f"(module {name}); a per-sample loss needs one entry per batch row")
+        call.check_unmodified()
+        if call.broadcast:  # its inputs are shared by all rows too: expand them like the output
+            b = call.outputs[0].shape[0]
+            expand = lambda x: x.expand(b, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1 else x  # noqa: E731
+            call = replace(call, args=tree_map(expand, call.args), kwargs=tree_map(expand, call.kwargs))
+        gs = [torch.zeros_like(o) if g is None else g for o, g in zip(call.outputs, gs)]
+        owned = dict(tape.owned[call.module])
+        for local, piece in rule_for(call.module)(tape, call, gs).items():
+            if local in owned:
+                pieces.setdefault(owned[local], []).append(piece if per_sample else _flatten_batch(piece))
+    return Grads({n: _merge(ps) for n, ps in pieces.items()}, loss.shape[0] if per_sample else 1)
+
+
+# -- products between pieces --------------------------------------------------------------------
+def _acc(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _masked(x: torch.Tensor, mask, dt) -> torch.Tensor:
+    x = x.to(dt)
+    return x if mask is None else x * mask.unsqueeze(-1).to(dt)
+
+
+def _factored_vs_dense(p: Factored, grads: torch.Tensor) -> torch.Tensor:
+    """[Bp, J]: <sum_t left_t (x) right_t, grads[j]> for explicit gradients grads [J, D0, D1]."""
+    dt = _acc(p.right, grads)
+    right = _masked(p.right, p.mask, dt)
+    g = grads.to(dt)
+    if p.ids:
+        return torch.einsum("jbtd,btd->bj", g[:, p.left], right)
+    return torch.einsum("btl,jlr,btr->bj", p.left.to(dt), g, right)
+
+
+def _pp(p: Piece, q: Piece) -> torch.Tensor:
+    """[Bp, Bq] inner products between the per-sample gradients of two pieces."""
+    if isinstance(p, PerSample) and isinstance(q, PerSample):
+        dt = _acc(p.grad, q.grad)
+        return p.grad.flatten(1).to(dt) @ q.grad.flatten(1).to(dt).T
+    if isinstance(p, PerSample):
+        return _pp(q, p).T
+    if isinstance(q, PerSample):
+        return _factored_vs_dense(p, q.grad)
+    if p.ids and q.ids:
+        return ops.embedding_pairwise(p.left, p.right, q.left, q.right, p.mask, q.mask)
+    if p.ids:
+        return dispatch("embedding_linear_pairwise", p.left, p.right, q.left, q.right, p.mask, q.mask)
+    if q.ids:
+        return _pp(q, p).T
+    return ops.pairwise(p.right, p.left, q.right, q.left, p.mask, q.mask)
+
+
+def _sample(p: Piece, i: int) -> Piece:
+    if isinstance(p, PerSample):
+        return PerSample(p.grad[i:i + 1])
+    return Factored(p.left[i:i + 1], p.right[i:i + 1], None if p.mask is None else p.mask[i:i + 1])
+
+
+def _self(p: Piece) -> torch.Tensor:
+    if isinstance(p, PerSample):
+        g = p.grad.flatten(1).to(_acc(p.grad))
+        return (g * g).sum(1)
+    if p.ids:
+        return ops.embedding_self_norms(p.left, p.right, p.mask)
+    return ops.self_norms(p.right, p.left, p.mask)
+
+
+def pair_matrix(P: list[Piece], Q: list[Piece]) -> torch.Tensor:
+    return sum(_pp(p, q) for p in P for q in Q)
+
+
+def self_norms(P: list[Piece]) -> torch.Tensor:
+    """||sum_k piece_k||^2 = sum_k self(piece_k) + 2 sum_{k<l} <piece_k, piece_l> (same sample)."""
+    out = sum(_self(p) for p in P)
+    for k in range(len(P)):
+        for q in P[k + 1:]:
+            out = out + 2 * torch.stack([_pp(_sample(P[k], i), _sample(q, i))[0, 0] for i in range(P[k].batch)])
+    return out
+
+
+def dense(P: list[Piece], shape: torch.Size) -> torch.Tensor:
+    """The aggregated gradient sum_i grad_i of a piece list, as a dense tensor of `shape`."""
+    dt = _acc(*[p.grad if isinstance(p, PerSample) else p.right for p in P])
+    dev = (P[0].grad if isinstance(P[0], PerSample) else P[0].right).device
+    m = torch.zeros(shape, dtype=dt, device=dev)
+    for p in P:
+        if isinstance(p, PerSample):
+            m += p.grad.sum(0).to(dt)
+            continue
+        right = _masked(p.right, p.mask, dt).reshape(-1, p.right.shape[-1])
+        if p.ids:
+            m.index_add_(0, p.left.reshape(-1), right)
+        else:
+            left = p.left.reshape(-1, p.left.shape[-1])
+            step = max(1, (1 << 22) // max(1, left.shape[1] + right.shape[1]))
+            for t0 in range(0, left.shape[0], step):
+                m += left[t0:t0 + step].to(dt).T @ right[t0:t0 + step]
+    return m
+
+
+def contract(P: list[Piece], m: torch.Tensor) -> torch.Tensor:
+    """[Bp]: <grad_i, m> for a dense tensor m of the parameter's shape."""
+    out = 0
+    for p in P:
+        if isinstance(p, PerSample):
+            out = out + p.grad.flatten(1).to(_acc(p.grad, m)) @ m.flatten().to(_acc(p.grad, m))
+        elif p.ids:
+            out = out + ops.embedding_dense_dot(p.left, p.right, m, p.mask)
+        else:
+            out = out + ops.dense_dot(p.right, p.left, m.reshape(p.left.shape[-1], p.right.shape[-1]), p.mask)
+    return out
+
+
+def _size(p: Piece) -> tuple[int, int, int]:
+    """(rows: tokens or samples, D0, D1) for the cost model; ids count D0 = 1 in Grams."""
+    if isinstance(p, PerSample):
+        return p.batch, 1, p.grad[0].numel()
+    return p.tokens, (0 if p.ids else p.left.shape[-1]), p.right.shape[-1]
+
+
+def _costs(P: list[Piece], Q: list[Piece], need_cols: bool) -> tuple[int, int]:
+    """Flop counts of (ghost, dense) for the marginals of <P, Q>."""
+    ghost = 0
+    for p in P:
+        for q in Q:
+            (n, d0, d1), (m, e0, e1) = _size(p), _size(q)
+            if isinstance(p, PerSample) or isinstance(q, PerSample):
+                ghost += n * m * max(d0 * d1, e0 * e1)
+            else:
+                ghost += n * m * ((d0 if d0 and e0 else 1) + d1)
+
+    def gemm(pieces):  # build the aggregate, or contract against one: same count
+        return sum(n * max(d0, 1) * d1 for n, d0, d1 in map(_size, pieces))
+
+    dense_cost = gemm(P) + gemm(Q)
+    return ghost, dense_cost * 2 if need_cols else dense_cost
+
+
+def marginals(P: list[Piece], Q: list[Piece], shape: torch.Size, need_cols: bool):
+    """(rows [Bp], cols [Bq] or None) of the pair matrix <P_i, Q_j>, by the cheaper form.
+    GEFX_DOT_FORM=ghost|dense forces one form (for tests and benchmarks)."""
+    form = os.environ.get("GEFX_DOT_FORM", "").strip().lower()
+    if form not in ("", "auto", "ghost", "dense"):
+        raise ValueError(f"GEFX_DOT_FORM={form!r} must be ghost, dense or auto")
+    if form in ("", "auto"):
+        ghost, dense_cost = _costs(P, Q, need_cols)
+        form = "ghost" if ghost <= dense_cost else "dense"
+    if form == "ghost":
+        k = pair_matrix(P, Q)
+        return k.sum(1), (k.sum(0) if need_cols else None)
+    rows = contract(P, dense(Q, shape))
+    return rows, (contract(Q, dense(P, shape)) if need_cols else None)
+
+
+# -- the public entry point ---------------------------------------------------------------------
+@dataclass
+class Dots:
+    """Result of :func:`grad_dots`: `total` summed over all counted parameters, `per_group` the
+    same restricted to each group (in the order of `groups`), `per_param` per parameter name."""
+
+    total: torch.Tensor
+    per_group: dict[str, torch.Tensor]
+    per_param: dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def groups(self) -> list[str]:
+        return list(self.per_group)
+
+
+def group_sums(tape: Tape, per_param: dict[str, torch.Tensor], groups, shape) -> dict[str, torch.Tensor]:
+    """Sum per-parameter values into groups (every group present, zeros where nothing reached)."""
+    mapping, order = resolve(tape, groups)
+    p0 = next(iter(tape.params.values()))
+    dt = torch.float64 if any(p.dtype == torch.float64 for p in tape.params.values()) else torch.float32
+    out = {g: torch.zeros(shape, dtype=dt, device=p0.device) for g in order}
+    for name, v in per_param.items():
+        out[mapping[name]] += v.to(dt)
+    return out
+
+
+def grad_dots(tape: Tape, a: torch.Tensor, b=None, *, groups="module") -> Dots:
+    """Per-sample gradient inner products, per parameter group and in total.
+
+    Args:
+        tape: an open :func:`gefx.trace`.
+        a: per-sample loss vector [Ba] (entry k depends only on batch row k of one traced
+            forward; e.g. ``gefx.losses.sequence_nll``).
+        b: None -> squared norms ||grad a_i||^2, shape [Ba];
+           a scalar tensor -> <grad a_i, grad b>, shape [Ba] (b may span several forwards);
+           a per-sample vector [Bb] (same or another forward, any batch size and length) ->
+           the matrix <grad a_i, grad b_j>, shape [Ba, Bb];
+           a mapping {parameter or name: tensor of its shape} (e.g. ``{n: p.grad}``) ->
+           <grad a_i, m>, shape [Ba] (parameters missing from it count zero).
+        groups: "param", "module", "block", "paper", "reference" or a callable name -> group
+            (see ``gefx.groups``).
+    """
+    ga = collect(tape, a, per_sample=True, what="a")
+    per_param: dict[str, torch.Tensor] = {}
+    if b is None:
+        shape = (ga.batch,)
+        for n, P in ga.pieces.items():
+            per_param[n] = self_norms(P)
+    elif isinstance(b, Mapping):
+        shape = (ga.batch,)
+        by_name = {(k if isinstance(k, str) else tape.names.get(id(k))): v for k, v in b.items()}
+        unknown = [k for k in by_name if k not in tape.params]
+        if unknown:
+            raise ValueError(f"b names parameters that are not counted by this trace: {unknown[:5]}")
+        for n, P in ga.pieces.items():
+            if n in by_name and by_name[n] is not None:
+                m = by_name[n]
+                if tuple(m.shape) != tuple(tape.params[n].shape):
+                    raise ValueError(f"b[{n!r}] has shape {tuple(m.shape)}, the parameter {tuple(tape.params[n].shape)}")
+                per_param[n] = contract(P, m.detach())
+    elif isinstance(b, torch.Tensor) and b.dim() == 0:
+        gb = collect(tape, b, per_sample=False, what="b")
+        shape = (ga.batch,)
+        for n, P in ga.pieces.items():
+            if n in gb.pieces:
+                per_param[n] = marginals(P, gb.pieces[n], tape.params[n].shape, need_cols=False)[0]
+    else:
+        gb = collect(tape, b, per_sample=True, what="b")
+        shape = (ga.batch, gb.batch)
+        for n, P in ga.pieces.items():
+            if n in gb.pieces:
+                per_param[n] = pair_matrix(P, gb.pieces[n])
+    per_group = group_sums(tape, per_param, groups, shape)
+    total = sum(per_group.values())
+    return Dots(total, per_group, per_param)

@@ -1,0 +1,116 @@
+"""The G-effect (Wang et al., ICLR 2025): e = grad R(D)^T grad L, per instance, per group, in total.
+
+For an objective L (what the unlearning step minimises) and a risk R given as a per-sample vector
+r (R = sum_i r_i):
+
+    per_instance[i]            = <grad r_i, grad L>            one entry per risk instance
+    per_objective_instance[s]  = <grad R, grad l_s>            one entry per objective term
+                                 (the paper's PG-effect), when L is given as a vector l
+    per_group[g]               = <grad_g R, grad_g L>          restricted to the group's parameters
+    total                      = <grad R, grad L> = sum(per_instance) = sum(per_group)
+
+Reading (PAPER.md §1): one SGD step theta -= lr * grad L changes R by about -lr * e, so a
+negative unlearning G-effect (risk = NLL on the forget data) means removal, a negative retaining
+G-effect means damage. No learning rate, sign or normalisation is applied.
+
+The aggregate risk is the *sum* of the risk vector. With ``gefx.losses.sequence_nll`` that is the
+summed per-sequence mean NLL; the paper's mean risk over B instances is r / B, whose G-effects are
+these divided by B (``gefx.losses.token_mean_nll`` gives the reference code's token-mean risk).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from .dots import collect, group_sums, marginals
+from .tape import Tape
+
+
+@dataclass
+class RiskEffect:
+    """G-effects of one objective on one risk."""
+
+    risk: str
+    groups: list[str]
+    per_instance_group: torch.Tensor                     # [n_groups, B_risk]
+    per_objective_instance_group: torch.Tensor | None    # [n_groups, B_objective] or None
+
+    @property
+    def per_instance(self) -> torch.Tensor:
+        return self.per_instance_group.sum(0)
+
+    @property
+    def per_objective_instance(self) -> torch.Tensor | None:
+        g = self.per_objective_instance_group
+        return None if g is None else g.sum(0)
+
+    @property
+    def per_group(self) -> dict[str, float]:
+        return {g: float(v) for g, v in zip(self.groups, self.per_instance_group.sum(1))}
+
+    @property
+    def total(self) -> float:
+        return float(self.per_instance_group.sum())
+
+    def to_dict(self) -> dict:
+        poi = self.per_objective_instance
+        return {"risk": self.risk, "total": self.total, "per_group": self.per_group,
+                "per_instance": self.per_instance.tolist(),
+                "per_instance_group": {g: row.tolist() for g, row in zip(self.groups, self.per_instance_group)},
+                "per_objective_instance": None if poi is None else poi.tolist()}
+
+
+class GEffect(dict):
+    """risk name -> :class:`RiskEffect`, in the order the risks were given."""
+
+    @property
+    def groups(self) -> list[str]:
+        return next(iter(self.values())).groups
+
+    def to_dict(self) -> dict:
+        return {name: eff.to_dict() for name, eff in self.items()}
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{n}: total={e.total:.6g}" for n, e in self.items())
+        return f"GEffect({body})"
+
+
+def g_effect(tape: Tape, objective: torch.Tensor, risks: Mapping[str, torch.Tensor], *,
+             groups="block") -> GEffect:
+    """G-effects of `objective` on each risk in `risks`.
+
+    Args:
+        tape: an open :func:`gefx.trace` that recorded the forwards the losses come from.
+        objective: the unlearning objective being minimised, as a scalar, or as a per-sample
+            vector whose sum is the objective (then per-objective-instance effects are reported).
+        risks: name -> per-sample risk vector [B] (entry k depends only on batch row k of one
+            traced forward), e.g. ``{"forget": sequence_nll(logits_f, labels_f),
+            "retain": sequence_nll(logits_r, labels_r)}``. The risk is the vector's sum.
+        groups: a preset of ``gefx.groups`` ("block" by default) or a callable name -> group.
+
+    Every product is exact (no per-sample gradient of a matrix parameter is formed), in float32
+    or better; ``.grad`` is untouched and the graph is kept for the caller's own backward.
+    """
+    if not isinstance(risks, Mapping) or not risks:
+        raise TypeError("risks must be a non-empty dict name -> per-sample risk vector")
+    if not isinstance(objective, torch.Tensor) or objective.dim() > 1:
+        raise ValueError("objective must be a scalar tensor or a per-sample vector [B]; got "
+                         + (f"shape {tuple(objective.shape)}" if isinstance(objective, torch.Tensor)
+                            else type(objective).__name__))
+    vector = objective.dim() == 1
+    g_obj = collect(tape, objective, per_sample=vector, what="objective")
+    result = GEffect()
+    for name, risk in risks.items():
+        g_risk = collect(tape, risk, per_sample=True, what=f"risk {name!r}")
+        rows, cols = {}, {}
+        for n, P in g_risk.pieces.items():
+            if n in g_obj.pieces:
+                rows[n], cols[n] = marginals(P, g_obj.pieces[n], tape.params[n].shape, need_cols=vector)
+        per_group = group_sums(tape, rows, groups, (g_risk.batch,))
+        obj_group = group_sums(tape, cols, groups, (g_obj.batch,)) if vector else None
+        names = list(per_group)
+        result[name] = RiskEffect(name, names, torch.stack([per_group[g] for g in names]),
+                                  torch.stack([obj_group[g] for g in names]) if vector else None)
+    return result
