@@ -71,6 +71,8 @@ class Tape:
         if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
             raise ValueError("gradient checkpointing re-runs the forward inside backward, which "
                              "gefx does not trace; disable it while measuring")
+        if next(model.parameters(), None) is None:
+            raise ValueError(f"no parameterised module found in {type(model).__name__}")
         self.model = model
         counted = _counted(model, params)
         # canonical names in model order; a shared parameter gets the first name it appears under
