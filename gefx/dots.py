@@ -259,9 +259,10 @@ def _costs(P: list[Piece], Q: list[Piece], need_cols: bool) -> tuple[int, int]:
     return ghost, dense_cost * 2 if need_cols else dense_cost
 
 
-def marginals(P: list[Piece], Q: list[Piece], shape: torch.Size, need_cols: bool):
+def marginals(P: list[Piece], Q: list[Piece], shape: torch.Size, need_cols: bool, memo: dict | None = None):
     """(rows [Bp], cols [Bq] or None) of the pair matrix <P_i, Q_j>, by the cheaper form.
-    GEFX_DOT_FORM=ghost|dense forces one form (for tests and benchmarks)."""
+    `memo` keeps Q's aggregated gradient for reuse against further P (several risks, one
+    objective). GEFX_DOT_FORM=ghost|dense forces one form (for tests and benchmarks)."""
     form = os.environ.get("GEFX_DOT_FORM", "").strip().lower()
     if form not in ("", "auto", "ghost", "dense"):
         raise ValueError(f"GEFX_DOT_FORM={form!r} must be ghost, dense or auto")
@@ -271,7 +272,10 @@ def marginals(P: list[Piece], Q: list[Piece], shape: torch.Size, need_cols: bool
     if form == "ghost":
         k = pair_matrix(P, Q)
         return k.sum(1), (k.sum(0) if need_cols else None)
-    rows = contract(P, dense(Q, shape))
+    memo = {} if memo is None else memo
+    if "q" not in memo:
+        memo["q"] = dense(Q, shape)
+    rows = contract(P, memo["q"])
     return rows, (contract(Q, dense(P, shape)) if need_cols else None)
 
 

@@ -102,12 +102,14 @@ def g_effect(tape: Tape, objective: torch.Tensor, risks: Mapping[str, torch.Tens
     vector = objective.dim() == 1
     g_obj = collect(tape, objective, per_sample=vector, what="objective")
     result = GEffect()
+    memo: dict[str, dict] = {}  # the objective's aggregated gradient per parameter, shared by the risks
     for name, risk in risks.items():
         g_risk = collect(tape, risk, per_sample=True, what=f"risk {name!r}")
         rows, cols = {}, {}
         for n, P in g_risk.pieces.items():
             if n in g_obj.pieces:
-                rows[n], cols[n] = marginals(P, g_obj.pieces[n], tape.params[n].shape, need_cols=vector)
+                rows[n], cols[n] = marginals(P, g_obj.pieces[n], tape.params[n].shape, need_cols=vector,
+                                             memo=memo.setdefault(n, {}))
         per_group = group_sums(tape, rows, groups, (g_risk.batch,))
         obj_group = group_sums(tape, cols, groups, (g_obj.batch,)) if vector else None
         names = list(per_group)
