@@ -72,6 +72,15 @@ class GEffect(dict):
     def to_dict(self) -> dict:
         return {name: eff.to_dict() for name, eff in self.items()}
 
+    def rows(self, **keys) -> list[dict]:
+        """Long-format rows {**keys, risk, group, value}, one per risk and group plus group
+        "total" (e.g. ``effects.rows(objective="ga", step=10)``), for CSV files and plots."""
+        out = []
+        for name, eff in self.items():
+            for group, value in [*eff.per_group.items(), ("total", eff.total)]:
+                out.append({**keys, "risk": name, "group": group, "value": value})
+        return out
+
     def __repr__(self) -> str:
         body = ", ".join(f"{n}: total={e.total:.6g}" for n, e in self.items())
         return f"GEffect({body})"

@@ -1,0 +1,6 @@
+"""Drop-in use of gefx in existing training code: Hugging Face Trainer subclasses (open-unlearning
+contract), plain loops (Recorder), and the reference code's G-effect printout (ReferenceCompat)."""
+from .hf import GEffectMixin, preserved_rng
+from .records import Recorder, save_records
+
+__all__ = ["GEffectMixin", "Recorder", "save_records", "preserved_rng"]
