@@ -1,7 +1,50 @@
 """gefx.kernels: fused Triton kernels for the engine ops (see kernels/README.md).
 
-No kernel is implemented yet; the backend seam (gefx.backends) reads UNAVAILABLE and uses the
-torch reference.
+``OPS`` maps each op name of ``gefx.reference.OPS`` to a host launcher with the reference's
+signature; a launcher returns ``NotImplemented`` for inputs its kernel does not run (float64, CPU
+tensors outside the interpreter), so gefx.backends falls back to the torch reference. ``UNAVAILABLE``
+is None when the backend can run here, else the reason (read by gefx.backends). Importing this
+package compiles nothing and queries no device beyond ``torch.cuda.is_available()``.
 """
-UNAVAILABLE = "no Triton kernels are implemented yet"
+from __future__ import annotations
+
+import os
+
+UNAVAILABLE: str | None = None
 OPS: dict = {}
+
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except Exception as exc:  # noqa: BLE001 - any import failure makes the backend unavailable
+    UNAVAILABLE = f"triton is not importable ({type(exc).__name__}: {exc})"
+else:
+    import torch
+
+    from ._common import interpreting
+
+    if not interpreting() and not torch.cuda.is_available():
+        UNAVAILABLE = ("no CUDA device (torch.cuda.is_available() is False) and TRITON_INTERPRET is not 1; "
+                       "set TRITON_INTERPRET=1 before importing gefx.kernels to run the kernels on the CPU "
+                       "interpreter (slow, for tests)")
+    from .dense_dot import dense_dot_triton
+    from .embedding_dense_dot import embedding_dense_dot_triton
+    from .embedding_linear_pairwise import embedding_linear_pairwise_triton
+    from .embedding_pairwise import embedding_pairwise_triton
+    from .embedding_self import embedding_self_triton
+    from .ghost_pairwise import ghost_pairwise_triton
+    from .ghost_self import ghost_self_triton
+    from .norm_grad import norm_grad_triton
+
+    OPS = {
+        "ghost_pairwise": ghost_pairwise_triton,
+        "ghost_self": ghost_self_triton,
+        "dense_dot": dense_dot_triton,
+        "embedding_pairwise": embedding_pairwise_triton,
+        "embedding_self": embedding_self_triton,
+        "embedding_dense_dot": embedding_dense_dot_triton,
+        "embedding_linear_pairwise": embedding_linear_pairwise_triton,
+        "norm_grad": norm_grad_triton,
+    }
+
+__all__ = ["OPS", "UNAVAILABLE"]

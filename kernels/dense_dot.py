@@ -1,0 +1,113 @@
+"""Per-sample inner products with a dense matrix (twin: gefx.reference.dense_dot).
+
+    v[i] = sum_t g_it^T M a_it = <G_i^T A_i, M>,   M: [Dg, Da]
+
+A GEMM Z = A M^T over (sample, token tile) x (output-feature tile) programs, with a fused
+epilogue that multiplies the float32 Z tile by the matching G tile and reduces it to one partial:
+no [T, Dg] intermediate is written. Programs are ordered in groups of GROUP_M row tiles so that
+tiles of M stay in L2. Partials are summed on the host in a fixed order (deterministic).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+from ._common import _load_mask
+
+CONFIGS = (
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+)
+
+
+@triton.jit
+def _dense_dot_kernel(
+    a_ptr, g_ptr, m_ptr, mask_ptr, part_ptr,
+    T, DA, DG, n_t, num_pid_m, num_pid_n,
+    stride_ab, stride_at, stride_ad, stride_gb, stride_gt, stride_gd,
+    stride_m0, stride_m1, stride_maskb, stride_maskt,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    b = (pid_m // n_t).to(tl.int64)
+    offs_t = (pid_m % n_t) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    ok_t = _load_mask(mask_ptr + b * stride_maskb, stride_maskt, offs_t, offs_t < T, HAS_MASK)
+    ok_n = offs_n < DG
+    a_rows = a_ptr + b * stride_ab + offs_t[:, None] * stride_at
+    m_cols = m_ptr + offs_n[None, :] * stride_m0
+    z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, DA, BLOCK_K):
+        kk = k0 + offs_k
+        ok_k = kk < DA
+        x = tl.load(a_rows + kk[None, :] * stride_ad, mask=ok_t[:, None] & ok_k[None, :], other=0.0)
+        y = tl.load(m_cols + kk[:, None] * stride_m1, mask=ok_k[:, None] & ok_n[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        z = tl.dot(x, y, z, input_precision=PRECISION)
+    gt = tl.load(g_ptr + b * stride_gb + offs_t[:, None] * stride_gt + offs_n[None, :] * stride_gd,
+                 mask=ok_t[:, None] & ok_n[None, :], other=0.0).to(tl.float32)
+    total = tl.sum(tl.sum(z * gt, axis=1), axis=0)
+    tl.store(part_ptr + pid_m * num_pid_n + pid_n, total)
+
+
+def _launch(a, g, m, mask, cfg: dict) -> torch.Tensor:
+    b, t, da = a.shape
+    dg = g.shape[2]
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    n_t, n_n = triton.cdiv(t, bm), triton.cdiv(dg, bn)
+    part = torch.empty((b, n_t, n_n), dtype=torch.float32, device=a.device)
+    mk, smb, smt, has = C.mask_args(mask, a)
+    up, prec = C.pair_mode(a, m)
+    _dense_dot_kernel[(b * n_t * n_n,)](
+        a, g, m, mk, part,
+        t, da, dg, n_t, b * n_t, n_n,
+        *a.stride(), *g.stride(), *m.stride(), smb, smt,
+        HAS_MASK=has, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        UPCAST=up, PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return part.sum(dim=(1, 2))
+
+
+def fit_configs(t: int, da: int, dg: int, configs=None) -> list[dict]:
+    out = []
+    configs = CONFIGS if configs is None else configs
+    for cfg in configs[:1] if C.interpreting() else configs:
+        c = dict(cfg, BLOCK_M=C.pow2_block(t, cfg["BLOCK_M"]), BLOCK_N=C.pow2_block(dg, cfg["BLOCK_N"]),
+                 BLOCK_K=C.pow2_block(da, cfg["BLOCK_K"]))
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def dense_dot_triton(a, g, m, mask=None):
+    """v[i] = sum_t g_it^T m a_it -> float32 [B], m: [Dg, Da] (see module doc)."""
+    ok = C.check_float("a", a) & C.check_float("g", g) & C.check_float("m", m)
+    C.check_3d("a", a)
+    C.check_3d("g", g)
+    C.check_same("a and g [B, T]", tuple(a.shape[:2]), tuple(g.shape[:2]))
+    if m.dim() != 2 or tuple(m.shape) != (g.shape[2], a.shape[2]):
+        raise ValueError(f"m must be [Dg, Da] = {(g.shape[2], a.shape[2])}, got {tuple(m.shape)}")
+    C.check_mask("mask", mask, a, "a")
+    C.check_same_device(a=a, g=g, m=m, mask=mask)
+    if not ok or not C.runs_here(a):
+        return NotImplemented
+    b, t, da = a.shape
+    dg = g.shape[2]
+    if b == 0 or t == 0 or da == 0 or dg == 0:
+        return torch.zeros((b,), dtype=torch.float32, device=a.device)
+    key = (t, da, dg, a.dtype, g.dtype, m.dtype, mask is None)
+    return C.tuned("dense_dot", key, fit_configs(t, da, dg), lambda cfg: _launch(a, g, m, mask, cfg), a.device)

@@ -1,0 +1,107 @@
+"""Embedding-table pairwise inner products (twin: gefx.reference.embedding_pairwise).
+
+    M[i, j] = sum_{t,s} [ids1_it == ids2_js] (g1_it . g2_js)
+
+The ghost pairwise tile loop with the activation Gram replaced by the token-id equality mask:
+one program per (token tile, token tile, sample i, sample j); a tile pair that shares no token id
+(or has only masked tokens) skips its gradient Gram entirely, so the cost follows the vocabulary
+overlap of the two samples. Partials are summed on the host in a fixed order.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+from ._common import _gram_tile, _load_mask
+
+CONFIGS = (
+    dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_T=128, BLOCK_S=64, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=128, num_warps=4, num_stages=2),
+)
+
+
+@triton.jit
+def _embedding_pairwise_kernel(
+    ids1_ptr, g1_ptr, ids2_ptr, g2_ptr, m1_ptr, m2_ptr, part_ptr,
+    T1, T2, D, n_s,
+    stride_i1b, stride_i1t, stride_g1b, stride_g1t, stride_g1d,
+    stride_i2b, stride_i2t, stride_g2b, stride_g2t, stride_g2d,
+    stride_m1b, stride_m1t, stride_m2b, stride_m2t,
+    stride_pi, stride_pj,
+    HAS_M1: tl.constexpr, HAS_M2: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    i = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(2).to(tl.int64)
+    offs_t = (pid // n_s) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_s = (pid % n_s) * BLOCK_S + tl.arange(0, BLOCK_S)
+    ok_t = _load_mask(m1_ptr + i * stride_m1b, stride_m1t, offs_t, offs_t < T1, HAS_M1)
+    ok_s = _load_mask(m2_ptr + j * stride_m2b, stride_m2t, offs_s, offs_s < T2, HAS_M2)
+    id_t = tl.load(ids1_ptr + i * stride_i1b + offs_t * stride_i1t, mask=ok_t, other=0)
+    id_s = tl.load(ids2_ptr + j * stride_i2b + offs_s * stride_i2t, mask=ok_s, other=0)
+    eq = (id_t[:, None] == id_s[None, :]) & ok_t[:, None] & ok_s[None, :]
+    live = tl.sum(tl.sum(eq.to(tl.int32), axis=1), axis=0) > 0
+    # no shared id: zero feature iterations (a loop bound, not an `if`, keeps the loop pipelined)
+    gg = _gram_tile(g1_ptr + i * stride_g1b, stride_g1t, stride_g1d, offs_t, ok_t,
+                    g2_ptr + j * stride_g2b, stride_g2t, stride_g2d, offs_s, ok_s, tl.where(live, D, 0),
+                    BLOCK_T, BLOCK_S, BLOCK_K, UPCAST, PRECISION)
+    row = tl.sum(tl.where(eq, gg, 0.0), axis=1)
+    tl.store(part_ptr + i * stride_pi + j * stride_pj + pid, tl.sum(row, axis=0))
+
+
+def _launch(ids1, g1, ids2, g2, mask1, mask2, cfg: dict) -> torch.Tensor:
+    b1, t1, d = g1.shape
+    b2, t2, _ = g2.shape
+    bt, bs = cfg["BLOCK_T"], cfg["BLOCK_S"]
+    n_t, n_s = triton.cdiv(t1, bt), triton.cdiv(t2, bs)
+    part = torch.empty((b1, b2, n_t * n_s), dtype=torch.float32, device=g1.device)
+    m1, sm1b, sm1t, has1 = C.mask_args(mask1, g1)
+    m2, sm2b, sm2t, has2 = C.mask_args(mask2, g2)
+    up, prec = C.pair_mode(g1, g2)
+    _embedding_pairwise_kernel[(n_t * n_s, b1, b2)](
+        ids1, g1, ids2, g2, m1, m2, part,
+        t1, t2, d, n_s,
+        *ids1.stride(), *g1.stride(), *ids2.stride(), *g2.stride(),
+        sm1b, sm1t, sm2b, sm2t, part.stride(0), part.stride(1),
+        HAS_M1=has1, HAS_M2=has2, BLOCK_T=bt, BLOCK_S=bs, BLOCK_K=cfg["BLOCK_K"],
+        UPCAST=up, PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return part.sum(dim=-1)
+
+
+def fit_configs(t1: int, t2: int, d: int, configs=None) -> list[dict]:
+    out = []
+    configs = CONFIGS if configs is None else configs
+    for cfg in configs[:1] if C.interpreting() else configs:
+        c = dict(cfg, BLOCK_T=C.pow2_block(t1, cfg["BLOCK_T"]), BLOCK_S=C.pow2_block(t2, cfg["BLOCK_S"]),
+                 BLOCK_K=C.pow2_block(d, cfg["BLOCK_K"]))
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def embedding_pairwise_triton(ids1, g1, ids2, g2, mask1=None, mask2=None):
+    """M[i, j] = sum_{t,s} [ids1_it == ids2_js](g1_it . g2_js) -> float32 [B1, B2]."""
+    ok = C.check_float("g1", g1) & C.check_float("g2", g2)
+    C.check_3d("g1", g1)
+    C.check_3d("g2", g2)
+    C.check_ids("ids1", ids1, g1, "g1")
+    C.check_ids("ids2", ids2, g2, "g2")
+    C.check_same("g1 vs g2 feature sizes", g1.shape[2], g2.shape[2])
+    C.check_mask("mask1", mask1, g1, "g1")
+    C.check_mask("mask2", mask2, g2, "g2")
+    C.check_same_device(ids1=ids1, g1=g1, ids2=ids2, g2=g2, mask1=mask1, mask2=mask2)
+    if not ok or not C.runs_here(g1):
+        return NotImplemented
+    b1, t1, d = g1.shape
+    b2, t2, _ = g2.shape
+    if b1 == 0 or b2 == 0 or t1 == 0 or t2 == 0:
+        return torch.zeros((b1, b2), dtype=torch.float32, device=g1.device)
+    key = (t1, t2, d, g1.dtype, g2.dtype, ids1.dtype, ids2.dtype, mask1 is None, mask2 is None)
+    return C.tuned("embedding_pairwise", key, fit_configs(t1, t2, d),
+                   lambda cfg: _launch(ids1, g1, ids2, g2, mask1, mask2, cfg), g1.device)
