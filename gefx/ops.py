@@ -133,8 +133,9 @@ def embedding_dense_dot(ids, g, m, mask=None) -> torch.Tensor:
     _floating(g, "g")
     if m.dim() != 2 or m.shape[1] != g.shape[-1]:
         raise ValueError(f"m must be [V, {g.shape[-1]}], got {tuple(m.shape)}")
-    if ids.numel() and int(ids.max()) >= m.shape[0]:
-        raise ValueError(f"token id {int(ids.max())} out of range for a table of {m.shape[0]} rows")
+    if ids.numel() and (int(ids.max()) >= m.shape[0] or int(ids.min()) < 0):
+        bad = int(ids.max()) if int(ids.max()) >= m.shape[0] else int(ids.min())
+        raise ValueError(f"token id {bad} out of range for a table of {m.shape[0]} rows")
     return dispatch("embedding_dense_dot", ids.to(g.device), g, m.to(g.device), _mask(mask, g, "mask"))
 
 
