@@ -24,7 +24,8 @@ from typing import Mapping
 
 import torch
 
-from .dots import collect, group_sums, marginals
+from . import dist
+from .dots import collect, contract, dense, group_sums, marginals
 from .tape import Tape
 
 
@@ -87,7 +88,7 @@ class GEffect(dict):
 
 
 def g_effect(tape: Tape, objective: torch.Tensor, risks: Mapping[str, torch.Tensor], *,
-             groups="block") -> GEffect:
+             groups="block", process_group=None) -> GEffect:
     """G-effects of `objective` on each risk in `risks`.
 
     Args:
@@ -98,6 +99,12 @@ def g_effect(tape: Tape, objective: torch.Tensor, risks: Mapping[str, torch.Tens
             traced forward), e.g. ``{"forget": sequence_nll(logits_f, labels_f),
             "retain": sequence_nll(logits_r, labels_r)}``. The risk is the vector's sum.
         groups: a preset of ``gefx.groups`` ("block" by default) or a callable name -> group.
+        process_group: under torch.distributed with more than one process (DDP, FSDP2), the
+            group whose ranks each traced their own micro-batch (default: the world). The
+            objective is then the sum of the ranks' objectives and each risk the ranks' vectors
+            concatenated in rank order; every rank gets the same result, equal to one process
+            running the concatenated batch (see ``gefx.dist``). Every rank must call g_effect
+            with the same risk names.
 
     Every product is exact (no per-sample gradient of a matrix parameter is formed), in float32
     or better; ``.grad`` is untouched and the graph is kept for the caller's own backward.
@@ -110,6 +117,8 @@ def g_effect(tape: Tape, objective: torch.Tensor, risks: Mapping[str, torch.Tens
                             else type(objective).__name__))
     vector = objective.dim() == 1
     g_obj = collect(tape, objective, per_sample=vector, what="objective")
+    if dist.group_size(process_group) > 1:
+        return _distributed(tape, g_obj, vector, risks, groups, process_group)
     result = GEffect()
     memo: dict[str, dict] = {}  # the objective's aggregated gradient per parameter, shared by the risks
     for name, risk in risks.items():
@@ -124,4 +133,36 @@ def g_effect(tape: Tape, objective: torch.Tensor, risks: Mapping[str, torch.Tens
         names = list(per_group)
         result[name] = RiskEffect(name, names, torch.stack([per_group[g] for g in names]),
                                   torch.stack([obj_group[g] for g in names]) if vector else None)
+    return result
+
+
+def _global_dense(tape: Tape, grads, group) -> dict[str, torch.Tensor]:
+    """Per counted parameter (same order on every rank): the aggregated gradient summed over ranks."""
+    out = {}
+    for n, p in tape.params.items():
+        if n in grads.pieces:
+            m = dense(grads.pieces[n], p.shape)
+        else:
+            m = torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32, device=p.device)
+        out[n] = dist.all_reduce_sum(m, group)
+    return out
+
+
+def _distributed(tape: Tape, g_obj, vector: bool, risks, groups, group) -> GEffect:
+    dist.check_supported(tape.model)
+    m_obj = _global_dense(tape, g_obj, group)
+    result = GEffect()
+    for name, risk in risks.items():
+        g_risk = collect(tape, risk, per_sample=True, what=f"risk {name!r}")
+        rows = {n: contract(P, m_obj[n]) for n, P in g_risk.pieces.items()}
+        per_group = group_sums(tape, rows, groups, (g_risk.batch,))
+        names = list(per_group)
+        per_instance = dist.gather_columns(torch.stack([per_group[g] for g in names]), group)
+        per_obj = None
+        if vector:
+            m_risk = _global_dense(tape, g_risk, group)
+            cols = {n: contract(P, m_risk[n]) for n, P in g_obj.pieces.items()}
+            obj_group = group_sums(tape, cols, groups, (g_obj.batch,))
+            per_obj = dist.gather_columns(torch.stack([obj_group[g] for g in names]), group)
+        result[name] = RiskEffect(name, names, per_instance, per_obj)
     return result

@@ -32,6 +32,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import ops
+from .dist import full
 
 
 @dataclass
@@ -161,8 +162,8 @@ def _norm_u(m: nn.Module, x: torch.Tensor, verify: bool) -> torch.Tensor | None:
     """u = dy/dw for y elementwise-affine in w (y = u * w + c), or None if the module is not
     (checked on a random direction when `verify`)."""
     dt = _acc(x)
-    w = m.weight.detach().to(dt)
-    b = None if getattr(m, "bias", None) is None else m.bias.detach().to(dt)
+    w = full(m.weight.detach()).to(dt)
+    b = None if getattr(m, "bias", None) is None else full(m.bias.detach()).to(dt)
     x = x.detach().to(dt)
     y0 = _norm_eval(m, x, w, b)
     if not isinstance(y0, torch.Tensor) or y0.shape != x.shape or x.shape[-1] != w.numel():
@@ -216,7 +217,7 @@ def generic_rule(tape, call, grads):
         return lambda x: x[i:i + 1].detach() if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == B else x
 
     for i in range(B):
-        leaves = {loc: own[loc].detach().requires_grad_(True) for loc in local}
+        leaves = {loc: full(own[loc].detach()).requires_grad_(True) for loc in local}
         try:
             with tape.paused(), torch.enable_grad():
                 out = functional_call(m, leaves, tree_map(take(i), call.args), tree_map(take(i), call.kwargs))

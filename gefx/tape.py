@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from .dist import check_supported
+
 
 @dataclass
 class Call:
@@ -73,6 +75,7 @@ class Tape:
                              "gefx does not trace; disable it while measuring")
         if next(model.parameters(), None) is None:
             raise ValueError(f"no parameterised module found in {type(model).__name__}")
+        check_supported(model)
         self.model = model
         counted = _counted(model, params)
         # canonical names in model order; a shared parameter gets the first name it appears under

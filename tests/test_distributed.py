@@ -1,0 +1,111 @@
+"""g_effect under torch.distributed (gloo, 2 processes on the CPU) equals one process running the
+concatenated batch."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import gefx
+from gefx.losses import sequence_nll
+from helpers import batch, tiny_model
+
+pytestmark = pytest.mark.slow
+WORLD = 2
+
+
+def data():
+    fi, fm, fl = batch(4, 8, seed=51)
+    ri, rm, rl = batch(3, 6, seed=52)
+    return (fi, fm, fl), (ri, rm, rl)
+
+
+def shard(rank):
+    """Rank 0 gets forget rows 0-1 and retain rows 0-1; rank 1 forget rows 2-3, retain row 2."""
+    (fi, fm, fl), (ri, rm, rl) = data()
+    f = slice(2 * rank, 2 * rank + 2)
+    r = slice(0, 2) if rank == 0 else slice(2, 3)
+    return (fi[f], fm[f], fl[f]), (ri[r], rm[r], rl[r])
+
+
+def measure(model, fb, rb, vector: bool):
+    with gefx.trace(model) as tape:
+        nll_f = sequence_nll(model(input_ids=fb[0], attention_mask=fb[1]).logits, fb[2])
+        nll_r = sequence_nll(model(input_ids=rb[0], attention_mask=rb[1]).logits, rb[2])
+        objective = -nll_f if vector else -nll_f.sum() + 0.3 * nll_r.sum()
+        return gefx.g_effect(tape, objective, {"forget": nll_f, "retain": nll_r}).to_dict()
+
+
+def _worker(rank, port, out, wrap):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = tiny_model("llama", torch.float64)
+        if wrap == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        elif wrap == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        fb, rb = shard(rank)
+        results = [measure(model, fb, rb, vector) for vector in (True, False)]
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def close(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return abs(a - b) <= 1e-9 * max(1.0, abs(b))
+    return a == b
+
+
+def _has_fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "replicated", pytest.param("fsdp2", marks=pytest.mark.skipif(
+    not _has_fully_shard(), reason="this torch has no torch.distributed.fsdp.fully_shard"))])
+def test_two_processes_equal_one_process(tmp_path, wrap):
+    out = str(tmp_path / "res")
+    mp.spawn(_worker, args=(free_port(), out, wrap), nprocs=WORLD, join=True)
+    single = tiny_model("llama", torch.float64)
+    fb, rb = data()
+    expected = [measure(single, fb, rb, vector) for vector in (True, False)]
+    for rank in range(WORLD):
+        got = torch.load(f"{out}.{rank}")
+        assert close(got, expected), f"rank {rank} differs from the single-process run"
+    assert len(expected[0]["retain"]["per_instance"]) == 3  # uneven shards gathered in rank order
+
+
+def test_unsupported_parallel_setups_are_refused():
+    model = tiny_model("llama", torch.float64)
+    next(model.parameters()).ds_id = 7  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):
+        gefx.trace(model)
+
+    class FullyShardedDataParallel(torch.nn.Module):  # stands in for FSDP1's wrapper class
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    with pytest.raises(ValueError, match="FSDP1"):
+        gefx.trace(FullyShardedDataParallel(tiny_model("llama", torch.float64)))
