@@ -1,5 +1,6 @@
 """g_effect under torch.distributed (gloo, 2 processes on the CPU) equals one process running the
 concatenated batch."""
+import datetime
 import os
 import socket
 
@@ -40,7 +41,7 @@ def measure(model, fb, rb, vector: bool):
 
 def _worker(rank, port, out, wrap):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
         model = tiny_model("llama", torch.float64)
         if wrap == "ddp":
