@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup test env clean
 
-$(BIN)/.gefx-installed: pyproject.toml setup.py
+$(BIN)/.gefx-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)

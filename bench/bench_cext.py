@@ -1,0 +1,152 @@
+"""C++ extension (gefx._C) against the torch reference on the CPU.
+
+Two ways to run it:
+
+    pytest bench/bench_cext.py --benchmark-only            # pytest-benchmark tables, one group per case
+    python bench/bench_cext.py [--threads 2] [--rounds 5]  # the RESULTS.md table: time ratio + memory
+
+Cases: ops ghost_pairwise (two sets of B samples), ghost_self, dense_dot; features (in = out) in
+{256, 1024}, T in {128, 512}, B in {4, 16}; float32 inputs.
+
+Time ratio: reference time / extension time, each the median of `rounds` runs, the two
+implementations alternating run by run (the machine is shared, so interleaving keeps both under the
+same load).
+
+Peak extra memory: measured in a child process started with MALLOC_MMAP_THRESHOLD_=65536, so that
+every buffer above 64 KiB (torch tensors and the extension's std::vector tiles alike) is a fresh
+mmap that shows up in the resident set. Before each call the kernel's peak-RSS mark is reset
+(`echo 5 > /proc/self/clear_refs`), and the figure is VmHWM after the call minus VmRSS before it:
+everything the call touched beyond its inputs, output included. Linux only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from gefx import reference as R
+
+FEATURES = (256, 1024)
+TOKENS = (128, 512)
+BATCHES = (4, 16)
+OPS = ("ghost_pairwise", "ghost_self", "dense_dot")
+CASES = [(op, d, t, b) for op in OPS for d in FEATURES for t in TOKENS for b in BATCHES]
+
+
+def _ext():
+    from gefx import _cext
+    if _cext.UNAVAILABLE:
+        raise RuntimeError(_cext.UNAVAILABLE)
+    return _cext._C
+
+
+def make_inputs(op: str, d: int, t: int, b: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if op == "ghost_pairwise":
+        return (x(b, t, d), x(b, t, d), x(b, t, d), x(b, t, d))
+    if op == "ghost_self":
+        return (x(b, t, d), x(b, t, d))
+    return (x(b, t, d), x(b, t, d), x(d, d) / d**0.5)
+
+
+def runner(impl: str, op: str, args):
+    if impl == "torch":
+        fn = R.OPS[op]
+        return lambda: fn(*args)
+    C = _ext()
+    if op == "ghost_pairwise":
+        return lambda: C.ghost_pairwise(*args, None, None, 0)
+    if op == "ghost_self":
+        return lambda: C.ghost_self(*args, None, 0)
+    return lambda: C.dense_dot(*args, None)
+
+
+# ---------------------------------------------------------------- pytest-benchmark
+@pytest.mark.parametrize("impl", ["torch", "cext"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-D{c[1]}-T{c[2]}-B{c[3]}")
+def test_cext_vs_torch(benchmark, case, impl):
+    op, d, t, b = case
+    benchmark.group = f"{op} D={d} T={t} B={b}"
+    fn = runner(impl, op, make_inputs(op, d, t, b))
+    heavy = op == "ghost_pairwise" and impl == "torch" and t == 512 and d == 1024
+    benchmark.pedantic(fn, rounds=1 if heavy else 3, iterations=1, warmup_rounds=0 if heavy else 1)
+
+
+# ---------------------------------------------------------------- memory (child process)
+def _status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        return int(re.search(rf"{key}:\s+(\d+)", fh.read()).group(1)) * 1024
+
+
+def measure_memory(threads: int) -> dict:
+    """{(impl, op, d, t, b): peak extra bytes}; runs in a child with a fixed mmap threshold."""
+    torch.set_num_threads(threads)
+    out = {}
+    for op, d, t, b in CASES:
+        args = make_inputs(op, d, t, b)
+        for impl in ("torch", "cext"):
+            fn = runner(impl, op, args)
+            fn()  # warm: thread pools, lazy init
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            base = _status("VmRSS")
+            res = fn()
+            out[f"{impl}|{op}|{d}|{t}|{b}"] = _status("VmHWM") - base
+            del res
+    return out
+
+
+def memory_in_child(threads: int) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    code = ("import json, sys; sys.path.insert(0, %r); import bench_cext as b; "
+            "print(json.dumps(b.measure_memory(%d)))") % (os.path.dirname(os.path.abspath(__file__)), threads)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the RESULTS.md table
+def time_ratio(op, d, t, b, rounds: int):
+    args = make_inputs(op, d, t, b)
+    fns = {impl: runner(impl, op, args) for impl in ("torch", "cext")}
+    for f in fns.values():
+        f()
+    times = {"torch": [], "cext": []}
+    heavy = op == "ghost_pairwise" and t == 512 and d == 1024
+    for _ in range(max(1, rounds // 2) if heavy else rounds):
+        for impl, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[impl].append(time.perf_counter() - t0)
+    ref, ext = statistics.median(times["torch"]), statistics.median(times["cext"])
+    return ref, ext
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    mem = memory_in_child(args.threads)
+    print(f"threads={args.threads} rounds={args.rounds} torch {torch.__version__}")
+    print("| op | D | T | B | torch ms | cext ms | speed-up | torch peak extra MiB | cext peak extra MiB | mem ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for op, d, t, b in CASES:
+        ref, ext = time_ratio(op, d, t, b, args.rounds)
+        mr, me = mem[f"torch|{op}|{d}|{t}|{b}"], mem[f"cext|{op}|{d}|{t}|{b}"]
+        print(f"| {op} | {d} | {t} | {b} | {ref * 1e3:.1f} | {ext * 1e3:.1f} | {ref / ext:.2f}x | "
+              f"{mr / 2**20:.1f} | {me / 2**20:.2f} | {me / max(mr, 1):.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
