@@ -212,7 +212,9 @@ def load_model(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"--model {name_or_path!r} is a {type(config).__name__} ({config.model_type!r}), "
                          f"which has no causal LM head in transformers")
-    kw = {"dtype": dtype}
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    kw = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     try:

@@ -441,7 +441,7 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "ga": GA, "wga": WGA, "npo": NPO, "simnpo": SimNPO, "tnpo": TNPO, "wtnpo": WTNPO,
     "po": PO, "idk": PO, "dpo": DPO, "rmu": RMU,
 }
-REGULARISERS: dict[str, Callable[..., Objective]] = {"nll": NLLReg, "gd": NLLReg, "kl": KLReg, "rr": RRReg}
+REGULARISERS: dict[str, Callable[..., Objective]] = {"nll": NLLReg, "kl": KLReg, "rr": RRReg}
 
 
 def _parse_term(term: str) -> tuple[str, dict[str, float]]:

@@ -1,0 +1,223 @@
+"""Outputs of ``gefx profile``: CSV / JSON tables, per-instance arrays, PNG plots, console table.
+
+Files written to the output folder:
+
+    g_effects.csv     objective, step, risk, group, value   (group "total" = sum over groups)
+    g_effects.json    {"meta": ..., "g_effects": [same rows as the CSV]}
+    metrics.csv       objective, step, forget/retain NLL (token mean), extraction (greedy
+                      answer-prefix match), teacher-forced token accuracy, loss, weight means
+    metrics.json      the same rows, with meta
+    per_instance.npz  per measured step: per_instance [S, B] for each risk, per_objective_instance
+                      [S, B_forget] (PG-effects), per_instance_group [S, G, B], row indices
+    g_effects.png     G-effect vs step per group, unlearning (forget risk) and retaining (retain risk)
+    per_instance.png  per forget instance: PG-effect on the forget risk vs on the retain risk
+    weights.png       the objectives' weights over steps (GA inverse confidence, NPO instance
+                      weight, WGA/TNPO/WTNPO token weights: means over valid entries)
+    metrics.png       forget/retain NLL and extraction over steps
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+RISK_TITLES = {"forget": "unlearning G-effect (forget risk)", "retain": "retaining G-effect (retain risk)"}
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
+
+
+def write_tables(out: Path, meta: dict, rows: list[dict], metrics: list[dict], arrays: dict[str, np.ndarray]):
+    with open(out / "g_effects.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["objective", "step", "risk", "group", "value"])
+        w.writeheader()
+        w.writerows(rows)
+    (out / "g_effects.json").write_text(json.dumps({"meta": meta, "g_effects": rows}, indent=1))
+    keys: list[str] = []
+    for m in metrics:
+        keys += [k for k in m if k not in keys]
+    with open(out / "metrics.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, restval="")
+        w.writeheader()
+        w.writerows(metrics)
+    (out / "metrics.json").write_text(json.dumps({"meta": meta, "metrics": metrics}, indent=1))
+    np.savez_compressed(out / "per_instance.npz", **{_safe(k): v for k, v in arrays.items()})
+
+
+def _series(rows, objective, risk, group):
+    pts = sorted((r["step"], r["value"]) for r in rows
+                 if r["objective"] == objective and r["risk"] == risk and r["group"] == group)
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _symlog(ax, values, axis: str = "y", decades: int = 3):
+    """Symmetric log scale: `decades` decades of log range above a linear band around zero, with
+    a few decade ticks (no crowded labels at the band's edges)."""
+    v = np.abs(np.asarray([x for x in np.ravel(values) if np.isfinite(x)], dtype=float))
+    v = v[v > 0]
+    if not v.size:
+        return
+    hi = int(np.ceil(np.log10(v.max())))
+    lin = 10.0 ** (hi - decades)
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("symlog", linthresh=lin, linscale=0.4)
+    every = max(1, decades // 3)
+    decs = [10.0 ** k for k in range(hi, hi - decades, -every)]
+    lim = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(sorted([-d for d in decs] + [0.0] + decs))
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(lim)  # ticks must not widen the view
+
+
+def plot_all(out: Path, rows: list[dict], metrics: list[dict], arrays: dict[str, np.ndarray],
+             objectives: list[str], risks: list[str], groups: list[str], weight_keys: dict[str, str]) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    paths = []
+    colors = plt.get_cmap("tab10")
+    # G-effect curves -------------------------------------------------------------------------
+    n = len(objectives)
+    fig, axes = plt.subplots(n, len(risks), figsize=(5.2 * len(risks), 2.9 * n), squeeze=False)
+    for i, obj in enumerate(objectives):
+        for j, risk in enumerate(risks):
+            ax = axes[i][j]
+            vals = []
+            for k, g in enumerate(groups):
+                x, y = _series(rows, obj, risk, g)
+                vals += y
+                ax.plot(x, y, marker="o", ms=3, lw=1.3, color=colors(k % 10), label=g)
+            x, y = _series(rows, obj, risk, "total")
+            ax.plot(x, y, ls="--", color="black", lw=1.2, label="total")
+            ax.axhline(0, color="grey", lw=0.6)
+            _symlog(ax, vals + y)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(f"{obj}: {RISK_TITLES.get(risk, risk)}", fontsize=9)
+            ax.set_xlabel("unlearning step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    p = out / "g_effects.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(p)
+
+    # per-instance scatter ---------------------------------------------------------------------
+    if "forget" in risks and "retain" in risks:
+        cols = min(n, 2 if n <= 4 else 3)
+        nrow = math.ceil(n / cols)
+        fig, axes = plt.subplots(nrow, cols, figsize=(4 * cols, 3.6 * nrow), squeeze=False)
+        for i, obj in enumerate(objectives):
+            ax = axes[i // cols][i % cols]
+            xf = arrays.get(f"{obj}__forget__per_objective_instance")
+            yr = arrays.get(f"{obj}__retain__per_objective_instance")
+            steps = arrays.get(f"{obj}__steps")
+            if xf is None or yr is None:
+                ax.text(0.5, 0.5, "combined objective:\nno per-instance split", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=8)
+            else:
+                c = np.repeat(steps[:, None], xf.shape[1], axis=1)
+                sc = ax.scatter(xf.ravel(), yr.ravel(), c=c.ravel(), cmap="viridis", s=12, alpha=0.85)
+                fig.colorbar(sc, ax=ax, label="step")
+                ax.axhline(0, color="grey", lw=0.6)
+                ax.axvline(0, color="grey", lw=0.6)
+                _symlog(ax, xf, "x")
+                _symlog(ax, yr, "y")
+            ax.set_title(f"{obj}: PG-effect per forget instance", fontsize=9)
+            ax.set_xlabel("on forget risk (unlearning)", fontsize=8)
+            ax.set_ylabel("on retain risk (retaining)", fontsize=8)
+            ax.tick_params(labelsize=7)
+        for k in range(n, nrow * cols):
+            axes[k // cols][k % cols].axis("off")
+        fig.tight_layout()
+        p = out / "per_instance.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+
+    # weights ----------------------------------------------------------------------------------
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    plotted = False
+    for i, obj in enumerate(objectives):
+        for key in sorted({k for m in metrics if m["objective"] == obj for k in m if k.startswith("weight:")}):
+            pts = sorted((m["step"], m[key]) for m in metrics if m["objective"] == obj and m.get(key) not in (None, ""))
+            if pts:
+                ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=3, color=colors(i % 10),
+                        label=f"{obj}: {key[7:]}")
+                plotted = True
+    if plotted:
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("unlearning step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("mean weight")
+    ax.set_title("objective weights (GA: 1/p on grad p; NPO: instance; WGA/TNPO: token)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p = out / "weights.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(p)
+
+    # metrics ----------------------------------------------------------------------------------
+    keys = [("forget_nll", "forget NLL"), ("retain_nll", "retain NLL"),
+            ("forget_extraction", "forget extraction"), ("retain_extraction", "retain extraction")]
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6))
+    for (key, title), ax in zip(keys, axes.ravel()):
+        for i, obj in enumerate(objectives):
+            pts = sorted((m["step"], m[key]) for m in metrics if m["objective"] == obj and key in m)
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=3, color=colors(i % 10), label=obj)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("unlearning step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    p = out / "metrics.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    a = abs(v)
+    return f"{v:.3g}" if 1e-3 <= a < 1e5 or a == 0 else f"{v:.2e}"
+
+
+def summary_table(rows: list[dict], metrics: list[dict], objectives: list[str], risks: list[str],
+                  main_weight: dict[str, str | None]) -> str:
+    """One line per objective: G-effects at the first and last measured step, NLL and extraction
+    before -> after, the main weight first -> last."""
+    head = ["objective"]
+    for r in risks:
+        head += [f"e_{r[0]} first", f"e_{r[0]} last"]
+    head += ["forget NLL", "retain NLL", "forget extr.", "retain extr.", "weight"]
+    lines = []
+    for obj in objectives:
+        cells = [obj]
+        for r in risks:
+            _, y = _series(rows, obj, r, "total")
+            cells += [_fmt(y[0]) if y else "-", _fmt(y[-1]) if y else "-"]
+        ms = sorted((m for m in metrics if m["objective"] == obj and "forget_nll" in m), key=lambda m: m["step"])
+
+        def span(key):
+            return f"{_fmt(ms[0][key])} -> {_fmt(ms[-1][key])}" if ms else "-"
+        cells += [span("forget_nll"), span("retain_nll"), span("forget_extraction"), span("retain_extraction")]
+        wk = main_weight.get(obj)
+        wm = sorted((m for m in metrics if m["objective"] == obj and m.get(f"weight:{wk}") not in (None, "")),
+                    key=lambda m: m["step"]) if wk else []
+        cells.append(f"{wk} {_fmt(wm[0][f'weight:{wk}'])} -> {_fmt(wm[-1][f'weight:{wk}'])}" if wm else "-")
+        lines.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines]
+    return "\n".join(out)
