@@ -114,6 +114,21 @@ def pow2_block(n: int, cap: int, floor: int = 16) -> int:
 _TUNED: dict[tuple, dict] = {}
 
 
+def fit_configs(configs: Sequence[dict], **sizes) -> list[dict]:
+    """Candidate configs with each named block shrunk to its problem size (a power of two, see
+    pow2_block), deduplicated in order; one config only under the interpreter. A size is an int or
+    (int, floor)."""
+    out = []
+    for cfg in configs[:1] if interpreting() else configs:
+        c = dict(cfg)
+        for block, size in sizes.items():
+            n, floor = size if isinstance(size, tuple) else (size, 16)
+            c[block] = pow2_block(n, cfg[block], floor=floor)
+        if c not in out:
+            out.append(c)
+    return out
+
+
 def _time_ms(fn: Callable[[], object], reps: int = 5, long_ms: float = 20.0) -> float:
     """Median time of `fn` in ms after one warm-up call; a single timed run when it is long."""
     fn()  # compile + warm up

@@ -83,14 +83,7 @@ def _launch(a, g, m, mask, cfg: dict) -> torch.Tensor:
 
 
 def fit_configs(t: int, da: int, dg: int, configs=None) -> list[dict]:
-    out = []
-    configs = CONFIGS if configs is None else configs
-    for cfg in configs[:1] if C.interpreting() else configs:
-        c = dict(cfg, BLOCK_M=C.pow2_block(t, cfg["BLOCK_M"]), BLOCK_N=C.pow2_block(dg, cfg["BLOCK_N"]),
-                 BLOCK_K=C.pow2_block(da, cfg["BLOCK_K"]))
-        if c not in out:
-            out.append(c)
-    return out
+    return C.fit_configs(CONFIGS if configs is None else configs, BLOCK_M=t, BLOCK_N=dg, BLOCK_K=da)
 
 
 def dense_dot_triton(a, g, m, mask=None):

@@ -64,13 +64,7 @@ def _launch(ids, g, m, mask, cfg: dict) -> torch.Tensor:
 
 
 def fit_configs(t: int, d: int, configs=None) -> list[dict]:
-    out = []
-    configs = CONFIGS if configs is None else configs
-    for cfg in configs[:1] if C.interpreting() else configs:
-        c = dict(cfg, BLOCK_T=C.pow2_block(t, cfg["BLOCK_T"], floor=2), BLOCK_D=C.pow2_block(d, cfg["BLOCK_D"]))
-        if c not in out:
-            out.append(c)
-    return out
+    return C.fit_configs(CONFIGS if configs is None else configs, BLOCK_T=(t, 2), BLOCK_D=d)
 
 
 def embedding_dense_dot_triton(ids, g, m, mask=None):

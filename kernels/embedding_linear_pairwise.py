@@ -74,14 +74,7 @@ def _launch(ids1, g1, l2, r2, mask1, mask2, cfg: dict) -> torch.Tensor:
 
 
 def fit_configs(t1: int, t2: int, d: int, configs=None) -> list[dict]:
-    out = []
-    configs = CONFIGS if configs is None else configs
-    for cfg in configs[:1] if C.interpreting() else configs:
-        c = dict(cfg, BLOCK_T=C.pow2_block(t1, cfg["BLOCK_T"]), BLOCK_S=C.pow2_block(t2, cfg["BLOCK_S"]),
-                 BLOCK_K=C.pow2_block(d, cfg["BLOCK_K"]))
-        if c not in out:
-            out.append(c)
-    return out
+    return C.fit_configs(CONFIGS if configs is None else configs, BLOCK_T=t1, BLOCK_S=t2, BLOCK_K=d)
 
 
 def embedding_linear_pairwise_triton(ids1, g1, l2, r2, mask1=None, mask2=None):

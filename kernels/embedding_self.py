@@ -66,13 +66,7 @@ def _launch(ids, g, mask, cfg: dict) -> torch.Tensor:
 
 
 def fit_configs(t: int, d: int, configs=None) -> list[dict]:
-    out = []
-    configs = CONFIGS if configs is None else configs
-    for cfg in configs[:1] if C.interpreting() else configs:
-        c = dict(cfg, BLOCK_T=C.pow2_block(t, cfg["BLOCK_T"]), BLOCK_K=C.pow2_block(d, cfg["BLOCK_K"]))
-        if c not in out:
-            out.append(c)
-    return out
+    return C.fit_configs(CONFIGS if configs is None else configs, BLOCK_T=t, BLOCK_K=d)
 
 
 def embedding_self_triton(ids, g, mask=None):

@@ -75,13 +75,7 @@ def _launch(a, g, mask, cfg: dict) -> torch.Tensor:
 
 
 def fit_configs(t: int, da: int, dg: int, configs=None) -> list[dict]:
-    out = []
-    configs = CONFIGS if configs is None else configs
-    for cfg in configs[:1] if C.interpreting() else configs:
-        c = dict(cfg, BLOCK_T=C.pow2_block(t, cfg["BLOCK_T"]), BLOCK_K=C.pow2_block(max(da, dg), cfg["BLOCK_K"]))
-        if c not in out:
-            out.append(c)
-    return out
+    return C.fit_configs(CONFIGS if configs is None else configs, BLOCK_T=t, BLOCK_K=max(da, dg))
 
 
 def ghost_self_triton(a, g, mask=None):
