@@ -20,7 +20,8 @@ namespace cpu {
 // O(threads * tile), whatever T, S or the feature sizes.
 constexpr int64_t kRowTile = 256;
 constexpr int64_t kColBlock = 256;
-constexpr int64_t kDenseRows = 64;
+constexpr int64_t kDenseRows = 64;       // dense_dot row tile: lower bound
+constexpr int64_t kDenseRowsMax = 256;   // and upper bound (Z tile <= 256 x kColBlock per thread)
 constexpr int64_t kWBlock = 128;
 constexpr int64_t kTokChunk = 512;
 constexpr int64_t kSampleChunk = 16;

@@ -322,7 +322,7 @@ at::Tensor ghost_self(const at::Tensor& a, const at::Tensor& g, const std::optio
 
 namespace {
 
-// v[b] = sum_t g_bt^T M a_bt, over flat row tiles of kDenseRows tokens (crossing samples) and blocks of
+// v[b] = sum_t g_bt^T M a_bt, over flat row tiles of 64..kDenseRowsMax tokens (crossing samples) and blocks of
 // kColBlock output features: Z = A_tile M_block^T stays a fixed-size tile, row-dotted with G at once.
 template <typename acc_t>
 at::Tensor dense_dot_impl(const View3& a, const View3& g, const at::Tensor& m, const MaskView& mask) {
@@ -335,12 +335,16 @@ at::Tensor dense_dot_impl(const View3& a, const View3& g, const at::Tensor& m, c
                       : m.to(acc_scalar<acc_t>()).contiguous();
   at::Tensor tok = at::zeros({N}, opts);
   acc_t* pt = tok.data_ptr<acc_t>();
-  const int64_t ntiles = divup(N, kDenseRows);
+  // Row tiles: tall enough to amortise reading M (each tile streams all of it), at most
+  // kDenseRowsMax so that Z stays a fixed-size tile, and split so that every thread gets work.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t rows = std::clamp<int64_t>(divup(N, threads), kDenseRows, kDenseRowsMax);
+  const int64_t ntiles = divup(N, rows);
   at::parallel_for(0, ntiles, 1, [&](int64_t lo, int64_t hi) {
     c10::InferenceMode guard;
-    std::vector<acc_t> ba, w, z(std::min(kDenseRows, N) * std::min(kColBlock, Dg)), grow(kColBlock);
+    std::vector<acc_t> ba, w, z(std::min(rows, N) * std::min(kColBlock, Dg)), grow(kColBlock);
     for (int64_t it = lo; it < hi; ++it) {
-      const int64_t r0 = it * kDenseRows, n = std::min(kDenseRows, N - r0);
+      const int64_t r0 = it * rows, n = std::min(rows, N - r0);
       if (row_weights(mask, T, r0, n, w) == 0) continue;
       at::Tensor A = rows_matrix<acc_t>(a, r0, n, 0, a.D, ba);
       for (int64_t n0 = 0; n0 < Dg; n0 += kColBlock) {
