@@ -305,6 +305,24 @@ def group_sums(tape: Tape, per_param: dict[str, torch.Tensor], groups, shape) ->
     return out
 
 
+def dense_gradients(tape: Tape, grads: Mapping, what: str = "objective") -> dict[str, torch.Tensor]:
+    """{canonical name: tensor} from a mapping keyed by counted parameters or their names (None
+    values and absent parameters count zero), with shapes checked."""
+    out = {}
+    for key, value in grads.items():
+        name = key if isinstance(key, str) else tape.names.get(id(key))
+        if name not in tape.params:
+            raise ValueError(f"{what} names a parameter that this trace does not count: "
+                             f"{key if isinstance(key, str) else tuple(key.shape)}")
+        if value is None:
+            continue
+        if tuple(value.shape) != tuple(tape.params[name].shape):
+            raise ValueError(f"{what}[{name!r}] has shape {tuple(value.shape)}, the parameter "
+                             f"{tuple(tape.params[name].shape)}")
+        out[name] = value.detach()
+    return out
+
+
 def grad_dots(tape: Tape, a: torch.Tensor, b=None, *, groups="module") -> Dots:
     """Per-sample gradient inner products, per parameter group and in total.
 
@@ -329,16 +347,10 @@ def grad_dots(tape: Tape, a: torch.Tensor, b=None, *, groups="module") -> Dots:
             per_param[n] = self_norms(P)
     elif isinstance(b, Mapping):
         shape = (ga.batch,)
-        by_name = {(k if isinstance(k, str) else tape.names.get(id(k))): v for k, v in b.items()}
-        unknown = [k for k in by_name if k not in tape.params]
-        if unknown:
-            raise ValueError(f"b names parameters that are not counted by this trace: {unknown[:5]}")
+        m = dense_gradients(tape, b, what="b")
         for n, P in ga.pieces.items():
-            if n in by_name and by_name[n] is not None:
-                m = by_name[n]
-                if tuple(m.shape) != tuple(tape.params[n].shape):
-                    raise ValueError(f"b[{n!r}] has shape {tuple(m.shape)}, the parameter {tuple(tape.params[n].shape)}")
-                per_param[n] = contract(P, m.detach())
+            if n in m:
+                per_param[n] = contract(P, m[n])
     elif isinstance(b, torch.Tensor) and b.dim() == 0:
         gb = collect(tape, b, per_sample=False, what="b")
         shape = (ga.batch,)

@@ -25,7 +25,7 @@ from typing import Mapping
 import torch
 
 from . import dist
-from .dots import collect, contract, dense, group_sums, marginals
+from .dots import collect, contract, dense, dense_gradients, group_sums, marginals
 from .tape import Tape
 
 
@@ -87,14 +87,17 @@ class GEffect(dict):
         return f"GEffect({body})"
 
 
-def g_effect(tape: Tape, objective: torch.Tensor, risks: Mapping[str, torch.Tensor], *,
+def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *,
              groups="block", process_group=None) -> GEffect:
     """G-effects of `objective` on each risk in `risks`.
 
     Args:
         tape: an open :func:`gefx.trace` that recorded the forwards the losses come from.
         objective: the unlearning objective being minimised, as a scalar, or as a per-sample
-            vector whose sum is the objective (then per-objective-instance effects are reported).
+            vector whose sum is the objective (then per-objective-instance effects are reported),
+            or its gradient as a mapping {parameter or name: tensor} ("online mode": e.g. the
+            training step's own ``{n: p.grad}`` after ``loss.backward(retain_graph=True)``;
+            parameters missing from it count zero; under DDP ``p.grad`` is the ranks' mean).
         risks: name -> per-sample risk vector [B] (entry k depends only on batch row k of one
             traced forward), e.g. ``{"forget": sequence_nll(logits_f, labels_f),
             "retain": sequence_nll(logits_r, labels_r)}``. The risk is the vector's sum.
@@ -111,6 +114,8 @@ def g_effect(tape: Tape, objective: torch.Tensor, risks: Mapping[str, torch.Tens
     """
     if not isinstance(risks, Mapping) or not risks:
         raise TypeError("risks must be a non-empty dict name -> per-sample risk vector")
+    if isinstance(objective, Mapping):
+        return _against(tape, dense_gradients(tape, objective), risks, groups, process_group)
     if not isinstance(objective, torch.Tensor) or objective.dim() > 1:
         raise ValueError("objective must be a scalar tensor or a per-sample vector [B]; got "
                          + (f"shape {tuple(objective.shape)}" if isinstance(objective, torch.Tensor)
@@ -118,7 +123,9 @@ def g_effect(tape: Tape, objective: torch.Tensor, risks: Mapping[str, torch.Tens
     vector = objective.dim() == 1
     g_obj = collect(tape, objective, per_sample=vector, what="objective")
     if dist.group_size(process_group) > 1:
-        return _distributed(tape, g_obj, vector, risks, groups, process_group)
+        dist.check_supported(tape.model)
+        return _against(tape, _global_dense(tape, g_obj, process_group), risks, groups, process_group,
+                        g_obj if vector else None)
     result = GEffect()
     memo: dict[str, dict] = {}  # the objective's aggregated gradient per parameter, shared by the risks
     for name, risk in risks.items():
@@ -148,21 +155,26 @@ def _global_dense(tape: Tape, grads, group) -> dict[str, torch.Tensor]:
     return out
 
 
-def _distributed(tape: Tape, g_obj, vector: bool, risks, groups, group) -> GEffect:
-    dist.check_supported(tape.model)
-    m_obj = _global_dense(tape, g_obj, group)
+def _against(tape: Tape, m_obj: dict[str, torch.Tensor], risks, groups, group, g_obj=None) -> GEffect:
+    """G-effects against the objective's aggregated gradient given densely (per parameter name),
+    gathering per-instance values across ranks under torch.distributed."""
+    many = dist.group_size(group) > 1
     result = GEffect()
     for name, risk in risks.items():
         g_risk = collect(tape, risk, per_sample=True, what=f"risk {name!r}")
-        rows = {n: contract(P, m_obj[n]) for n, P in g_risk.pieces.items()}
+        rows = {n: contract(P, m_obj[n]) for n, P in g_risk.pieces.items() if n in m_obj}
         per_group = group_sums(tape, rows, groups, (g_risk.batch,))
         names = list(per_group)
-        per_instance = dist.gather_columns(torch.stack([per_group[g] for g in names]), group)
+        per_instance = torch.stack([per_group[g] for g in names])
         per_obj = None
-        if vector:
-            m_risk = _global_dense(tape, g_risk, group)
-            cols = {n: contract(P, m_risk[n]) for n, P in g_obj.pieces.items()}
+        if g_obj is not None:
+            m_risk = _global_dense(tape, g_risk, group) if many else \
+                {n: dense(P, tape.params[n].shape) for n, P in g_risk.pieces.items()}
+            cols = {n: contract(P, m_risk[n]) for n, P in g_obj.pieces.items() if n in m_risk}
             obj_group = group_sums(tape, cols, groups, (g_obj.batch,))
-            per_obj = dist.gather_columns(torch.stack([obj_group[g] for g in names]), group)
+            per_obj = torch.stack([obj_group[g] for g in names])
+        if many:
+            per_instance = dist.gather_columns(per_instance, group)
+            per_obj = None if per_obj is None else dist.gather_columns(per_obj, group)
         result[name] = RiskEffect(name, names, per_instance, per_obj)
     return result

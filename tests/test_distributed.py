@@ -54,6 +54,13 @@ def _worker(rank, port, out, wrap):
             fully_shard(model)
         fb, rb = shard(rank)
         results = [measure(model, fb, rb, vector) for vector in (True, False)]
+        if wrap == "ddp":  # online mode: DDP's averaged gradient of the step's own backward
+            with gefx.trace(model) as tape:
+                nll_f = sequence_nll(model(input_ids=fb[0], attention_mask=fb[1]).logits, fb[2])
+                nll_r = sequence_nll(model(input_ids=rb[0], attention_mask=rb[1]).logits, rb[2])
+                (-nll_f.sum() + 0.3 * nll_r.sum()).backward(retain_graph=True)
+                grads = {n: p.grad for n, p in model.named_parameters()}
+                results.append(gefx.g_effect(tape, grads, {"forget": nll_f, "retain": nll_r}).to_dict())
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -93,6 +100,10 @@ def test_two_processes_equal_one_process(tmp_path, wrap):
     expected = [measure(single, fb, rb, vector) for vector in (True, False)]
     for rank in range(WORLD):
         got = torch.load(f"{out}.{rank}")
+        if wrap == "ddp":  # DDP averages gradients: the online result is that of objective / WORLD
+            online = got.pop()
+            for risk in ("forget", "retain"):
+                assert close([WORLD * v for v in online[risk]["per_instance"]], expected[1][risk]["per_instance"])
         assert close(got, expected), f"rank {rank} differs from the single-process run"
     assert len(expected[0]["retain"]["per_instance"]) == 3  # uneven shards gathered in rank order
 

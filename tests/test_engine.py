@@ -66,6 +66,23 @@ def test_matches_brute_force(oracle, dtype, form, monkeypatch):
         assert abs(eff["retain"].per_group[name] - float(ref.sum())) <= tol * float((Gr @ obj).abs().max()) + 1e-30
 
 
+def test_online_mode_with_the_steps_own_gradient():
+    """g_effect against {n: p.grad} of the step's own backward equals g_effect of the loss."""
+    model = tiny_model("gpt2", torch.float64)
+    with gefx.trace(model) as tape:
+        f, r, objective, gd = _forward_losses(model)
+        expected = gefx.g_effect(tape, gd, {"forget": f, "retain": r})
+        gd.backward(retain_graph=True)
+        online = gefx.g_effect(tape, {n: p.grad for n, p in model.named_parameters()}, {"forget": f, "retain": r})
+        with pytest.raises(ValueError, match=r"objective\['transformer.wte.weight'\] has shape \(2,\)"):
+            gefx.g_effect(tape, {"transformer.wte.weight": torch.zeros(2)}, {"forget": f})
+        with pytest.raises(ValueError, match="does not count"):
+            gefx.g_effect(tape, {"lm_head.weight": torch.zeros(2)}, {"forget": f})  # tied: not a name of its own
+    for name in ("forget", "retain"):
+        assert rel_err(online[name].per_instance_group, expected[name].per_instance_group) < 1e-10
+        assert online[name].per_objective_instance is None
+
+
 def test_sums_are_consistent():
     model = tiny_model("llama", torch.float64, layers=3)
     with gefx.trace(model) as tape:
