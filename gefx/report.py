@@ -32,12 +32,17 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
 
 
-def write_tables(out: Path, meta: dict, rows: list[dict], metrics: list[dict], arrays: dict[str, np.ndarray]):
+def write_g_effects(out: Path, meta: dict, rows: list[dict]) -> None:
+    """g_effects.csv and g_effects.json from long-format rows (see ``GEffect.rows``)."""
     with open(out / "g_effects.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["objective", "step", "risk", "group", "value"])
         w.writeheader()
         w.writerows(rows)
     (out / "g_effects.json").write_text(json.dumps({"meta": meta, "g_effects": rows}, indent=1))
+
+
+def write_tables(out: Path, meta: dict, rows: list[dict], metrics: list[dict], arrays: dict[str, np.ndarray]):
+    write_g_effects(out, meta, rows)
     keys: list[str] = []
     for m in metrics:
         keys += [k for k in m if k not in keys]
@@ -72,16 +77,14 @@ def _symlog(ax, values, axis: str = "y", decades: int = 3):
     (ax.set_xlim if axis == "x" else ax.set_ylim)(lim)  # ticks must not widen the view
 
 
-def plot_all(out: Path, rows: list[dict], metrics: list[dict], arrays: dict[str, np.ndarray],
-             objectives: list[str], risks: list[str], groups: list[str], weight_keys: dict[str, str]) -> list[Path]:
+def plot_g_effects(out: Path, rows: list[dict], objectives: list[str], risks: list[str], groups: list[str]) -> Path:
+    """g_effects.png: G-effect vs step per group (and the total), one panel per objective and risk."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    paths = []
     colors = plt.get_cmap("tab10")
-    # G-effect curves -------------------------------------------------------------------------
     n = len(objectives)
     fig, axes = plt.subplots(n, len(risks), figsize=(5.2 * len(risks), 2.9 * n), squeeze=False)
     for i, obj in enumerate(objectives):
@@ -106,7 +109,19 @@ def plot_all(out: Path, rows: list[dict], metrics: list[dict], arrays: dict[str,
     p = out / "g_effects.png"
     fig.savefig(p, dpi=100)
     plt.close(fig)
-    paths.append(p)
+    return p
+
+
+def plot_all(out: Path, rows: list[dict], metrics: list[dict], arrays: dict[str, np.ndarray],
+             objectives: list[str], risks: list[str], groups: list[str], weight_keys: dict[str, str]) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    paths = [plot_g_effects(out, rows, objectives, risks, groups)]
+    colors = plt.get_cmap("tab10")
+    n = len(objectives)
 
     # per-instance scatter ---------------------------------------------------------------------
     if "forget" in risks and "retain" in risks:

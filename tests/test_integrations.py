@@ -93,8 +93,9 @@ def test_trainer_training_unchanged_and_measured(trainer_cls, tmp_path):
     logged = [k for entry in measured.state.log_history for k in entry if k.startswith("gefx/")]
     assert "gefx/forget/total" in logged and "gefx/retain/shallow" in logged
     measured.gefx_save(tmp_path / "out")
-    rows = json.loads((tmp_path / "out" / "g_effects.json").read_text())
+    rows = json.loads((tmp_path / "out" / "g_effects.json").read_text())["g_effects"]
     assert len(rows) == 3 * 2 * (len(first.groups) + 1)
+    assert (tmp_path / "out" / "g_effects.png").stat().st_size > 10_000
 
     # step 0 against brute force on the initial weights (the only batch is the whole data set)
     model = copy.deepcopy(base).double().train()
@@ -153,6 +154,7 @@ def test_plain_loop_recipe(tmp_path):
     rec.save(tmp_path)
     header = (tmp_path / "g_effects.csv").read_text().splitlines()[0]
     assert header == "objective,step,risk,group,value"
+    assert (tmp_path / "g_effects.png").exists()
 
 
 def test_token_mean_risk_matches_reference_scaling():
