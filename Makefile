@@ -33,3 +33,13 @@ ARGS ?=
 .PHONY: profile
 profile: setup
 	$(BIN)/gefx profile $(ARGS)
+
+# End-to-end benchmark, CPU suite (< 10 min on 2 cores): gefx vs the reference procedure, per-sample
+# loops, torch.func and Opacus (optional: `$(BIN)/pip install opacus` adds it; skipped with a note
+# otherwise). Outputs in bench/out/ (CSV, JSON, plots, e2e.md, pytest-benchmark JSON); see bench/RESULTS.md.
+BENCH_ARGS ?=
+.PHONY: bench
+bench: setup
+	$(BIN)/python bench/bench_e2e.py $(BENCH_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider bench/bench_e2e_pytest.py --benchmark-only \
+		--benchmark-json=bench/out/e2e_pytest.json

@@ -1,0 +1,406 @@
+"""End-to-end workloads and baselines for bench/bench_e2e.py (bench-only code, not part of gefx).
+
+A *workload* is a Llama-architecture model (random init from a config) plus a forget batch and a
+retain batch of B sequences of T tokens (the first quarter of each sequence is the "question",
+labels -100; no padding) and an unlearning objective (GA, NPO or TNPO as gefx.objectives defines
+them: a per-sample vector whose sum is the objective L).
+
+Every G-effect provider returns the same quantities, computed at the same parameters:
+
+    forget [B]   per-instance G-effects <grad nll_f[i], grad L>   (None where not available)
+    retain [B]   per-instance G-effects <grad nll_r[j], grad L>
+    groups_f / groups_r   {group: <grad_g sum_i nll_f[i], grad_g L>} with the "block" preset
+
+with nll = gefx.losses.sequence_nll, so baselines can be checked against gefx number for number.
+Providers that include the training step's backward leave the objective's gradient in .grad.
+
+Engine-op providers compute, from the same batches, one of
+    pairwise  [B, B]  <grad nll_f[i], grad nll_r[j]>
+    norms     [B]     ||grad nll_f[i]||^2
+    aggregate [B]     <grad nll_f[i], grad sum_j nll_r[j]>
+"""
+from __future__ import annotations
+
+import copy
+import os
+from contextlib import contextmanager
+
+import torch
+
+import gefx
+from gefx import objectives as O
+from gefx.groups import resolve
+from gefx.losses import sequence_nll
+
+# -- models ------------------------------------------------------------------------------------
+# ~10M and ~100M parameters on the CPU; 1B and 7B shapes for the GPU script.
+MODELS = {
+    "llama-10m": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=8192),
+    "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12,
+                       num_key_value_heads=12, vocab_size=16000),
+    # TinyLlama-1.1B shape (22 layers, GQA 32/4) and Llama-2-7B shape
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                     num_key_value_heads=4, vocab_size=32000),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000),
+}
+
+
+def build_model(name: str, device="cpu", dtype=torch.float32, seed: int = 0, attn="eager"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**MODELS[name], max_position_embeddings=4096, tie_word_embeddings=False,
+                      attn_implementation=attn, rms_norm_eps=1e-6)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    model.to(dtype)
+    model.config.use_cache = False
+    return model
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class Workload:
+    """A model, its frozen reference copy (NPO/TNPO), a forget and a retain batch, an objective."""
+
+    def __init__(self, model_name: str, batch: int, seq: int, objective: str = "ga", device="cpu",
+                 dtype=torch.float32, seed: int = 0, model=None, need_ref: bool | None = None, attn: str = "eager"):
+        self.model_name, self.B, self.T, self.objective = model_name, batch, seq, objective
+        self.model = model if model is not None else build_model(model_name, device, dtype, seed, attn)
+        self.model.train()
+        need_ref = objective in ("npo", "tnpo") if need_ref is None else need_ref
+        self.ref = None
+        if need_ref:
+            # the reference model is the starting point; the current model has moved a little from it
+            # (otherwise NPO's weights are exactly 1 and TNPO's degenerate)
+            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+            g = torch.Generator(device="cpu").manual_seed(seed + 7)
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.add_(torch.randn(p.shape, generator=g).to(p) * 0.02 * p.detach().float().std().clamp(min=1e-3).to(p.dtype))
+        vocab = self.model.config.vocab_size
+        g = torch.Generator().manual_seed(seed + 1)
+        dev = next(self.model.parameters()).device
+        self.f_ids = torch.randint(3, vocab, (batch, seq), generator=g).to(dev)
+        self.r_ids = torch.randint(3, vocab, (batch, seq), generator=g).to(dev)
+        q = max(1, seq // 4)
+        self.f_lab, self.r_lab = self.f_ids.clone(), self.r_ids.clone()
+        self.f_lab[:, :q] = -100
+        self.r_lab[:, :q] = -100
+        self._groups = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.model_name} B={self.B} T={self.T} {self.objective}"
+
+    # -- pieces every provider shares
+    def logits(self, ids, model=None):
+        return (model or self.model)(input_ids=ids).logits
+
+    def ref_logits(self, ids):
+        if self.ref is None:
+            return None
+        with torch.no_grad():
+            return self.ref(input_ids=ids).logits
+
+    def objective_vec(self, logits_f, ref_f):
+        if self.objective == "ga":
+            return O.ga(logits_f, self.f_lab)[0]
+        if self.objective == "npo":
+            return O.npo(logits_f, self.f_lab, ref_f)[0]
+        if self.objective == "tnpo":
+            return O.tnpo(logits_f, self.f_lab, ref_f)[0]
+        raise ValueError(self.objective)
+
+    def groups(self) -> tuple[dict[str, str], list[str]]:
+        """name -> group ("block" preset, as gefx resolves it) for the baselines."""
+        if self._groups is None:
+            self._groups = resolve(gefx.trace(self.model), "block")
+        return self._groups
+
+    def zero(self):
+        self.model.zero_grad(set_to_none=True)
+
+
+def _grouped(w: Workload, per_param: dict[str, torch.Tensor]) -> dict[str, float]:
+    mapping, order = w.groups()
+    out = dict.fromkeys(order, 0.0)
+    for n, v in per_param.items():
+        out[mapping[n]] += float(v)
+    return out
+
+
+def _grads(w: Workload) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in w.model.named_parameters() if p.grad is not None}
+
+
+@contextmanager
+def backend(name: str | None):
+    old = os.environ.get("GEFX_BACKEND")
+    if name:
+        os.environ["GEFX_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if name:
+            if old is None:
+                os.environ.pop("GEFX_BACKEND", None)
+            else:
+                os.environ["GEFX_BACKEND"] = old
+
+
+def _per_instance_result(df, dr):
+    return {"forget": df.total.detach(), "retain": dr.total.detach(),
+            "groups_f": {g: float(v.sum()) for g, v in df.per_group.items()},
+            "groups_r": {g: float(v.sum()) for g, v in dr.per_group.items()}}
+
+
+# -- G-effect providers --------------------------------------------------------------------------
+def plain_step(w: Workload, retain_forward: bool = True):
+    """The unlearning step alone: forward of the forget (+ retain) batch, backward of L."""
+    w.zero()
+    lf = w.logits(w.f_ids)
+    if retain_forward:
+        w.logits(w.r_ids)
+    loss = w.objective_vec(lf, w.ref_logits(w.f_ids)).sum()
+    loss.backward()
+    return None
+
+
+def gefx_online(w: Workload, backend_name: str | None = None):
+    """The step's own backward gives grad L in .grad; the risks' per-sample gradients are
+    contracted against it (one partial backward per risk batch + one GEMM-sized contraction per
+    layer; the dense form, as grad_dots does against explicit gradients)."""
+    w.zero()
+    with backend(backend_name), gefx.trace(w.model) as tape:
+        lf = w.logits(w.f_ids)
+        lr = w.logits(w.r_ids)
+        nll_f, nll_r = sequence_nll(lf, w.f_lab), sequence_nll(lr, w.r_lab)
+        loss = w.objective_vec(lf, w.ref_logits(w.f_ids)).sum()
+        loss.backward(retain_graph=True)
+        g = _grads(w)
+        df = gefx.grad_dots(tape, nll_f, g, groups="block")
+        dr = gefx.grad_dots(tape, nll_r, g, groups="block")
+    return _per_instance_result(df, dr)
+
+
+def gefx_geffect(w: Workload, backend_name: str | None = None):
+    """gefx.g_effect before the step's backward (it forms grad L itself from output gradients)."""
+    w.zero()
+    with backend(backend_name), gefx.trace(w.model) as tape:
+        lf = w.logits(w.f_ids)
+        lr = w.logits(w.r_ids)
+        nll_f, nll_r = sequence_nll(lf, w.f_lab), sequence_nll(lr, w.r_lab)
+        loss = w.objective_vec(lf, w.ref_logits(w.f_ids)).sum()
+        eff = gefx.g_effect(tape, loss, {"forget": nll_f, "retain": nll_r}, groups="block")
+        loss.backward()
+    return {"forget": eff["forget"].per_instance.detach(), "retain": eff["retain"].per_instance.detach(),
+            "groups_f": eff["forget"].per_group, "groups_r": eff["retain"].per_group}
+
+
+class ReferenceProcedure:
+    """The reference G-effect code (PAPER.md §4), one micro-batch: separate forward+backward for
+    NLL(forget), the objective and NLL(retain), each full gradient copied to host memory, a
+    0.6/0.4 moving average per gradient kept on the host (the first call initialises it), a fourth
+    forward+backward on a zero loss, then per-parameter dot products summed per group.
+    Only batch totals per group come out (no per-instance values). Generous to the baseline: the
+    training step's own backward is not added (the objective pass could serve as the step)."""
+
+    def __init__(self, decay: float = 0.6):
+        self.decay = decay
+        self.ema: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _pass(self, w: Workload, key: str, make_loss):
+        w.zero()
+        make_loss().backward()
+        host = {n: p.grad.detach().to("cpu", copy=True) for n, p in w.model.named_parameters() if p.grad is not None}
+        state = self.ema.get(key)
+        if state is None:
+            self.ema[key] = host
+        else:
+            for n, g in host.items():
+                state[n].mul_(self.decay).add_(g, alpha=1 - self.decay)
+
+    def __call__(self, w: Workload):
+        self._pass(w, "forget", lambda: sequence_nll(w.logits(w.f_ids), w.f_lab).sum())
+        self._pass(w, "objective", lambda: w.objective_vec(w.logits(w.f_ids), w.ref_logits(w.f_ids)).sum())
+        self._pass(w, "retain", lambda: sequence_nll(w.logits(w.r_ids), w.r_lab).sum())
+        w.zero()
+        (w.logits(w.f_ids).sum() * 0.0).backward()  # the reference's fourth pass on a zero loss
+        obj = self.ema["objective"]
+        gf = _grouped(w, {n: (obj[n] * self.ema["forget"][n]).sum() for n in obj})
+        gr = _grouped(w, {n: (obj[n] * self.ema["retain"][n]).sum() for n in obj})
+        return {"forget": None, "retain": None, "groups_f": gf, "groups_r": gr}
+
+
+def per_sample_loop(w: Workload):
+    """The step (forward + backward of L, grad L kept), then one forward+backward per risk sample
+    (batch of 1) and per-parameter dot products with grad L."""
+    plain_step(w, retain_forward=False)
+    gl = {n: g.detach().clone() for n, g in _grads(w).items()}
+    mapping, order = w.groups()
+    out = {}
+    for key, ids, lab in (("f", w.f_ids, w.f_lab), ("r", w.r_ids, w.r_lab)):
+        vals = torch.zeros(len(order), ids.shape[0], dtype=torch.float32)
+        for i in range(ids.shape[0]):
+            w.zero()
+            sequence_nll(w.logits(ids[i:i + 1]), lab[i:i + 1]).sum().backward()
+            for n, p in w.model.named_parameters():
+                if p.grad is not None and n in gl:
+                    vals[order.index(mapping[n]), i] += (p.grad.float() * gl[n].float()).sum().cpu()
+        out[key] = vals
+    # leave grad L in .grad like the other providers
+    for n, p in w.model.named_parameters():
+        p.grad = gl.get(n)
+    return {"forget": out["f"].sum(0), "retain": out["r"].sum(0),
+            "groups_f": dict(zip(order, out["f"].sum(1).tolist())),
+            "groups_r": dict(zip(order, out["r"].sum(1).tolist()))}
+
+
+def _vmap_per_sample_grads(w: Workload, ids, lab, chunk: int | None = None):
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in w.model.named_parameters()}
+
+    def one(ps, x, y):
+        logits = functional_call(w.model, ps, (x.unsqueeze(0),))
+        if not isinstance(logits, torch.Tensor):
+            logits = logits.logits
+        return sequence_nll(logits, y.unsqueeze(0))[0]
+
+    return vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk)(params, ids, lab)
+
+
+def torch_func(w: Workload, chunk: int | None = None):
+    """The step, then torch.func vmap(grad) per-sample gradients of each risk batch and their
+    dot products with grad L."""
+    plain_step(w, retain_forward=False)
+    gl = {n: g.detach() for n, g in _grads(w).items()}
+    mapping, order = w.groups()
+    res = {}
+    for key, ids, lab in (("f", w.f_ids, w.f_lab), ("r", w.r_ids, w.r_lab)):
+        psg = _vmap_per_sample_grads(w, ids, lab, chunk)
+        vals = torch.zeros(len(order), ids.shape[0], dtype=torch.float32, device=ids.device)
+        for n, g in psg.items():
+            if n in gl:
+                vals[order.index(mapping[n])] += g.flatten(1).float() @ gl[n].flatten().float()
+        del psg
+        res[key] = vals.cpu()
+    return {"forget": res["f"].sum(0), "retain": res["r"].sum(0),
+            "groups_f": dict(zip(order, res["f"].sum(1).tolist())),
+            "groups_r": dict(zip(order, res["r"].sum(1).tolist()))}
+
+
+class OpacusProvider:
+    """The step (hooks off), then Opacus GradSampleModule per-sample gradients (p.grad_sample) of
+    each risk batch (sum reduction) and their dot products with grad L."""
+
+    def __init__(self, w: Workload):
+        from opacus.grad_sample import GradSampleModule
+
+        # a copy of the model (same values): Opacus' hooks then never touch the model the others use
+        self.model = copy.deepcopy(w.model)
+        self.gsm = GradSampleModule(self.model, batch_first=True, loss_reduction="sum", strict=False)
+
+    def _per_sample(self, w: Workload, ids, lab):
+        self.model.zero_grad(set_to_none=True)
+        for p in self.model.parameters():
+            p.grad_sample = None
+        sequence_nll(self.gsm(input_ids=ids).logits, lab).sum().backward()
+        return {n: p.grad_sample for n, p in self.model.named_parameters() if getattr(p, "grad_sample", None) is not None}
+
+    def __call__(self, w: Workload, op: str | None = None):
+        mapping, order = w.groups()
+        if op is None:
+            plain_step(w, retain_forward=False)
+            gl = {n: g.detach().clone() for n, g in _grads(w).items()}
+            res = {}
+            for key, ids, lab in (("f", w.f_ids, w.f_lab), ("r", w.r_ids, w.r_lab)):
+                psg = self._per_sample(w, ids, lab)
+                vals = torch.zeros(len(order), ids.shape[0], dtype=torch.float32, device=ids.device)
+                for n, g in psg.items():
+                    vals[order.index(mapping[n])] += g.flatten(1).float() @ gl[n].flatten().float()
+                res[key] = vals.cpu()
+            for p in self.model.parameters():
+                p.grad_sample = None
+            self.model.zero_grad(set_to_none=True)
+            return {"forget": res["f"].sum(0), "retain": res["r"].sum(0),
+                    "groups_f": dict(zip(order, res["f"].sum(1).tolist())),
+                    "groups_r": dict(zip(order, res["r"].sum(1).tolist()))}
+        a = {n: g.clone() for n, g in self._per_sample(w, w.f_ids, w.f_lab).items()}
+        b = self._per_sample(w, w.r_ids, w.r_lab) if op != "norms" else None
+        out = _ps_op(op, a, b)
+        for p in self.model.parameters():
+            p.grad_sample = None
+        self.model.zero_grad(set_to_none=True)
+        return out
+
+
+# -- engine-op providers --------------------------------------------------------------------------
+def _ps_op(op: str, a: dict, b: dict | None) -> torch.Tensor:
+    """An engine op from explicit per-sample gradients {name: [B, *shape]}."""
+    out = 0
+    for n, ga in a.items():
+        fa = ga.flatten(1).float()
+        if op == "norms":
+            out = out + (fa * fa).sum(1)
+        elif op == "pairwise":
+            out = out + fa @ b[n].flatten(1).float().T
+        else:
+            out = out + fa @ b[n].flatten(1).float().sum(0)
+    return out.cpu()
+
+
+def gefx_op(w: Workload, op: str, backend_name: str | None = None) -> torch.Tensor:
+    with backend(backend_name), gefx.trace(w.model) as tape:
+        nll_f = sequence_nll(w.logits(w.f_ids), w.f_lab)
+        if op == "norms":
+            return gefx.grad_dots(tape, nll_f).total.detach().cpu()
+        nll_r = sequence_nll(w.logits(w.r_ids), w.r_lab)
+        b = nll_r if op == "pairwise" else nll_r.sum()
+        return gefx.grad_dots(tape, nll_f, b).total.detach().cpu()
+
+
+def torch_func_op(w: Workload, op: str, chunk: int | None = None) -> torch.Tensor:
+    a = _vmap_per_sample_grads(w, w.f_ids, w.f_lab, chunk)
+    b = None if op == "norms" else _vmap_per_sample_grads(w, w.r_ids, w.r_lab, chunk)
+    return _ps_op(op, a, b)
+
+
+def per_sample_loop_op(w: Workload, op: str) -> torch.Tensor:
+    def grads_of(ids, lab):
+        out = {}
+        for i in range(ids.shape[0]):
+            w.zero()
+            sequence_nll(w.logits(ids[i:i + 1]), lab[i:i + 1]).sum().backward()
+            for n, p in w.model.named_parameters():
+                out.setdefault(n, []).append(p.grad.detach().clone())
+        w.zero()
+        return {n: torch.stack(v) for n, v in out.items()}
+
+    a = grads_of(w.f_ids, w.f_lab)
+    b = None if op == "norms" else grads_of(w.r_ids, w.r_lab)
+    return _ps_op(op, a, b)
+
+
+# -- agreement ----------------------------------------------------------------------------------
+def rel_diff(x, ref) -> float:
+    """max |x - ref| / max |ref| over the entries (a scale-aware relative difference)."""
+    if isinstance(x, dict):
+        x = torch.tensor([x[k] for k in ref])
+        ref = torch.tensor(list(ref.values()))
+    x, ref = x.double().cpu(), ref.double().cpu()
+    return float((x - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+def compare(res: dict, ref: dict) -> float:
+    """Largest relative difference between two provider results over what both report."""
+    diffs = []
+    for k in ("forget", "retain", "groups_f", "groups_r"):
+        if res.get(k) is not None and ref.get(k) is not None:
+            diffs.append(rel_diff(res[k], ref[k]))
+    return max(diffs)
