@@ -450,7 +450,7 @@ def main(argv=None):
         wr = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         wr.writeheader()
         wr.writerows(rows)
-    (out / "e2e.json").write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows}, indent=1, default=str))
+    (out / "e2e.json").write_text(json.dumps({"machine": info, "args": {**vars(args), "out": os.path.relpath(args.out)}, "rows": rows}, indent=1, default=str))
     try:
         plots(rows, out)
     except Exception as exc:  # noqa: BLE001
