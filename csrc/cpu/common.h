@@ -19,9 +19,7 @@ namespace cpu {
 // a per-sample weight gradient held at once. Fixed sizes: the extra memory of every op is
 // O(threads * tile), whatever T, S or the feature sizes.
 constexpr int64_t kRowTile = 256;
-constexpr int64_t kColBlock = 256;
-constexpr int64_t kDenseRows = 64;       // dense_dot row tile: lower bound
-constexpr int64_t kDenseRowsMax = 256;   // and upper bound (Z tile <= 256 x kColBlock per thread)
+constexpr int64_t kDenseMinTile = 256 * 1024;  // dense_dot: smallest chunk of A M^T (elements, 1 MiB fp32)
 constexpr int64_t kWBlock = 128;
 constexpr int64_t kTokChunk = 512;
 constexpr int64_t kSampleChunk = 16;

@@ -322,8 +322,10 @@ at::Tensor ghost_self(const at::Tensor& a, const at::Tensor& g, const std::optio
 
 namespace {
 
-// v[b] = sum_t g_bt^T M a_bt, over flat row tiles of 64..kDenseRowsMax tokens (crossing samples) and blocks of
-// kColBlock output features: Z = A_tile M_block^T stays a fixed-size tile, row-dotted with G at once.
+// v[b] = sum_t g_bt^T M a_bt over chunks of flat rows (crossing samples): Z = A_chunk M^T is one
+// multithreaded GEMM at full BLAS rate, then each row of Z is dotted with its row of G in parallel.
+// The chunk holds at most max(kDenseMinTile, N * Dg / 10) elements of Z: a fixed-size tile that is
+// at most a tenth of the reference's A M^T product (or a small floor), however large the problem.
 template <typename acc_t>
 at::Tensor dense_dot_impl(const View3& a, const View3& g, const at::Tensor& m, const MaskView& mask) {
   const int64_t B = a.B, T = a.T, Dg = g.D, N = B * T;
@@ -335,30 +337,27 @@ at::Tensor dense_dot_impl(const View3& a, const View3& g, const at::Tensor& m, c
                       : m.to(acc_scalar<acc_t>()).contiguous();
   at::Tensor tok = at::zeros({N}, opts);
   acc_t* pt = tok.data_ptr<acc_t>();
-  // Row tiles: tall enough to amortise reading M (each tile streams all of it), at most
-  // kDenseRowsMax so that Z stays a fixed-size tile, and split so that every thread gets work.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t rows = std::clamp<int64_t>(divup(N, threads), kDenseRows, kDenseRowsMax);
-  const int64_t ntiles = divup(N, rows);
-  at::parallel_for(0, ntiles, 1, [&](int64_t lo, int64_t hi) {
-    c10::InferenceMode guard;
-    std::vector<acc_t> ba, w, z(std::min(rows, N) * std::min(kColBlock, Dg)), grow(kColBlock);
-    for (int64_t it = lo; it < hi; ++it) {
-      const int64_t r0 = it * rows, n = std::min(rows, N - r0);
-      if (row_weights(mask, T, r0, n, w) == 0) continue;
-      at::Tensor A = rows_matrix<acc_t>(a, r0, n, 0, a.D, ba);
-      for (int64_t n0 = 0; n0 < Dg; n0 += kColBlock) {
-        const int64_t bn = std::min(kColBlock, Dg - n0);
-        at::Tensor Z = at::from_blob(z.data(), {n, bn}, opts);
-        at::mm_out(Z, A, mc.narrow(0, n0, bn).t());
-        for (int64_t r = 0; r < n; ++r) {
-          if (w[r] == acc_t(0)) continue;
-          load_row<acc_t>(g, (r0 + r) / T, (r0 + r) % T, n0, bn, grow.data());
-          pt[r0 + r] += dot(z.data() + r * bn, grow.data(), bn);
-        }
+  if (N == 0 || Dg == 0) return tok.view({B, T}).sum(1);
+  const int64_t cap = std::max<int64_t>(kDenseMinTile, N * Dg / 10);
+  const int64_t rows = std::clamp<int64_t>(cap / Dg, 1, N);
+  std::vector<acc_t> ba, w;
+  at::Tensor Z = at::empty({rows, Dg}, opts);
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t n = std::min(rows, N - r0);
+    if (row_weights(mask, T, r0, n, w) == 0) continue;
+    at::Tensor A = rows_matrix<acc_t>(a, r0, n, 0, a.D, ba);
+    at::Tensor Zn = Z.narrow(0, 0, n);
+    at::mm_out(Zn, A, mc.t());
+    const acc_t* pz = Zn.data_ptr<acc_t>();
+    at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> grow(Dg);
+      for (int64_t r = lo; r < hi; ++r) {
+        if (w[r] == acc_t(0)) continue;
+        load_row<acc_t>(g, (r0 + r) / T, (r0 + r) % T, 0, Dg, grow.data());
+        pt[r0 + r] += dot(pz + r * Dg, grow.data(), Dg);
       }
-    }
-  });
+    });
+  }
   return tok.view({B, T}).sum(1);
 }
 
