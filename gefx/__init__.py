@@ -15,7 +15,8 @@ from .geffect import GEffect, RiskEffect, g_effect
 from .groups import PRESETS as GROUP_PRESETS
 from .rules import register_rule
 from .tape import Tape, trace
+from . import integrations  # noqa: E402  (after the engine: it builds on it)
 
 __version__ = "0.1.0"
-__all__ = ["trace", "grad_dots", "g_effect", "ops", "losses", "backends", "register_rule", "Tape",
+__all__ = ["trace", "grad_dots", "g_effect", "ops", "losses", "backends", "integrations", "register_rule", "Tape",
            "Dots", "GEffect", "RiskEffect", "GROUP_PRESETS"]
