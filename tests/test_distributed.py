@@ -1,7 +1,9 @@
 """g_effect under torch.distributed (gloo, 2 processes on the CPU) equals one process running the
 concatenated batch."""
 import datetime
+import gc
 import os
+import time
 import socket
 
 import pytest
@@ -62,6 +64,9 @@ def _worker(rank, port, out, wrap):
                 grads = {n: p.grad for n, p in model.named_parameters()}
                 results.append(gefx.g_effect(tape, grads, {"forget": nll_f, "retain": nll_r}).to_dict())
         torch.save(results, f"{out}.{rank}")
+        del model  # release DDP's reducer (it holds the process group) before the group goes
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -94,7 +99,13 @@ def _has_fully_shard():
     not _has_fully_shard(), reason="this torch has no torch.distributed.fsdp.fully_shard"))])
 def test_two_processes_equal_one_process(tmp_path, wrap):
     out = str(tmp_path / "res")
-    mp.spawn(_worker, args=(free_port(), out, wrap), nprocs=WORLD, join=True)
+    workers = mp.spawn(_worker, args=(free_port(), out, wrap), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 300
+    while not workers.join(timeout=2):  # raises if a worker failed; never hangs CI
+        if time.monotonic() > deadline:
+            for p in workers.processes:
+                p.kill()
+            pytest.fail(f"the {WORLD} {wrap} workers did not finish within 300 s")
     single = tiny_model("llama", torch.float64)
     fb, rb = data()
     expected = [measure(single, fb, rb, vector) for vector in (True, False)]
