@@ -41,31 +41,40 @@ def measure(model, fb, rb, vector: bool):
         return gefx.g_effect(tape, objective, {"forget": nll_f, "retain": nll_r}).to_dict()
 
 
+def wrapped(wrap):
+    model = tiny_model("llama", torch.float64)
+    if wrap == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if wrap == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def measure_rank(rank, wrap):
+    """This rank's results; every model, graph and gradient dies when it returns."""
+    model = wrapped(wrap)
+    fb, rb = shard(rank)
+    results = [measure(model, fb, rb, vector) for vector in (True, False)]
+    if wrap == "ddp":  # online mode: DDP's averaged gradient of the step's own backward
+        with gefx.trace(model) as tape:
+            nll_f = sequence_nll(model(input_ids=fb[0], attention_mask=fb[1]).logits, fb[2])
+            nll_r = sequence_nll(model(input_ids=rb[0], attention_mask=rb[1]).logits, rb[2])
+            (-nll_f.sum() + 0.3 * nll_r.sum()).backward(retain_graph=True)
+            grads = {n: p.grad for n, p in model.named_parameters()}
+            results.append(gefx.g_effect(tape, grads, {"forget": nll_f, "retain": nll_r}).to_dict())
+    return results
+
+
 def _worker(rank, port, out, wrap):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
-        model = tiny_model("llama", torch.float64)
-        if wrap == "ddp":
-            model = torch.nn.parallel.DistributedDataParallel(model)
-        elif wrap == "fsdp2":
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-        fb, rb = shard(rank)
-        results = [measure(model, fb, rb, vector) for vector in (True, False)]
-        if wrap == "ddp":  # online mode: DDP's averaged gradient of the step's own backward
-            with gefx.trace(model) as tape:
-                nll_f = sequence_nll(model(input_ids=fb[0], attention_mask=fb[1]).logits, fb[2])
-                nll_r = sequence_nll(model(input_ids=rb[0], attention_mask=rb[1]).logits, rb[2])
-                (-nll_f.sum() + 0.3 * nll_r.sum()).backward(retain_graph=True)
-                grads = {n: p.grad for n, p in model.named_parameters()}
-                results.append(gefx.g_effect(tape, grads, {"forget": nll_f, "retain": nll_r}).to_dict())
-        torch.save(results, f"{out}.{rank}")
-        del model  # release DDP's reducer (it holds the process group) before the group goes
-        gc.collect()
+        torch.save(measure_rank(rank, wrap), f"{out}.{rank}")
+        gc.collect()  # DDP's reducer holds the process group: release it before the group goes
         dist.barrier()
     finally:
         dist.destroy_process_group()
