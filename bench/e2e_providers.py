@@ -171,16 +171,20 @@ def plain_step(w: Workload, retain_forward: bool = True):
     return None
 
 
+def _traced_forwards(w: Workload):
+    """Both batches' forwards (inside a trace): the forget and retain risks and the objective L."""
+    lf = w.logits(w.f_ids)
+    lr = w.logits(w.r_ids)
+    return sequence_nll(lf, w.f_lab), sequence_nll(lr, w.r_lab), w.objective_vec(lf, w.ref_logits(w.f_ids)).sum()
+
+
 def gefx_online(w: Workload, backend_name: str | None = None):
     """The step's own backward gives grad L in .grad; the risks' per-sample gradients are
     contracted against it (one partial backward per risk batch + one GEMM-sized contraction per
     layer; the dense form, as grad_dots does against explicit gradients)."""
     w.zero()
     with backend(backend_name), gefx.trace(w.model) as tape:
-        lf = w.logits(w.f_ids)
-        lr = w.logits(w.r_ids)
-        nll_f, nll_r = sequence_nll(lf, w.f_lab), sequence_nll(lr, w.r_lab)
-        loss = w.objective_vec(lf, w.ref_logits(w.f_ids)).sum()
+        nll_f, nll_r, loss = _traced_forwards(w)
         loss.backward(retain_graph=True)
         g = _grads(w)
         df = gefx.grad_dots(tape, nll_f, g, groups="block")
@@ -192,10 +196,7 @@ def gefx_geffect(w: Workload, backend_name: str | None = None):
     """gefx.g_effect before the step's backward (it forms grad L itself from output gradients)."""
     w.zero()
     with backend(backend_name), gefx.trace(w.model) as tape:
-        lf = w.logits(w.f_ids)
-        lr = w.logits(w.r_ids)
-        nll_f, nll_r = sequence_nll(lf, w.f_lab), sequence_nll(lr, w.r_lab)
-        loss = w.objective_vec(lf, w.ref_logits(w.f_ids)).sum()
+        nll_f, nll_r, loss = _traced_forwards(w)
         eff = gefx.g_effect(tape, loss, {"forget": nll_f, "retain": nll_r}, groups="block")
         loss.backward()
     return {"forget": eff["forget"].per_instance.detach(), "retain": eff["retain"].per_instance.detach(),
