@@ -44,7 +44,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from .losses import IGNORE_INDEX, token_nll
+
 TNPO_EPS = 1e-5
 
 
@@ -105,15 +106,11 @@ def _dt(x: torch.Tensor) -> torch.dtype:
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(label_t+1 | <= t) for every position [B, T-1] (0 where masked) and the answer mask."""
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be [B, T, V] and labels [B, T]; got {tuple(logits.shape)} and "
-                         f"{tuple(labels.shape)}")
-    lab = labels[:, 1:].to(logits.device)
-    mask = lab != IGNORE_INDEX
-    lp = torch.log_softmax(logits[:, :-1].to(_dt(logits)), dim=-1)
-    lp = lp.gather(-1, lab.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
-    return lp * mask, mask
+    """log p(label_t+1 | <= t) for every position [B, T-1] (0 where masked) and the answer mask:
+    minus ``gefx.losses.token_nll`` (the same kernel, so GA's gradient is exactly minus the NLL
+    risk's)."""
+    nll, mask = token_nll(logits, labels)
+    return -nll, mask
 
 
 def _ntok(mask: torch.Tensor) -> torch.Tensor:
