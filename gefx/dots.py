@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.utils._pytree import tree_map
 
-from . import ops
+from . import dist, ops
 from .backends import dispatch
 from .groups import resolve
 from .rules import Factored, PerSample, Piece, rule_for
@@ -108,6 +108,13 @@ def collect(tape: Tape, loss: torch.Tensor, *, per_sample: bool, what: str = "lo
     if all(g is None for g in grads):
         raise ValueError(f"{what} does not depend on any forward traced by this gefx.trace "
                          "(or on none of its counted parameters)")
+    return pieces_from(tape, loss, grads, per_sample=per_sample, what=what)
+
+
+def pieces_from(tape: Tape, loss: torch.Tensor, grads, *, per_sample: bool, what: str = "loss") -> Grads:
+    """Gradient pieces from the output gradients `grads` of `loss` (one entry, or None where the
+    loss does not reach, per recorded output in tape order)."""
+    calls = tape.calls
     pieces: dict[str, list[Piece]] = {}
     k = 0
     for call in calls:
@@ -319,7 +326,7 @@ def dense_gradients(tape: Tape, grads: Mapping, what: str = "objective") -> dict
         if tuple(value.shape) != tuple(tape.params[name].shape):
             raise ValueError(f"{what}[{name!r}] has shape {tuple(value.shape)}, the parameter "
                              f"{tuple(tape.params[name].shape)}")
-        out[name] = value.detach()
+        out[name] = dist.full(value.detach())
     return out
 
 

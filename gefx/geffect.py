@@ -25,7 +25,8 @@ from typing import Mapping
 import torch
 
 from . import dist
-from .dots import collect, contract, dense, dense_gradients, group_sums, marginals
+from .dots import _check_loss, collect, contract, dense, dense_gradients, group_sums, marginals, pieces_from
+from .step import StepBackward
 from .tape import Tape
 
 
@@ -88,7 +89,7 @@ class GEffect(dict):
 
 
 def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *,
-             groups="block", process_group=None) -> GEffect:
+             groups="block", process_group=None, backward: bool = False) -> GEffect:
     """G-effects of `objective` on each risk in `risks`.
 
     Args:
@@ -108,19 +109,34 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *,
             concatenated in rank order; every rank gets the same result, equal to one process
             running the concatenated batch (see ``gefx.dist``). Every rank must call g_effect
             with the same risk names.
+        backward: also run the training step's backward of `objective` (a tensor), exactly
+            ``objective.sum().backward()`` as far as ``.grad`` is concerned (accumulated onto
+            gradients already there), and reuse it: ``.grad`` serves as the objective's
+            gradient (the online mode, in the parameters' dtype; under DDP the ranks' mean) and
+            the step's own layer-output gradients serve as the objective's per-sample pieces
+            and, where they are a per-sample multiple of a risk's (GA, NPO, GradDiff terms; see
+            ``gefx.step``), as that risk's, which then needs no backward at all. The graph is
+            kept (``retain_graph=True``) until the caller drops its tensors.
 
     Every product is exact (no per-sample gradient of a matrix parameter is formed), in float32
-    or better; ``.grad`` is untouched and the graph is kept for the caller's own backward.
+    or better (with ``backward=True``, against ``.grad`` in its dtype). Unless `backward` is set,
+    ``.grad`` is untouched and the graph is kept for the caller's own backward; on an error it is
+    always left as it was.
     """
     if not isinstance(risks, Mapping) or not risks:
         raise TypeError("risks must be a non-empty dict name -> per-sample risk vector")
     if isinstance(objective, Mapping):
+        if backward:
+            raise ValueError("backward=True needs the objective as a tensor (the loss to backpropagate), "
+                             "not a mapping of gradients")
         return _against(tape, dense_gradients(tape, objective), risks, groups, process_group)
     if not isinstance(objective, torch.Tensor) or objective.dim() > 1:
         raise ValueError("objective must be a scalar tensor or a per-sample vector [B]; got "
                          + (f"shape {tuple(objective.shape)}" if isinstance(objective, torch.Tensor)
                             else type(objective).__name__))
     vector = objective.dim() == 1
+    if backward:
+        return _with_step(tape, objective, risks, groups, process_group)
     g_obj = collect(tape, objective, per_sample=vector, what="objective")
     if dist.group_size(process_group) > 1:
         dist.check_supported(tape.model)
@@ -155,13 +171,38 @@ def _global_dense(tape: Tape, grads, group) -> dict[str, torch.Tensor]:
     return out
 
 
-def _against(tape: Tape, m_obj: dict[str, torch.Tensor], risks, groups, group, g_obj=None) -> GEffect:
+def _with_step(tape: Tape, objective: torch.Tensor, risks, groups, group) -> GEffect:
+    """g_effect with backward=True: the step's backward, then everything against its .grad."""
+    vector = objective.dim() == 1
+    _check_loss(objective, "objective", per_sample=vector)
+    for name, risk in risks.items():  # before the backward: a bad risk leaves .grad untouched
+        _check_loss(risk, f"risk {name!r}", per_sample=True)
+    if dist.group_size(group) > 1:
+        dist.check_supported(tape.model)
+    with StepBackward(tape, objective) as step:
+        if not step.grads:
+            raise ValueError("the objective's backward reached none of the counted parameters")
+        g_obj = pieces_from(tape, objective, step.captured, per_sample=True, what="objective") if vector else None
+
+        def risk_pieces(risk, what):
+            grads = step.risk_grads(risk, what)
+            if grads is None:
+                return collect(tape, risk, per_sample=True, what=what)
+            return pieces_from(tape, risk, grads, per_sample=True, what=what)
+
+        return _against(tape, dense_gradients(tape, step.grads), risks, groups, group, g_obj, risk_pieces)
+
+
+def _against(tape: Tape, m_obj: dict[str, torch.Tensor], risks, groups, group, g_obj=None,
+             risk_pieces=None) -> GEffect:
     """G-effects against the objective's aggregated gradient given densely (per parameter name),
     gathering per-instance values across ranks under torch.distributed."""
     many = dist.group_size(group) > 1
     result = GEffect()
     for name, risk in risks.items():
-        g_risk = collect(tape, risk, per_sample=True, what=f"risk {name!r}")
+        what = f"risk {name!r}"
+        g_risk = (risk_pieces(risk, what) if risk_pieces is not None
+                  else collect(tape, risk, per_sample=True, what=what))
         rows = {n: contract(P, m_obj[n]) for n, P in g_risk.pieces.items() if n in m_obj}
         per_group = group_sums(tape, rows, groups, (g_risk.batch,))
         names = list(per_group)
