@@ -16,7 +16,10 @@ Peak extra memory: measured in a child process started with MALLOC_MMAP_THRESHOL
 every buffer above 64 KiB (torch tensors and the extension's std::vector tiles alike) is a fresh
 mmap that shows up in the resident set. Before each call the kernel's peak-RSS mark is reset
 (`echo 5 > /proc/self/clear_refs`), and the figure is VmHWM after the call minus VmRSS before it:
-everything the call touched beyond its inputs, output included. Linux only.
+everything the call touched beyond its inputs, output included. Linux only. Caveat: the kernel's RSS
+counters (VmRSS, VmHWM) are per-CPU batched on recent kernels (6.x: up to about 32 pages per CPU), so
+figures below ~0.25 MiB on 2 CPUs are within their error and can read 0.00 although a few 100 KiB
+of per-thread tiles were touched; compare small cases with the tile sizes in csrc/README.md.
 """
 from __future__ import annotations
 

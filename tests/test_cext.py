@@ -87,8 +87,8 @@ def _check(out, ref_fn, args, abs_args, dtype, what):
                            f"ref {ref64.flatten()[:4].tolist()} got {out.flatten()[:4].tolist()}")
 
 
-# (B1, T1, B2, T2, Da, Dg): odd sizes, T = 1, features 33, an empty batch, and T above one tile
-# (kRowTile = 256), so that tiles split samples and the self-norm strips cover partial tiles.
+# (B1, T1, B2, T2, Da, Dg): odd sizes, T = 1, features 33, an empty batch, and T above one Gram tile
+# (tiles of 32 and 64-512 token rows), so that tiles split samples and self-norm strips are partial.
 SHAPES = [(3, 7, 2, 33, 33, 5), (2, 1, 3, 1, 8, 33), (1, 33, 2, 7, 33, 33), (0, 5, 2, 5, 4, 3),
           (2, 300, 1, 270, 17, 9)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -155,6 +155,69 @@ def test_embedding_and_norm_ops(threads, shape, dtype, layout, masks):
            "embedding_dense_dot")
     out = gefx._C.norm_grad(Lu, L1, m1)
     _check(out, R.norm_grad, [u1, g1, m1], _abs([u1, g1, m1]), dtype, "norm_grad")
+
+
+# Tiling edge cases (tile sizes are chosen from the shapes, csrc/cpu/ghost.cpp):
+#   dense_dot  (B, T, Da, Dg): R x O product tiles with remainders in rows and out features, out-block
+#              groups for few rows, the largest 256-row tiles;
+#   ghost      (B1, T1, B2, T2, Da, Dg, algo): long Gram tiles split inside samples and grouping whole
+#              samples, 32-row short tiles split / grouped, self-norm strips and column chunks with
+#              remainders, tile-algorithm blocks of 128 and 256 with partial blocks.
+DENSE_TILING = [(3, 700, 40, 300), (2, 37, 200, 300), (2, 1100, 260, 260), (1, 5, 3, 1)]
+GHOST_TILING = [(3, 400, 2, 70, 24, 40, 1), (5, 100, 7, 16, 8, 12, 1), (2, 600, 1, 9, 16, 20, 0),
+                (1, 512, 1, 512, 200, 200, 2), (1, 1024, 1, 1024, 300, 300, 2)]
+
+
+@pytest.mark.parametrize("shape", DENSE_TILING, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contig", "strided"])
+@pytest.mark.parametrize("masks", ["none", "masked"])
+def test_dense_dot_tiling(threads, shape, dtype, layout, masks):
+    B, T, Da, Dg = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, layout, masks, "dd")).encode()))
+    a, g = _rand((B, T, Da), dtype, gen), _rand((B, T, Dg), dtype, gen)
+    m = _rand((Dg, Da), dtype, gen)
+    mask = _mask(B, T, gen, masks)
+    mm = m if layout == "contig" else m.t().contiguous().t()
+    out = gefx._C.dense_dot(_layout(a, layout), _layout(g, layout), mm, mask)
+    _check(out, R.dense_dot, [a, g, m, mask], _abs([a, g, m, mask]), dtype, "dense_dot")
+
+
+@pytest.mark.parametrize("shape", GHOST_TILING, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("masks", ["none", "masked"])
+def test_ghost_tiling(threads, shape, dtype, masks):
+    B1, T1, B2, T2, Da, Dg, algo = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, masks, "gt")).encode()))
+    a1, g1 = _rand((B1, T1, Da), dtype, gen), _rand((B1, T1, Dg), dtype, gen)
+    a2, g2 = _rand((B2, T2, Da), dtype, gen), _rand((B2, T2, Dg), dtype, gen)
+    m1, m2 = _mask(B1, T1, gen, masks), _mask(B2, T2, gen, masks)
+    out = gefx._C.ghost_pairwise(a1, g1, a2, g2, m1, m2, algo)
+    _check(out, R.ghost_pairwise, [a1, g1, a2, g2, m1, m2], _abs([a1, g1, a2, g2, m1, m2]), dtype,
+           f"ghost_pairwise[algo {algo}]")
+    out = gefx._C.ghost_self(a1, g1, m1, algo)
+    _check(out, R.ghost_self, [a1, g1, m1], _abs([a1, g1, m1]), dtype, f"ghost_self[algo {algo}]")
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Tile sizes and summation orders depend on the shapes only: 1 and 2 threads agree bit for bit."""
+    gen = torch.Generator().manual_seed(11)
+    a, g = _rand((3, 700, 40), torch.float32, gen), _rand((3, 700, 300), torch.float32, gen)
+    m = _rand((300, 40), torch.float32, gen)
+    a2, g2 = _rand((2, 70, 40), torch.float32, gen), _rand((2, 70, 300), torch.float32, gen)
+    mask = _mask(3, 700, gen, "masked")
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append([gefx._C.dense_dot(a, g, m, mask), gefx._C.dense_dot(a, g, m, None)]
+                        + [gefx._C.ghost_pairwise(a, g, a2, g2, mask, None, algo) for algo in (1, 2)]
+                        + [gefx._C.ghost_self(a, g, mask, algo) for algo in (1, 2)])
+    finally:
+        torch.set_num_threads(old)
+    for x, y in zip(*outs):
+        assert torch.equal(x, y), (x - y).abs().max()
 
 
 def test_mixed_dtypes_and_fp16():

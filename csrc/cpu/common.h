@@ -7,25 +7,125 @@
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+// BLAS entry points of the library torch links (MKL here: statically inside libtorch_cpu, exported).
+// Declared weak so that the extension still loads where torch exports none of them (another BLAS, or
+// none): gemm() then goes through at::mm_out / addmm_. ELF platforms only; elsewhere, or built with
+// -DGEFX_NO_DIRECT_BLAS (e.g. CFLAGS=-DGEFX_NO_DIRECT_BLAS, to test that path), always at::mm_out.
+#if defined(__ELF__) && (defined(__GNUC__) || defined(__clang__)) && !defined(GEFX_NO_DIRECT_BLAS)
+#define GEFX_DIRECT_BLAS 1
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // mkl_service.h: the C entry point
+}
+#else
+#define GEFX_DIRECT_BLAS 0
+#endif
 
 namespace gefx {
 namespace cpu {
 
-// Token rows per Gram tile (rows and columns), columns of a dense-reference block, and the block of
-// a per-sample weight gradient held at once. Fixed sizes: the extra memory of every op is
-// O(threads * tile), whatever T, S or the feature sizes.
-constexpr int64_t kRowTile = 256;
-constexpr int64_t kDenseMinTile = 256 * 1024;  // dense_dot: smallest chunk of A M^T (elements, 1 MiB fp32)
-constexpr int64_t kWBlock = 128;
-constexpr int64_t kTokChunk = 512;
-constexpr int64_t kSampleChunk = 16;
-constexpr int64_t kStrip = 64;  // rows per strip of a diagonal self-norm tile
+// Tile sizes. The rules that choose among them (by the problem's shape, never by the thread count)
+// are in ghost.cpp next to their ops; the extra memory of every op is O(threads * tile), at most a
+// fixed fraction of the reference's for small problems and bounded by these maxima for large ones.
+constexpr int64_t kPairLong = 512, kPairShort = 32;   // ghost pairwise Gram tile: long x short token rows
+constexpr int64_t kRowTile = kPairLong;               // largest token extent of a Gram tile (build_info)
+constexpr int64_t kSelfStrip = 32, kSelfCols = 512;   // self norms: strip tokens x column tokens per product
+constexpr int64_t kWBlockLarge = 256, kWBlock = 128, kWBlockMin = 64;  // tile algorithm: weight-block sides
+constexpr int64_t kWBlockMaxElems = int64_t(2) << 20;  // tile algorithm: a thread's blocks (8 MiB fp32)
+constexpr int64_t kTokChunk = 512;                    // tile algorithm: tokens per block GEMM
+constexpr int64_t kSampleChunk = 16;                  // tile algorithm: samples whose blocks are held at once
+constexpr int64_t kDenseMaxRows = 512, kDenseMaxOut = 256;  // dense_dot: largest R x O product tile
+constexpr int64_t kDenseItems = 16;  // dense_dot: work items wanted (row blocks x out-block groups)
 
 inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// While alive, BLAS calls made by this thread run single-threaded (MKL's thread-local setting; a no-op
+// with another BLAS, whose calls inside an OpenMP parallel region are single-threaded anyway). Every
+// GEMM of these kernels runs on one tile inside at::parallel_for, also when the loop runs inline on
+// the calling thread, so results do not depend on how many threads BLAS would otherwise use.
+struct SerialBlas {
+#if GEFX_DIRECT_BLAS
+  int prev = -1;
+  SerialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr && prev >= 0) MKL_Set_Num_Threads_Local(prev);
+  }
+#else
+  SerialBlas() = default;
+#endif
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+};
+
+// Row-major GEMM on raw pointers: C[m, n] = op(A) op(B) + beta C, op(X) = X^T where the flag says so;
+// every matrix has unit column stride and a leading dimension (row stride) of at least its column
+// count. A direct BLAS call when torch's library exports one (no tensor or dispatcher overhead per
+// tile, which counts for small tiles), else at::mm_out / addmm_. beta is 0 or 1.
+template <typename acc_t>
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const acc_t* A, int64_t lda, const acc_t* B,
+                 int64_t ldb, acc_t beta, acc_t* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (beta == acc_t(0))
+      for (int64_t r = 0; r < m; ++r) std::fill(C + r * ldc, C + r * ldc + n, acc_t(0));
+    return;
+  }
+#if GEFX_DIRECT_BLAS
+  // Column-major view of the same memory: C^T [n, m] = op(B)^T op(A)^T.
+  if (std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX) {
+    const char ca = tb ? 'T' : 'N', cb = ta ? 'T' : 'N';
+    const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+    const int ila = static_cast<int>(ldb), ilb = static_cast<int>(lda), ilc = static_cast<int>(ldc);
+    const acc_t one = 1;
+    if constexpr (std::is_same<acc_t, float>::value) {
+      if (sgemm_ != nullptr) {
+        sgemm_(&ca, &cb, &im, &in, &ik, &one, B, &ila, A, &ilb, &beta, C, &ilc);
+        return;
+      }
+    } else {
+      if (dgemm_ != nullptr) {
+        dgemm_(&ca, &cb, &im, &in, &ik, &one, B, &ila, A, &ilb, &beta, C, &ilc);
+        return;
+      }
+    }
+  }
+#endif
+  const auto opts = at::TensorOptions().dtype(std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat);
+  at::Tensor Ct = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+  at::Tensor At = ta ? at::from_blob(const_cast<acc_t*>(A), {k, m}, {lda, 1}, opts).t()
+                     : at::from_blob(const_cast<acc_t*>(A), {m, k}, {lda, 1}, opts);
+  at::Tensor Bt = tb ? at::from_blob(const_cast<acc_t*>(B), {n, k}, {ldb, 1}, opts).t()
+                     : at::from_blob(const_cast<acc_t*>(B), {k, n}, {ldb, 1}, opts);
+  if (beta == acc_t(0)) {
+    at::mm_out(Ct, At, Bt);
+  } else {
+    Ct.addmm_(At, Bt);
+  }
+}
+
+// C[m, n] (contiguous) = A[m, k] B[n, k]^T: the Gram / product tiles.
+template <typename acc_t>
+inline void gemm_nt(int64_t m, int64_t n, int64_t k, const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb,
+                    acc_t* C) {
+  gemm<acc_t>(false, true, m, n, k, A, lda, B, ldb, acc_t(0), C, n);
+}
+
+// Leading dimension of a [rows, cols] matrix from rows_matrix (unit column stride).
+inline int64_t ld_of(const at::Tensor& x) { return x.size(0) <= 1 ? x.size(1) : x.stride(0); }
 
 inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
@@ -124,6 +224,17 @@ inline at::ScalarType acc_scalar() {
   return std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
 }
 
+// A per-thread scratch buffer of acc_t, 64-byte aligned (torch's CPU allocator), grown on demand.
+template <typename acc_t>
+struct Scratch {
+  at::Tensor buf;
+  acc_t* get(int64_t n) {
+    if (!buf.defined() || buf.numel() < n)
+      buf = at::empty({std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(acc_scalar<acc_t>()));
+    return buf.data_ptr<acc_t>();
+  }
+};
+
 // Rows [r0, r0 + n) of x flattened to [B*T, D], columns [d0, d0 + nd), as an acc_t matrix [n, nd].
 // A view of x itself when the dtype already is acc_t and the rows are evenly strided with unit
 // feature stride; otherwise packed (converted) into buf, a per-thread buffer of n * nd elements.
@@ -177,12 +288,18 @@ inline int64_t row_weights(const MaskView& m, int64_t T, int64_t r0, int64_t n, 
   return live;
 }
 
+// Dot product with 16 independent partial sums (vectorizable without reassociation, no single
+// add-latency chain), combined in a fixed order: the result depends only on x, y and n.
 template <typename acc_t>
 inline acc_t dot(const acc_t* x, const acc_t* y, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < n; ++k) s += x[k] * y[k];
-  return s;
+  acc_t s[16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)
+    for (int j = 0; j < 16; ++j) s[j] += x[k + j] * y[k + j];
+  for (int j = 0; k < n; ++k, ++j) s[j] += x[k] * y[k];
+  for (int h = 8; h >= 1; h /= 2)
+    for (int j = 0; j < h; ++j) s[j] += s[j + h];
+  return s[0];
 }
 
 // ---- argument checks (clear messages; the Python layer validates user input first) ----

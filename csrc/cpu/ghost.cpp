@@ -1,24 +1,97 @@
 // GEMM-based ops: ghost pairwise, self norms (symmetric), dense aggregate dot.
 //
 // Two exact algorithms for <G_i^T A_i, H_j^T B_j>, chosen per call by counting flops (algo 0):
-//   ghost  sum_{t,s} (a_it . b_js)(g_it . h_js) over fixed-size token tiles: two Gram tiles
-//          (kRowTile x kRowTile) from single-threaded BLAS calls, Hadamard-reduced at once into
-//          per-(sample pair) sums; the T x S Gram is never formed. Self norms visit only token tiles
-//          q >= p and count off-diagonal ones twice.
-//   tile   one kWBlock x kWBlock block of the per-sample weight gradient G_i^T A_i at a time, for a
-//          chunk of samples (T reduced in chunks of kTokChunk), then the blocks' inner products;
-//          cheaper when T*S*(in+out) > (T+S)*in*out, i.e. long sequences and narrow layers.
-// Work is split over tiles/blocks with at::parallel_for; each work item owns its output slot, and
-// slots are summed in a fixed order, so results do not depend on the number of threads (except the
-// tile algorithm's block groups, which are fixed too).
+//   ghost  sum_{t,s} (a_it . b_js)(g_it . h_js) over token tiles: two Gram tiles (bl x bs rows of
+//          the two sets, pair_tiles) from single-threaded BLAS calls, Hadamard-reduced at once into
+//          per-(sample pair) sums; the T x S Gram is never formed. Self norms: strips of kSelfStrip
+//          tokens against the tokens from the strip on (self_tiles); the strip's own square block
+//          counts once, the rest twice.
+//   tile   one b x b block of the per-sample weight gradient G_i^T A_i at a time (weight_block_side),
+//          for a chunk of samples (T reduced in chunks of kTokChunk), then the blocks' inner
+//          products; cheaper when T*S*(in+out) > (T+S)*in*out, i.e. long sequences and narrow layers.
+// Work is split over tiles/strips/blocks with at::parallel_for; each work item owns its output
+// slot, slots are summed in a fixed order, and every tile size depends on the shapes only, so
+// results do not depend on the number of threads (the tile algorithm's block groups are fixed too).
+// BLAS runs single-threaded inside each work item (SerialBlas), called directly (gemm in common.h).
 #include "../gefx_ops.h"
 #include "common.h"
+
+#include <cmath>
 
 namespace gefx {
 
 using namespace cpu;
 
 namespace {
+
+// ---- tile sizes. Each depends on the problem's shape only (never on the thread count), so results
+// do not depend on the number of threads. BLAS is MKL-like: a GEMM C[m, n] = A B^T runs fastest, at
+// tile sizes this small, when one side is short (32-48) and the other long (256-1024); every tile
+// below is arranged that way (the short side is the GEMM's m in column-major terms). The reference
+// (gefx/reference.py) holds about three Gram-sized buffers (pairs: B1 T1 x B2 T2, self norms:
+// B T^2) or two [rows, out] products (dense_dot); the rules below keep one thread's scratch at most
+// 1/8 of the Gram (self norms: 1/16; dense_dot: 1/16 of the product), i.e. about threads / 24
+// (threads / 48, threads / 32) of the reference's peak, while large problems get full-size tiles.
+
+// Ghost pairwise Gram tiles: bs = kPairShort (32) rows of set 2 (one work item each) against
+// bl = kPairLong (512) rows of set 1, halved (down to 32) until the two bl x bs tiles of a thread
+// hold at most 1/8 of the B1 T1 x B2 T2 Gram (2 bl bs <= rows1 rows2 / 8). 512 x 32 tiles run
+// within about 10% of 256 x 256 ones (single-threaded MKL, K = 256..1024) with 1/4 of their memory.
+void pair_tiles(int64_t rows1, int64_t rows2, int64_t* bl, int64_t* bs) {
+  int64_t l = kPairLong;
+  while (l > kPairShort && 16.0 * l * kPairShort > double(rows1) * double(rows2)) l /= 2;
+  *bl = l;
+  *bs = kPairShort;
+}
+
+// Self norms: strips of kSelfStrip (32) tokens of one sample against the columns from the strip's
+// first token on, kSelfCols (512) columns per product, halved (down to 32) until a thread's two
+// products (2 x cols x 32) hold at most 1/16 of the B T^2 Gram (twice the pairs' margin: the
+// reference's self-norm peak measures below its three B T^2 buffers, ~0.6 MiB at B = 4, T = 128).
+void self_tiles(int64_t B, int64_t T, int64_t* h, int64_t* cmax) {
+  int64_t c = kSelfCols;
+  while (c > kSelfStrip && 32.0 * c * kSelfStrip > double(B) * T * T) c /= 2;
+  *h = kSelfStrip;
+  *cmax = c;
+}
+
+// Tile algorithm: side b of the square weight-gradient blocks, the largest of 256, 128, 64 such that
+// a thread's blocks ((c1 + c2) b^2 for sample chunks of c1, c2 <= kSampleChunk) hold at most 1/8 of
+// the problem's Gram and at most kWBlockMaxElems (8 MiB fp32), and the weight splits into >= 4
+// blocks (work items).
+int64_t weight_block_side(int64_t B1, int64_t T1, int64_t B2, int64_t T2, int64_t Da, int64_t Dg, bool self) {
+  const int64_t c = std::min(B1, kSampleChunk) + (self ? 0 : std::min(B2, kSampleChunk));
+  const double gram = self ? double(B1) * T1 * T1 : double(B1) * T1 * double(B2) * T2;
+  const double cap = std::min(gram / 8, double(kWBlockMaxElems));
+  for (int64_t b = kWBlockLarge; b > kWBlockMin; b /= 2)
+    if (double(c) * b * b <= cap && divup(Da, b) * divup(Dg, b) >= 4) return b;
+  return kWBlockMin;
+}
+
+// Relative cost per multiply-add of the tile algorithm's GEMMs (K = T, b x b outputs) against the
+// ghost tiles', measured (2-core AVX-512 VM, MKL, 2 threads): about 1.0 at b = 256, 1.3 at 128,
+// 1.6 at 64.
+double wblock_factor(int64_t b) { return b >= 256 ? 1.0 : b >= 128 ? 1.3 : 1.6; }
+
+// dense_dot product tile R x O: at most E = min(N Dg / 16, 128 Da) elements (1/16 of the reference's
+// [N, out] product; beyond 128 Da a larger tile no longer pays, measured), split as O = the power of
+// two nearest below sqrt(E / 2) in [16, kDenseMaxOut] and R = E / O in [16, kDenseMaxRows], each at
+// most the problem's extent. E.g. (N, D) = (512, 256): 128 x 64; (512, 1024): 256 x 128; (2048, 1024): 512 x 256.
+int64_t pow2floor(int64_t x) {
+  int64_t p = 1;
+  while (p * 2 <= x) p *= 2;
+  return p;
+}
+
+void dense_tile(int64_t N, int64_t Da, int64_t Dg, int64_t* R, int64_t* O) {
+  const int64_t E = std::max<int64_t>(256, std::min(N * Dg / 16, 128 * Da));
+  int64_t o = std::clamp<int64_t>(pow2floor(static_cast<int64_t>(std::sqrt(double(E) / 2))), 16, kDenseMaxOut);
+  o = std::min(o, Dg);
+  int64_t r = std::clamp<int64_t>(pow2floor(E / std::max<int64_t>(o, 1)), 16, kDenseMaxRows);
+  r = std::min(r, N);
+  *R = std::max<int64_t>(r, 1);
+  *O = std::max<int64_t>(o, 1);
+}
 
 // Flat row tiles of one set ([B, T] tokens seen as B*T rows): whole samples grouped when T is
 // short, even chunks of one sample's tokens otherwise. slot = chunk index within the sample.
@@ -72,58 +145,54 @@ at::Tensor ghost_pairwise_ghost(const View3& a1, const View3& g1, const View3& a
                                 const MaskView& m1, const MaskView& m2) {
   const int64_t B1 = a1.B, T1 = a1.T, B2 = a2.B, T2 = a2.T;
   const auto opts = at::TensorOptions().dtype(acc_scalar<acc_t>());
+  int64_t bl = 0, bs = 0;
+  pair_tiles(B1 * T1, B2 * T2, &bl, &bs);
   int64_t ns1 = 1, ns2 = 1;
-  const auto tiles1 = row_tiles(B1, T1, kRowTile, &ns1);
-  const auto tiles2 = row_tiles(B2, T2, kRowTile, &ns2);
-  at::Tensor part = at::zeros({ns1, B1, B2}, opts);
+  const auto tiles1 = row_tiles(B1, T1, bl, &ns1);  // long tiles (GEMM n), inner loop
+  const auto tiles2 = row_tiles(B2, T2, bs, &ns2);  // short tiles (GEMM m), one work item each
+  at::Tensor part = at::zeros({ns2, B1, B2}, opts);
   acc_t* pp = part.data_ptr<acc_t>();
-  at::parallel_for(0, static_cast<int64_t>(tiles1.size()), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, static_cast<int64_t>(tiles2.size()), 1, [&](int64_t lo, int64_t hi) {
     c10::InferenceMode guard;
-    std::vector<acc_t> ba1, bg1, ba2, bg2, w1, w2, ga, gg;
+    SerialBlas serial;
+    std::vector<acc_t> ba1, bg1, ba2, bg2, w1, w2;
+    Scratch<acc_t> sa, sg;
     for (int64_t it = lo; it < hi; ++it) {
-      const RowTile& t1 = tiles1[it];
-      if (row_weights(m1, T1, t1.r0, t1.n, w1) == 0) continue;
-      at::Tensor A1 = rows_matrix<acc_t>(a1, t1.r0, t1.n, 0, a1.D, ba1);
-      at::Tensor G1 = rows_matrix<acc_t>(g1, t1.r0, t1.n, 0, g1.D, bg1);
-      acc_t* acc = pp + t1.slot * B1 * B2;
-      for (const RowTile& t2 : tiles2) {
-        if (row_weights(m2, T2, t2.r0, t2.n, w2) == 0) continue;
-        at::Tensor A2 = rows_matrix<acc_t>(a2, t2.r0, t2.n, 0, a2.D, ba2);
-        at::Tensor G2 = rows_matrix<acc_t>(g2, t2.r0, t2.n, 0, g2.D, bg2);
-        if (static_cast<int64_t>(ga.size()) < t1.n * t2.n) {
-          ga.resize(t1.n * t2.n);
-          gg.resize(t1.n * t2.n);
-        }
-        at::Tensor Ga = at::from_blob(ga.data(), {t1.n, t2.n}, opts);
-        at::Tensor Gg = at::from_blob(gg.data(), {t1.n, t2.n}, opts);
-        at::mm_out(Ga, A1, A2.t());
-        at::mm_out(Gg, G1, G2.t());
-        reduce_tile<acc_t>(ga.data(), gg.data(), t1.n, t2.n, w1.data(), w2.data(), t1.r0, T1, t2.r0, T2, acc, B2);
+      const RowTile& t2 = tiles2[it];
+      if (row_weights(m2, T2, t2.r0, t2.n, w2) == 0) continue;
+      at::Tensor A2 = rows_matrix<acc_t>(a2, t2.r0, t2.n, 0, a2.D, ba2);
+      at::Tensor G2 = rows_matrix<acc_t>(g2, t2.r0, t2.n, 0, g2.D, bg2);
+      acc_t* acc = pp + t2.slot * B1 * B2;  // (sample j, slot) of set 2 belongs to this item only
+      for (const RowTile& t1 : tiles1) {
+        if (row_weights(m1, T1, t1.r0, t1.n, w1) == 0) continue;
+        at::Tensor A1 = rows_matrix<acc_t>(a1, t1.r0, t1.n, 0, a1.D, ba1);
+        at::Tensor G1 = rows_matrix<acc_t>(g1, t1.r0, t1.n, 0, g1.D, bg1);
+        acc_t* ga = sa.get(t1.n * t2.n);
+        acc_t* gg = sg.get(t1.n * t2.n);
+        gemm_nt<acc_t>(t1.n, t2.n, a1.D, A1.data_ptr<acc_t>(), ld_of(A1), A2.data_ptr<acc_t>(), ld_of(A2), ga);
+        gemm_nt<acc_t>(t1.n, t2.n, g1.D, G1.data_ptr<acc_t>(), ld_of(G1), G2.data_ptr<acc_t>(), ld_of(G2), gg);
+        reduce_tile<acc_t>(ga, gg, t1.n, t2.n, w1.data(), w2.data(), t1.r0, T1, t2.r0, T2, acc, B2);
       }
     }
   });
-  return ns1 == 1 ? part[0].clone() : part.sum(0);
+  return ns2 == 1 ? part[0].clone() : part.sum(0);
 }
 
 // Block [o0, o0+bo) x [i0, i0+bi) of G_b^T A_b (masked tokens dropped) into w (bo x bi, contiguous).
 template <typename acc_t>
 void weight_block(const View3& a, const View3& g, const MaskView& m, int64_t b, int64_t o0, int64_t bo,
                   int64_t i0, int64_t bi, acc_t* w, std::vector<acc_t>& ba, std::vector<acc_t>& bg) {
-  const auto opts = at::TensorOptions().dtype(acc_scalar<acc_t>());
-  at::Tensor W = at::from_blob(w, {bo, bi}, opts);
   bool first = true;
   for (int64_t t0 = 0; t0 < a.T; t0 += kTokChunk) {
     const int64_t nt = std::min(kTokChunk, a.T - t0);
     at::Tensor Gt = rows_matrix<acc_t>(g, b * g.T + t0, nt, o0, bo, bg);
     at::Tensor At = rows_matrix<acc_t>(a, b * a.T + t0, nt, i0, bi, ba, &m);
-    if (first) {
-      at::mm_out(W, Gt.t(), At);
-      first = false;
-    } else {
-      W.addmm_(Gt.t(), At);
-    }
+    // w = Gt^T At (+ w)
+    gemm<acc_t>(true, false, bo, bi, nt, Gt.data_ptr<acc_t>(), ld_of(Gt), At.data_ptr<acc_t>(), ld_of(At),
+                first ? acc_t(0) : acc_t(1), w, bi);
+    first = false;
   }
-  if (first) W.zero_();
+  if (first) std::fill(w, w + bo * bi, acc_t(0));
 }
 
 // Tile algorithm for pairs (self == true: a2/g2 are a1/g1 and only the diagonal is wanted).
@@ -133,7 +202,9 @@ at::Tensor tile_algo(const View3& a1, const View3& g1, const MaskView& m1, const
                      const MaskView& m2, bool self) {
   const int64_t B1 = a1.B, B2 = self ? 1 : a2.B, Da = a1.D, Dg = g1.D;
   const auto opts = at::TensorOptions().dtype(acc_scalar<acc_t>());
-  const int64_t nob = divup(Dg, kWBlock), nib = divup(Da, kWBlock), nb = nob * nib;
+  const int64_t WB = weight_block_side(B1, a1.T, self ? 0 : a2.B, a2.T, Da, Dg, self);
+  const int64_t WO = WB, WI = WB;
+  const int64_t nob = divup(Dg, WO), nib = divup(Da, WI), nb = nob * nib;
   // Fixed block groups (independent of the thread count) -> deterministic sums.
   const int64_t per = std::max<int64_t>(1, B1 * B2);
   const int64_t ng = std::max<int64_t>(1, std::min<int64_t>({nb, 32, std::max<int64_t>(1, (int64_t(1) << 24) / per)}));
@@ -141,31 +212,31 @@ at::Tensor tile_algo(const View3& a1, const View3& g1, const MaskView& m1, const
   acc_t* pp = part.data_ptr<acc_t>();
   at::parallel_for(0, ng, 1, [&](int64_t lo, int64_t hi) {
     c10::InferenceMode guard;
-    std::vector<acc_t> ba, bg, w1, w2;
+    SerialBlas serial;
+    std::vector<acc_t> ba, bg;
+    Scratch<acc_t> sw1, sw2, sp;
     for (int64_t grp = lo; grp < hi; ++grp) {
       acc_t* acc = pp + grp * B1 * B2;
       for (int64_t blk = grp * nb / ng; blk < (grp + 1) * nb / ng; ++blk) {
-        const int64_t o0 = (blk / nib) * kWBlock, i0 = (blk % nib) * kWBlock;
-        const int64_t bo = std::min(kWBlock, Dg - o0), bi = std::min(kWBlock, Da - i0), bs = bo * bi;
+        const int64_t o0 = (blk / nib) * WO, i0 = (blk % nib) * WI;
+        const int64_t bo = std::min(WO, Dg - o0), bi = std::min(WI, Da - i0), bs = bo * bi;
         for (int64_t s1 = 0; s1 < B1; s1 += kSampleChunk) {
           const int64_t c1 = std::min(kSampleChunk, B1 - s1);
-          w1.resize(c1 * bs);
-          for (int64_t k = 0; k < c1; ++k) weight_block<acc_t>(a1, g1, m1, s1 + k, o0, bo, i0, bi, w1.data() + k * bs, ba, bg);
+          acc_t* w1 = sw1.get(c1 * bs);
+          for (int64_t k = 0; k < c1; ++k) weight_block<acc_t>(a1, g1, m1, s1 + k, o0, bo, i0, bi, w1 + k * bs, ba, bg);
           if (self) {
             for (int64_t k = 0; k < c1; ++k) {
-              const acc_t* w = w1.data() + k * bs;
+              const acc_t* w = w1 + k * bs;
               acc[s1 + k] += dot(w, w, bs);
             }
             continue;
           }
-          at::Tensor W1 = at::from_blob(w1.data(), {c1, bs}, opts);
           for (int64_t s2 = 0; s2 < B2; s2 += kSampleChunk) {
             const int64_t c2 = std::min(kSampleChunk, B2 - s2);
-            w2.resize(c2 * bs);
-            for (int64_t k = 0; k < c2; ++k) weight_block<acc_t>(a2, g2, m2, s2 + k, o0, bo, i0, bi, w2.data() + k * bs, ba, bg);
-            at::Tensor W2 = at::from_blob(w2.data(), {c2, bs}, opts);
-            at::Tensor P = at::mm(W1, W2.t());
-            const acc_t* p = P.data_ptr<acc_t>();
+            acc_t* w2 = sw2.get(c2 * bs);
+            for (int64_t k = 0; k < c2; ++k) weight_block<acc_t>(a2, g2, m2, s2 + k, o0, bo, i0, bi, w2 + k * bs, ba, bg);
+            acc_t* p = sp.get(c1 * c2);
+            gemm_nt<acc_t>(c1, c2, bs, w1, bs, w2, bs, p);
             for (int64_t x = 0; x < c1; ++x)
               for (int64_t y = 0; y < c2; ++y) acc[(s1 + x) * B2 + s2 + y] += p[x * c2 + y];
           }
@@ -181,90 +252,76 @@ template <typename acc_t>
 at::Tensor ghost_self_ghost(const View3& a, const View3& g, const MaskView& m) {
   const int64_t B = a.B, T = a.T;
   const auto opts = at::TensorOptions().dtype(acc_scalar<acc_t>());
-  const int64_t nc = divup(T, kRowTile), cs = divup(T, nc);
-  const int64_t np = nc * (nc + 1) / 2;
-  std::vector<std::pair<int64_t, int64_t>> pairs;
-  for (int64_t p = 0; p < nc; ++p)
-    for (int64_t q = p; q < nc; ++q) pairs.emplace_back(p, q);
-  at::Tensor part = at::zeros({B, np}, opts);
+  int64_t h = 0, cmax = 0;
+  self_tiles(B, T, &h, &cmax);
+  const int64_t ns = divup(T, h);
+  at::Tensor part = at::zeros({B, ns}, opts);
   acc_t* pp = part.data_ptr<acc_t>();
-  at::parallel_for(0, B * np, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * ns, 1, [&](int64_t lo, int64_t hi) {
     c10::InferenceMode guard;
-    std::vector<acc_t> bap, bgp, baq, bgq, wp, wq, ga, gg;
+    SerialBlas serial;
+    std::vector<acc_t> bap, bgp, baq, bgq, wp, wq;
+    Scratch<acc_t> sa, sg;
     for (int64_t item = lo; item < hi; ++item) {
-      const int64_t b = item / np, k = item % np;
-      const int64_t p = pairs[k].first, q = pairs[k].second;
-      const int64_t tp = p * cs, np_ = std::min(cs, T - tp), tq = q * cs, nq = std::min(cs, T - tq);
-      if (row_weights(m, T, b * T + tp, np_, wp) == 0 || row_weights(m, T, b * T + tq, nq, wq) == 0) continue;
-      at::Tensor Ap = rows_matrix<acc_t>(a, b * T + tp, np_, 0, a.D, bap);
-      at::Tensor Gp = rows_matrix<acc_t>(g, b * T + tp, np_, 0, g.D, bgp);
-      at::Tensor Aq = p == q ? Ap : rows_matrix<acc_t>(a, b * T + tq, nq, 0, a.D, baq);
-      at::Tensor Gq = p == q ? Gp : rows_matrix<acc_t>(g, b * T + tq, nq, 0, g.D, bgq);
-      acc_t s = 0;
-      const int64_t need = p != q ? np_ * nq : std::min(kStrip, np_) * np_;
-      if (static_cast<int64_t>(ga.size()) < need) {
-        ga.resize(need);
-        gg.resize(need);
-      }
-      if (p != q) {
-        at::Tensor Ga = at::from_blob(ga.data(), {np_, nq}, opts);
-        at::Tensor Gg = at::from_blob(gg.data(), {np_, nq}, opts);
-        at::mm_out(Ga, Ap, Aq.t());
-        at::mm_out(Gg, Gp, Gq.t());
-        // One sample per tile: rows and columns lie inside sample b, so reduce_tile adds to s.
-        reduce_tile<acc_t>(ga.data(), gg.data(), np_, nq, wp.data(), wq.data(), tp, T, tq, T, &s, 1);
-        s *= 2;
-      } else {
-        // Diagonal tile: strips of kStrip rows against the columns from the strip's first row on.
-        // The strip's own square block is symmetric and counted whole; the rest of the strip twice.
-        for (int64_t r0 = 0; r0 < np_; r0 += kStrip) {
-          const int64_t h = std::min(kStrip, np_ - r0), nc_ = np_ - r0;
-          at::Tensor Ga = at::from_blob(ga.data(), {h, nc_}, opts);
-          at::Tensor Gg = at::from_blob(gg.data(), {h, nc_}, opts);
-          at::mm_out(Ga, Ap.narrow(0, r0, h), Ap.narrow(0, r0, nc_).t());
-          at::mm_out(Gg, Gp.narrow(0, r0, h), Gp.narrow(0, r0, nc_).t());
-          acc_t sd = 0, so = 0;
-          const acc_t* w = wp.data() + r0;
-          for (int64_t r = 0; r < h; ++r) {
-            if (w[r] == acc_t(0)) continue;
-            const acc_t* pa = ga.data() + r * nc_;
-            const acc_t* pg = gg.data() + r * nc_;
-            acc_t x = 0, y = 0;
+      const int64_t b = item / ns, r0 = (item % ns) * h, hh = std::min(h, T - r0);
+      if (row_weights(m, T, b * T + r0, hh, wp) == 0) continue;
+      at::Tensor Ap = rows_matrix<acc_t>(a, b * T + r0, hh, 0, a.D, bap);
+      at::Tensor Gp = rows_matrix<acc_t>(g, b * T + r0, hh, 0, g.D, bgp);
+      acc_t tot = 0;
+      // Columns c >= r0 of the strip's rows, in chunks of at most cmax; the product tile is stored
+      // column-major (one row of cmax x hh per column token): the strip is the GEMM's short side.
+      for (int64_t c0 = r0; c0 < T; c0 += cmax) {
+        const int64_t nc = std::min(cmax, T - c0);
+        if (row_weights(m, T, b * T + c0, nc, wq) == 0) continue;
+        at::Tensor Aq = rows_matrix<acc_t>(a, b * T + c0, nc, 0, a.D, baq);
+        at::Tensor Gq = rows_matrix<acc_t>(g, b * T + c0, nc, 0, g.D, bgq);
+        acc_t* ca = sa.get(nc * hh);
+        acc_t* cg = sg.get(nc * hh);
+        gemm_nt<acc_t>(nc, hh, a.D, Aq.data_ptr<acc_t>(), ld_of(Aq), Ap.data_ptr<acc_t>(), ld_of(Ap), ca);
+        gemm_nt<acc_t>(nc, hh, g.D, Gq.data_ptr<acc_t>(), ld_of(Gq), Gp.data_ptr<acc_t>(), ld_of(Gp), cg);
+        acc_t sd = 0, so = 0;  // inside the strip's own (symmetric) square block: once; beyond it: twice
+        const acc_t* w = wp.data();
+        for (int64_t c = 0; c < nc; ++c) {
+          if (wq[c] == acc_t(0)) continue;
+          const acc_t* xa = ca + c * hh;
+          const acc_t* xg = cg + c * hh;
+          acc_t x = 0;
 #pragma omp simd reduction(+ : x)
-            for (int64_t c = 0; c < h; ++c) x += w[c] * pa[c] * pg[c];
-#pragma omp simd reduction(+ : y)
-            for (int64_t c = h; c < nc_; ++c) y += w[c] * pa[c] * pg[c];
+          for (int64_t r = 0; r < hh; ++r) x += w[r] * xa[r] * xg[r];
+          if (c0 + c < r0 + hh) {
             sd += x;
-            so += y;
+          } else {
+            so += x;
           }
-          s += sd + 2 * so;
         }
+        tot += sd + 2 * so;
       }
-      pp[b * np + k] = s;
+      pp[item] = tot;
     }
   });
   return part.sum(1);
 }
 
-// Flops (multiply-adds) of each algorithm; the tile one pays more per flop (its GEMMs have K = T and
-// 128 x 128 outputs: about 60-70% of the ghost tiles' rate, measured single-threaded).
+// Flops (multiply-adds) of each algorithm, the tile one weighted by its block size's GEMM rate.
 double ghost_pair_cost(int64_t B1, int64_t T1, int64_t B2, int64_t T2, int64_t Da, int64_t Dg) {
   return double(B1) * B2 * T1 * T2 * (Da + Dg);
 }
 
 double tile_pair_cost(int64_t B1, int64_t T1, int64_t B2, int64_t T2, int64_t Da, int64_t Dg) {
   const double chunks1 = double(divup(std::max<int64_t>(B1, 1), kSampleChunk));
-  return 1.6 * (double(B1) * T1 + chunks1 * B2 * T2 + double(B1) * B2) * Da * Dg;
+  const double f = wblock_factor(weight_block_side(B1, T1, B2, T2, Da, Dg, false));
+  return f * (double(B1) * T1 + chunks1 * B2 * T2 + double(B1) * B2) * Da * Dg;
 }
 
 double ghost_self_cost(int64_t B, int64_t T, int64_t Da, int64_t Dg) {
-  const int64_t nc = divup(std::max<int64_t>(T, 1), kRowTile), cs = divup(std::max<int64_t>(T, 1), nc);
-  // off-diagonal tile pairs in full, diagonal tiles in strips (about (cs + kStrip) / (2 cs) of a tile)
-  return double(B) * (nc * (nc - 1) / 2 * cs * cs + nc * cs * (cs + kStrip) / 2.0) * (Da + Dg);
+  int64_t h = 0, cmax = 0;
+  self_tiles(B, T, &h, &cmax);
+  // strips of h rows against the columns from their first row on: about (T^2 + T h) / 2 products
+  return double(B) * (double(T) * T + double(T) * std::min(h, T)) / 2.0 * (Da + Dg);
 }
 
 double tile_self_cost(int64_t B, int64_t T, int64_t Da, int64_t Dg) {
-  return 1.6 * double(B) * (T + 1) * Da * Dg;
+  return wblock_factor(weight_block_side(B, T, 0, T, Da, Dg, true)) * double(B) * (T + 1) * Da * Dg;
 }
 
 at::ScalarType acc_type_of(std::initializer_list<const at::Tensor*> xs) {
@@ -322,43 +379,76 @@ at::Tensor ghost_self(const at::Tensor& a, const at::Tensor& g, const std::optio
 
 namespace {
 
-// v[b] = sum_t g_bt^T M a_bt over chunks of flat rows (crossing samples): Z = A_chunk M^T is one
-// multithreaded GEMM at full BLAS rate, then each row of Z is dotted with its row of G in parallel.
-// The chunk holds at most max(kDenseMinTile, N * Dg / 10) elements of Z: a fixed-size tile that is
-// at most a tenth of the reference's A M^T product (or a small floor), however large the problem.
+// v[b] = sum_t g_bt^T M a_bt, fused and 2-D tiled: the flat rows (N = B T) are cut into row blocks
+// of R rows and the out features into blocks of O columns (dense_tile). A work item is one row
+// block and a fixed group of out blocks; for each out block it forms the product tile
+// Z = A[rows] M[o0:o0+O, :]^T (R x O, one single-threaded BLAS call) and at once adds
+// dot(Z[r], G[r, o0:o0+O]) to row r's partial sum while Z is in cache. No product larger than
+// R x O exists; per-thread scratch is that tile (plus converted rows for non-float inputs). Row
+// r's sum runs over its out blocks in a fixed order, groups and rows are then added in a fixed
+// order, and R, O and the groups depend on the shape only: the result does not depend on the
+// number of threads.
 template <typename acc_t>
 at::Tensor dense_dot_impl(const View3& a, const View3& g, const at::Tensor& m, const MaskView& mask) {
-  const int64_t B = a.B, T = a.T, Dg = g.D, N = B * T;
+  const int64_t B = a.B, T = a.T, Da = a.D, Dg = g.D, N = B * T;
   const auto opts = at::TensorOptions().dtype(acc_scalar<acc_t>());
   // M as acc_t with unit column stride: a view when it already is, else one converted copy (the
   // size of the parameter, as in the reference).
   at::Tensor mc = (m.scalar_type() == acc_scalar<acc_t>() && m.stride(1) == 1 && m.stride(0) >= m.size(1))
                       ? m
                       : m.to(acc_scalar<acc_t>()).contiguous();
-  at::Tensor tok = at::zeros({N}, opts);
-  acc_t* pt = tok.data_ptr<acc_t>();
-  if (N == 0 || Dg == 0) return tok.view({B, T}).sum(1);
-  const int64_t cap = std::max<int64_t>(kDenseMinTile, N * Dg / 10);
-  const int64_t rows = std::clamp<int64_t>(cap / Dg, 1, N);
-  std::vector<acc_t> ba, w;
-  at::Tensor Z = at::empty({rows, Dg}, opts);
-  for (int64_t r0 = 0; r0 < N; r0 += rows) {
-    const int64_t n = std::min(rows, N - r0);
-    if (row_weights(mask, T, r0, n, w) == 0) continue;
-    at::Tensor A = rows_matrix<acc_t>(a, r0, n, 0, a.D, ba);
-    at::Tensor Zn = Z.narrow(0, 0, n);
-    at::mm_out(Zn, A, mc.t());
-    const acc_t* pz = Zn.data_ptr<acc_t>();
-    at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
-      std::vector<acc_t> grow(Dg);
-      for (int64_t r = lo; r < hi; ++r) {
-        if (w[r] == acc_t(0)) continue;
-        load_row<acc_t>(g, (r0 + r) / T, (r0 + r) % T, 0, Dg, grow.data());
-        pt[r0 + r] += dot(pz + r * Dg, grow.data(), Dg);
+  const acc_t* pm = mc.data_ptr<acc_t>();
+  const int64_t ldm = Dg == 1 ? Da : mc.stride(0);
+  int64_t R = 0, O = 0;
+  dense_tile(N, Da, Dg, &R, &O);
+  const int64_t nrb = divup(N, R), nob = divup(Dg, O);
+  // Out-block groups: enough work items (>= kDenseItems when the blocks allow) for small N.
+  const int64_t ng = std::clamp<int64_t>(divup(kDenseItems, nrb), 1, nob);
+  std::vector<acc_t> part(ng * N, acc_t(0));
+  const bool g_direct = g.dtype == acc_scalar<acc_t>() && g.sd == 1;
+  at::parallel_for(0, nrb * ng, 1, [&](int64_t lo, int64_t hi) {
+    c10::InferenceMode guard;
+    SerialBlas serial;
+    std::vector<acc_t> ba, w, gbuf(O);
+    Scratch<acc_t> sz;
+    acc_t* z = sz.get(std::min(R, N) * O);
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t rb = item / ng, grp = item % ng, r0 = rb * R, n = std::min(R, N - r0);
+      if (row_weights(mask, T, r0, n, w) == 0) continue;
+      at::Tensor A = rows_matrix<acc_t>(a, r0, n, 0, Da, ba);
+      const acc_t* pa = A.data_ptr<acc_t>();
+      const int64_t lda = ld_of(A);
+      acc_t* out = part.data() + grp * N + r0;
+      for (int64_t ob = grp * nob / ng; ob < (grp + 1) * nob / ng; ++ob) {
+        const int64_t o0 = ob * O, no = std::min(O, Dg - o0);
+        gemm_nt<acc_t>(n, no, Da, pa, lda, pm + o0 * ldm, ldm, z);
+        for (int64_t r = 0; r < n; ++r) {
+          if (w[r] == acc_t(0)) continue;
+          const int64_t b = (r0 + r) / T, t = (r0 + r) % T;
+          const acc_t* gr;
+          if (g_direct) {
+            gr = static_cast<const acc_t*>(g.ptr) + b * g.sb + t * g.st + o0;
+          } else {
+            load_row<acc_t>(g, b, t, o0, no, gbuf.data());
+            gr = gbuf.data();
+          }
+          out[r] += dot(z + r * no, gr, no);
+        }
       }
-    });
+    }
+  });
+  at::Tensor res = at::empty({B}, opts);
+  acc_t* pr = res.data_ptr<acc_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    acc_t s = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      acc_t x = 0;
+      for (int64_t k = 0; k < ng; ++k) x += part[k * N + b * T + t];
+      s += x;
+    }
+    pr[b] = s;
   }
-  return tok.view({B, T}).sum(1);
+  return res;
 }
 
 }  // namespace
