@@ -24,8 +24,8 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
         raise ValueError(f"logits must be [B, T, V] and labels [B, T]; got {tuple(logits.shape)} "
                          f"and {tuple(labels.shape)}")
     b, t, v = logits.shape
-    shifted = torch.full((b, t), IGNORE_INDEX, dtype=torch.long, device=logits.device)
-    shifted[:, :-1] = labels[:, 1:]
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1)  # no in-place: vmap-safe
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     nll = F.cross_entropy(logits.to(dt).reshape(b * t, v), shifted.reshape(-1), reduction="none",
                           ignore_index=IGNORE_INDEX)

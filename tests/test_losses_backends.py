@@ -17,6 +17,25 @@ def test_sequence_nll_against_a_loop():
         torch.testing.assert_close(got[k], want)
 
 
+def test_sequence_nll_gradient_and_vmap():
+    """The logits' gradient is that of the loop's; per-sample use under torch.func.vmap works
+    (torch.func baselines and DP libraries call it one sample at a time)."""
+    logits = torch.randn(3, 6, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[-100, 2, 3, 4, 5, -100], [-100, -100, 1, 1, -100, -100], [-100, 7, 0, 10, 9, 8]],
+                          dtype=torch.int32)
+    (g,) = torch.autograd.grad(losses.sequence_nll(logits, labels).sum(), logits)
+    want = torch.zeros_like(logits)
+    for k in range(3):
+        n = int((labels[k, 1:] != -100).sum())
+        for t in range(1, 6):
+            if labels[k, t] != -100:
+                want[k, t - 1] = (torch.softmax(logits[k, t - 1].detach(), -1)
+                                  - torch.nn.functional.one_hot(labels[k, t].long(), 11)) / n
+    torch.testing.assert_close(g, want)
+    per = torch.func.vmap(lambda x, y: losses.sequence_nll(x[None], y[None])[0])(logits, labels)
+    torch.testing.assert_close(per, losses.sequence_nll(logits, labels))
+
+
 def test_token_mean_nll_sums_to_the_models_loss():
     model = tiny_model("llama", torch.float64)
     ids, mask, labels = batch(3, 8, seed=1)
