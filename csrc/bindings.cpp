@@ -42,8 +42,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     d["cuda"] = false;
 #endif
-    d["row_tile"] = gefx::cpu::kRowTile;
-    d["weight_block"] = gefx::cpu::kWBlock;
+    d["pair_tile"] = std::to_string(gefx::cpu::kPairLong) + "x" + std::to_string(gefx::cpu::kPairShort);
+    d["weight_block_max"] = gefx::cpu::kWBlockLarge;
+    d["dense_tile_max"] = std::to_string(gefx::cpu::kDenseMaxRows) + "x" + std::to_string(gefx::cpu::kDenseMaxOut);
+#if GEFX_DIRECT_BLAS
+    d["direct_blas"] = sgemm_ != nullptr && dgemm_ != nullptr;
+#else
+    d["direct_blas"] = false;
+#endif
 #if defined(TORCH_VERSION_MAJOR) && defined(TORCH_VERSION_MINOR)
     d["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
 #endif

@@ -179,13 +179,13 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, groups, group) -> GEf
         _check_loss(risk, f"risk {name!r}", per_sample=True)
     if dist.group_size(group) > 1:
         dist.check_supported(tape.model)
-    with StepBackward(tape, objective) as step:
+    with StepBackward(tape, objective, risks) as step:
         if not step.grads:
             raise ValueError("the objective's backward reached none of the counted parameters")
         g_obj = pieces_from(tape, objective, step.captured, per_sample=True, what="objective") if vector else None
 
-        def risk_pieces(risk, what):
-            grads = step.risk_grads(risk, what)
+        def risk_pieces(name, risk, what):
+            grads = step.risk_grads(name, risk, what)
             if grads is None:
                 return collect(tape, risk, per_sample=True, what=what)
             return pieces_from(tape, risk, grads, per_sample=True, what=what)
@@ -201,7 +201,7 @@ def _against(tape: Tape, m_obj: dict[str, torch.Tensor], risks, groups, group, g
     result = GEffect()
     for name, risk in risks.items():
         what = f"risk {name!r}"
-        g_risk = (risk_pieces(risk, what) if risk_pieces is not None
+        g_risk = (risk_pieces(name, risk, what) if risk_pieces is not None
                   else collect(tape, risk, per_sample=True, what=what))
         rows = {n: contract(P, m_obj[n]) for n, P in g_risk.pieces.items() if n in m_obj}
         per_group = group_sums(tape, rows, groups, (g_risk.batch,))

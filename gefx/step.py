@@ -29,9 +29,12 @@ fails unless they are exactly proportional, and the risk is differentiated as us
 """
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
 
-from .dots import _check_loss
 from .tape import Tape
 
 _ROUNDOFFS = 32  # accepted residual of the row-factor fit, in units of the head dtype's epsilon
@@ -52,23 +55,47 @@ def _walk(root, stop: set) -> set:
     return seen
 
 
+@dataclass
+class _Plan:
+    """How one risk reaches the traced forward: its single recorded head, the recorded outputs
+    upstream of it, and whether the step's gradients there may be reused (graph conditions)."""
+
+    head: int
+    upstream: list[int]
+    reusable: bool
+
+
 class StepBackward:
     """``loss.backward(retain_graph=True)`` with the recorded outputs' gradients captured.
+
+    Which gradients to capture is planned before the backward from the risks' graphs: all of them
+    for a vector objective (its per-sample pieces), otherwise only those upstream of a head some
+    risk may reuse. A captured gradient is released as soon as no remaining risk needs it, and
+    rescaled in place for the last risk using it when nothing else shares its storage, so that
+    the reuse holds no more memory than the partial backward it replaces.
 
     Use as a context manager: on a normal exit the gradients held in ``.grad`` before the step
     are added back (``.grad = earlier + step``, as ``loss.backward()`` accumulates); on an
     exception ``.grad`` is restored to what it was before.
     """
 
-    def __init__(self, tape: Tape, loss: torch.Tensor):
+    def __init__(self, tape: Tape, loss: torch.Tensor, risks: Mapping[str, torch.Tensor]):
         tape.check_open()
         self.tape, self.loss = tape, loss
         self.outs = [o for c in tape.calls for o in c.outputs]
         if not self.outs:
             raise ValueError("nothing was recorded: run the model's forward inside the gefx.trace block")
+        self._nodes: dict = {}
+        for k, o in enumerate(self.outs):
+            self._nodes.setdefault(o.grad_fn, []).append(k)
+        self._bypass: dict = {}
+        self.plans = {name: self._plan(risk) for name, risk in risks.items()}
+        self.keep_all = loss.dim() == 1  # a vector objective's pieces need every captured gradient
+        self._users = Counter(p.head for p in self.plans.values() if p is not None and p.reusable)
+        wanted = {k for p in self.plans.values() if p is not None and p.reusable for k in p.upstream}
+        self._wanted = range(len(self.outs)) if self.keep_all else sorted(wanted)
         self.captured: list[torch.Tensor | None] = [None] * len(self.outs)
         self._earlier: dict[str, torch.Tensor | None] = {}
-        self._memo: dict = {}
 
     def __enter__(self) -> "StepBackward":
         # the step's gradient alone lands in .grad; earlier gradients wait aside
@@ -81,7 +108,7 @@ class StepBackward:
                 self.captured[k] = g
             return hook
 
-        handles = [o.register_hook(store(k)) for k, o in enumerate(self.outs)]
+        handles = [self.outs[k].register_hook(store(k)) for k in self._wanted]
         try:
             self.loss.sum().backward(retain_graph=True)
         except BaseException:
@@ -105,16 +132,9 @@ class StepBackward:
                 p.grad = old.add_(p.grad)
         self._earlier = {}
 
-    # -- risks ------------------------------------------------------------------------------------
-    def risk_grads(self, risk: torch.Tensor, what: str) -> list[torch.Tensor | None] | None:
-        """The risk's gradient at every recorded output (None where it does not reach), reusing
-        the step's where the module docstring's conditions hold and otherwise by one backward
-        from the risk's head; None when the risk does not reach the forward through a single
-        recorded head (the caller then differentiates it as usual)."""
-        _check_loss(risk, what, per_sample=True)
-        nodes: dict = {}
-        for k, o in enumerate(self.outs):
-            nodes.setdefault(o.grad_fn, []).append(k)
+    # -- planning (graph only, before the backward) -------------------------------------------------
+    def _plan(self, risk: torch.Tensor) -> _Plan | None:
+        nodes = self._nodes
         heads = _walk(risk.grad_fn, set(nodes)) & set(nodes)
         if len(heads) != 1:
             return None
@@ -122,50 +142,75 @@ class StepBackward:
         if len(nodes[node]) != 1:
             return None
         h = nodes[node][0]
-        head = self.outs[h]
+        upstream = sorted(k for n in _walk(node, set()) & set(nodes) for k in nodes[n])
+        if node not in self._bypass:  # does L reach an output upstream of H other than through H?
+            reached = _walk(self.loss.grad_fn, {node})
+            self._bypass[node] = bool((reached - {node}) & {self.outs[k].grad_fn for k in upstream})
+        ok = not self._bypass[node] and risk.dim() == 1 and risk.shape[0] == self.outs[h].shape[0]
+        return _Plan(h, upstream, ok)
+
+    # -- risks ------------------------------------------------------------------------------------
+    def risk_grads(self, name: str, risk: torch.Tensor, what: str) -> list[torch.Tensor | None] | None:
+        """The risk's gradient at every recorded output (None where it does not reach), reusing
+        the step's where the module docstring's conditions hold and otherwise by one backward
+        from the risk's head; None when the risk does not reach the forward through a single
+        recorded head (the caller then differentiates it as usual). Call once per risk."""
+        plan = self.plans.get(name)
+        if plan is None:
+            return None
+        head = self.outs[plan.head]
         try:
             (g_head,) = torch.autograd.grad(risk.sum(), head, retain_graph=True)
         except RuntimeError as exc:
             raise RuntimeError(f"could not differentiate {what} through the traced forward: {exc}") from exc
-        upstream = self._upstream(node, nodes)
-        scale = self._row_factors(h, node, upstream, g_head) if risk.shape[0] == head.shape[0] else None
+        scale, last = None, False
+        if plan.reusable:
+            g_loss = self.captured[plan.head]
+            scale = None if g_loss is None else self._row_factors(g_loss, g_head)
+            self._users[plan.head] -= 1
+            last = self._users[plan.head] == 0 and not self.keep_all
+        out: list = [None] * len(self.outs)
         if scale is None:  # its own backward, started at the head
-            inputs = [self.outs[k] for k in upstream]
-            got = torch.autograd.grad([head], inputs, [g_head], retain_graph=True, allow_unused=True)
-            out: list = [None] * len(self.outs)
-            for k, g in zip(upstream, got):
+            if last:
+                self._release(plan.upstream)
+            got = torch.autograd.grad([head], [self.outs[k] for k in plan.upstream], [g_head],
+                                      retain_graph=True, allow_unused=True)
+            for k, g in zip(plan.upstream, got):
                 out[k] = g
             return out
-        out = [None] * len(self.outs)
-        for k in upstream:
+        shared = self._shared_storages(plan.upstream) if last else None
+        for k in plan.upstream:
             g = self.captured[k]
-            if g is not None and k != h:
-                out[k] = g * scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
-        out[h] = g_head
+            if g is None or k == plan.head:
+                continue
+            factor = scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+            in_place = last and g.untyped_storage().data_ptr() not in shared
+            out[k] = g.mul_(factor) if in_place else g * factor
+        out[plan.head] = g_head
+        if last:
+            self._release(plan.upstream)
         return out
 
-    def _upstream(self, node, nodes: dict) -> list[int]:
-        """Recorded outputs that the head depends on (itself included), in tape order."""
-        key = ("up", node)
-        if key not in self._memo:
-            reached = _walk(node, set())
-            self._memo[key] = sorted(k for n in reached & set(nodes) for k in nodes[n])
-        return self._memo[key]
-
-    def _row_factors(self, h: int, node, upstream: list[int], g_head: torch.Tensor):
-        """1 / c_i per row (0 for rows the risk does not reach), or None when the step's
-        gradients cannot be reused for this risk."""
-        g_loss = self.captured[h]
-        if g_loss is None:
-            return None
-        key = ("bypass", node)
-        if key not in self._memo:  # does L reach an output upstream of H other than through H?
-            reached = _walk(self.loss.grad_fn, {node})
-            ups = {self.outs[k].grad_fn for k in upstream}
-            self._memo[key] = bool((reached - {node}) & ups)
-        if self._memo[key]:
-            return None
+    def _row_factors(self, g_loss, g_head):
         return _row_factors(g_loss, g_head)
+
+    def _release(self, ks) -> None:
+        for k in ks:
+            self.captured[k] = None
+
+    def _shared_storages(self, ks) -> set:
+        """Storages that more than one captured gradient, or a parameter's .grad, points into:
+        those must not be rescaled in place."""
+        seen, shared = set(), set()
+        for k in ks:
+            g = self.captured[k]
+            if g is not None:
+                ptr = g.untyped_storage().data_ptr()
+                (shared if ptr in seen else seen).add(ptr)
+        for p in self.tape.params.values():
+            if p.grad is not None:
+                shared.add(p.grad.untyped_storage().data_ptr())
+        return shared
 
 
 def _row_factors(g_loss: torch.Tensor, g_head: torch.Tensor) -> torch.Tensor | None:
