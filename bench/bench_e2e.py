@@ -58,9 +58,9 @@ def grid(args) -> list[dict]:
     """Cases in run order. Each: section, model, B, T, objective, providers, rounds (and op)."""
     m_small, m_big = args.models.split(",") if "," in args.models else (args.models, None)
     R = args.rounds
-    full = ["step_f", "step_fr", "floor", "gefx_online", "gefx_geffect", "gefx_online_torch", "reference",
+    full = ["step_f", "step_fr", "floor", "gefx_online", "gefx_online_grads", "gefx_geffect", "gefx_online_torch", "reference",
             "per_sample_loop", "torch_func", "opacus"]
-    short = ["step_f", "step_fr", "gefx_online", "gefx_geffect", "reference"]
+    short = ["step_f", "step_fr", "floor", "gefx_online", "gefx_online_grads", "gefx_geffect", "reference"]
     sweep = ["step_fr", "gefx_online", "reference"]  # + torch_func in the memory pass (mem_extra)
     B, T = args.batch, args.seq
     cases = [dict(section="headline", model=m_small, B=B, T=T, objective="ga", providers=full, rounds=R)]
@@ -92,6 +92,8 @@ def make_provider(name: str, w: E.Workload, op: str | None):
         return lambda: floor(w)
     if name == "gefx_online":
         return lambda: E.gefx_online(w)
+    if name == "gefx_online_grads":
+        return lambda: E.gefx_online_grads(w)
     if name == "gefx_online_torch":
         return lambda: E.gefx_online(w, "torch")
     if name == "gefx_geffect":
@@ -130,9 +132,10 @@ def step_fr(w: E.Workload):
 
 
 def floor(w: E.Workload):
-    """Structural floor of the online mode, measured: the GA step with the retain forward, plus one
-    partial backward per risk batch (torch.autograd.grad to every layer output, no weight
-    gradients), without any contraction."""
+    """Structural floor of the online mode, measured: the step with the retain forward, plus one
+    partial backward (torch.autograd.grad to every layer output, no weight gradients) for each
+    risk whose gradients the step's own cannot give (retain; under TNPO the forget risk too),
+    without any contraction."""
     import gefx
     from gefx.losses import sequence_nll
     w.zero()
@@ -140,8 +143,8 @@ def floor(w: E.Workload):
         lf, lr = w.logits(w.f_ids), w.logits(w.r_ids)
         nll_f, nll_r = sequence_nll(lf, w.f_lab), sequence_nll(lr, w.r_lab)
         w.objective_vec(lf, w.ref_logits(w.f_ids)).sum().backward(retain_graph=True)
-        for r in (nll_f, nll_r):
-            outs = [o for c in tape.calls for o in c.outputs]
+        outs = [o for c in tape.calls for o in c.outputs]
+        for r in ((nll_f, nll_r) if w.objective == "tnpo" else (nll_r,)):
             torch.autograd.grad(r.sum(), outs, retain_graph=True, allow_unused=True)
 
 

@@ -179,9 +179,20 @@ def _traced_forwards(w: Workload):
 
 
 def gefx_online(w: Workload, backend_name: str | None = None):
-    """The step's own backward gives grad L in .grad; the risks' per-sample gradients are
-    contracted against it (one partial backward per risk batch + one GEMM-sized contraction per
-    layer; the dense form, as grad_dots does against explicit gradients)."""
+    """gefx's online mode: ``g_effect(..., backward=True)`` runs the step's own backward (grad L
+    lands in .grad, the G-effects are contracted against it) and reuses the step's layer-output
+    gradients for risks that are a per-sample multiple of L there (the forget NLL under GA and
+    NPO), so only the other risks (retain; forget under TNPO) get a partial backward."""
+    w.zero()
+    with backend(backend_name), gefx.trace(w.model) as tape:
+        nll_f, nll_r, loss = _traced_forwards(w)
+        eff = gefx.g_effect(tape, loss, {"forget": nll_f, "retain": nll_r}, groups="block", backward=True)
+    return _effect_result(eff)
+
+
+def gefx_online_grads(w: Workload, backend_name: str | None = None):
+    """The online mode by hand: ``loss.backward(retain_graph=True)``, then
+    ``gefx.grad_dots(tape, nll, {n: p.grad})`` per risk (one partial backward each)."""
     w.zero()
     with backend(backend_name), gefx.trace(w.model) as tape:
         nll_f, nll_r, loss = _traced_forwards(w)
@@ -199,6 +210,10 @@ def gefx_geffect(w: Workload, backend_name: str | None = None):
         nll_f, nll_r, loss = _traced_forwards(w)
         eff = gefx.g_effect(tape, loss, {"forget": nll_f, "retain": nll_r}, groups="block")
         loss.backward()
+    return _effect_result(eff)
+
+
+def _effect_result(eff):
     return {"forget": eff["forget"].per_instance.detach(), "retain": eff["retain"].per_instance.detach(),
             "groups_f": eff["forget"].per_group, "groups_r": eff["retain"].per_group}
 
