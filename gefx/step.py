@@ -62,7 +62,9 @@ class _Plan:
 
     head: int
     upstream: list[int]
-    reusable: bool
+    reusable: bool                       # the graph conditions hold (decided before the backward)
+    g_head: torch.Tensor | None = None   # dr/dH (for reusable plans: computed before the backward)
+    scale: torch.Tensor | None = None    # 1 / c_i, set by the head's hook when the fit succeeds
 
 
 class StepBackward:
@@ -91,6 +93,16 @@ class StepBackward:
         self._bypass: dict = {}
         self.plans = {name: self._plan(risk) for name, risk in risks.items()}
         self.keep_all = loss.dim() == 1  # a vector objective's pieces need every captured gradient
+        self._heads: dict[int, list[_Plan]] = {}  # head output index -> its reusable plans
+        for name, plan in self.plans.items():
+            if plan is not None and plan.reusable:
+                risk = risks[name]
+                try:
+                    (plan.g_head,) = torch.autograd.grad(risk.sum(), self.outs[plan.head], retain_graph=True)
+                except RuntimeError as exc:
+                    raise RuntimeError(f"could not differentiate risk {name!r} through the traced "
+                                       f"forward: {exc}") from exc
+                self._heads.setdefault(plan.head, []).append(plan)
         self._users = Counter(p.head for p in self.plans.values() if p is not None and p.reusable)
         wanted = {k for p in self.plans.values() if p is not None and p.reusable for k in p.upstream}
         self._wanted = range(len(self.outs)) if self.keep_all else sorted(wanted)
@@ -103,9 +115,20 @@ class StepBackward:
         for p in self.tape.params.values():
             p.grad = None
 
+        # Backward reaches a head before anything upstream of it: the head's hook fits the row
+        # factors at once, and the upstream hooks keep a gradient only while someone can use it.
+        viable = {}  # output index -> the reusable plans whose upstream holds it
+        for plan in self.plans.values():
+            if plan is not None and plan.reusable:
+                for k in plan.upstream:
+                    viable.setdefault(k, []).append(plan)
+
         def store(k):
             def hook(g):
-                self.captured[k] = g
+                for plan in self._heads.get(k, ()):
+                    plan.scale = self._row_factors(g, plan.g_head)
+                if self.keep_all or any(pl.scale is not None and k != pl.head for pl in viable.get(k, ())):
+                    self.captured[k] = g
             return hook
 
         handles = [self.outs[k].register_hook(store(k)) for k in self._wanted]
@@ -159,14 +182,15 @@ class StepBackward:
         if plan is None:
             return None
         head = self.outs[plan.head]
-        try:
-            (g_head,) = torch.autograd.grad(risk.sum(), head, retain_graph=True)
-        except RuntimeError as exc:
-            raise RuntimeError(f"could not differentiate {what} through the traced forward: {exc}") from exc
-        scale, last = None, False
+        g_head = plan.g_head
+        if g_head is None:
+            try:
+                (g_head,) = torch.autograd.grad(risk.sum(), head, retain_graph=True)
+            except RuntimeError as exc:
+                raise RuntimeError(f"could not differentiate {what} through the traced forward: {exc}") from exc
+        plan.g_head = None
+        scale, last = plan.scale, False
         if plan.reusable:
-            g_loss = self.captured[plan.head]
-            scale = None if g_loss is None else self._row_factors(g_loss, g_head)
             self._users[plan.head] -= 1
             last = self._users[plan.head] == 0 and not self.keep_all
         out: list = [None] * len(self.outs)
