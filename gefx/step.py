@@ -20,12 +20,16 @@ only through H. Backpropagation is linear, and row i of an upstream output affec
 
 The condition holds for objectives that weight each sample's NLL by one factor (GA: c_i = -n_i/N;
 NPO: the instance weight; GradDiff's terms; DPO), not for token-weighted ones (TNPO, WGA): then the
-risk's own backward runs from H (it costs no more than without the reuse). The graph conditions
-are checked by walking the autograd graph (no arithmetic); the factors by the risk's backward
-through the loss head alone (dr/dH) and a least-squares fit per row, accepted only when the
-residual ||dL/dH[i] - c_i dr/dH[i]|| is within 32 float32 roundoffs of ||dL/dH[i]|| (float64
-roundoffs for a float64 H). In 16-bit heads the two gradients are rounded separately, so this test
-fails unless they are exactly proportional, and the risk is differentiated as usual.
+risk's own backward runs from H (the failed attempt costs one fit, a few percent of a step).
+The graph conditions are checked before the backward by walking the autograd graph (no
+arithmetic); dr/dH comes from the risk's backward through the loss head alone, and the factors are
+fitted in the hook that receives dL/dH during the step's backward (before any gradient upstream of H
+exists, so those are kept only when the fit succeeds). A fit is accepted only when the residual
+||dL/dH[i] - c_i dr/dH[i]|| is within 32 float32 roundoffs of ||dL/dH[i]|| (float64 roundoffs for a
+float64 H): the reused gradients then agree with the risk's own backward to the rounding of the
+model's arithmetic (float32 where the model computes in float32, e.g. HF RMSNorm even for float64
+inputs). In 16-bit heads the two gradients are rounded separately, so this test fails unless they
+are exactly proportional, and the risk is differentiated as usual.
 """
 from __future__ import annotations
 
