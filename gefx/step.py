@@ -94,7 +94,7 @@ class StepBackward:
         self._nodes: dict = {}
         for k, o in enumerate(self.outs):
             self._nodes.setdefault(o.grad_fn, []).append(k)
-        self._bypass: dict = {}
+        self._bypass: dict = {}  # head node -> L does not reach it, or reaches its upstream around it
         self.plans = {name: self._plan(risk) for name, risk in risks.items()}
         self.keep_all = loss.dim() == 1  # a vector objective's pieces need every captured gradient
         self._heads: dict[int, list[_Plan]] = {}  # head output index -> its reusable plans
@@ -170,9 +170,11 @@ class StepBackward:
             return None
         h = nodes[node][0]
         upstream = sorted(k for n in _walk(node, set()) & set(nodes) for k in nodes[n])
-        if node not in self._bypass:  # does L reach an output upstream of H other than through H?
+        if node not in self._bypass:
+            # L must reach H, and no output upstream of H other than through H
             reached = _walk(self.loss.grad_fn, {node})
-            self._bypass[node] = bool((reached - {node}) & {self.outs[k].grad_fn for k in upstream})
+            self._bypass[node] = (node not in reached
+                                  or bool((reached - {node}) & {self.outs[k].grad_fn for k in upstream}))
         ok = not self._bypass[node] and risk.dim() == 1 and risk.shape[0] == self.outs[h].shape[0]
         return _Plan(h, upstream, ok)
 
