@@ -3,7 +3,8 @@
 Two ways to run it:
 
     pytest bench/bench_cext.py --benchmark-only            # pytest-benchmark tables, one group per case
-    python bench/bench_cext.py [--threads 2] [--rounds 5]  # the RESULTS.md table: time ratio + memory
+    python bench/bench_cext.py [--threads 2] [--rounds 5]  # the RESULTS.md tables: time ratio + memory,
+                                                           # then dense_dot's two kernels side by side
 
 Cases: ops ghost_pairwise (two sets of B samples), ghost_self, dense_dot; features (in = out) in
 {256, 1024}, T in {128, 512}, B in {4, 16}; float32 inputs.
@@ -117,20 +118,44 @@ def memory_in_child(threads: int) -> dict:
 
 
 # ---------------------------------------------------------------- the RESULTS.md table
-def time_ratio(op, d, t, b, rounds: int):
-    args = make_inputs(op, d, t, b)
-    fns = {impl: runner(impl, op, args) for impl in ("torch", "cext")}
+def time_medians(fns: dict, rounds: int) -> dict:
+    """Median time of each function, the functions alternating run by run (after one warm-up each)."""
     for f in fns.values():
         f()
-    times = {"torch": [], "cext": []}
-    heavy = op == "ghost_pairwise" and t == 512 and d == 1024
-    for _ in range(max(1, rounds // 2) if heavy else rounds):
-        for impl, f in fns.items():
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, f in fns.items():
             t0 = time.perf_counter()
             f()
-            times[impl].append(time.perf_counter() - t0)
-    ref, ext = statistics.median(times["torch"]), statistics.median(times["cext"])
-    return ref, ext
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def time_ratio(op, d, t, b, rounds: int):
+    args = make_inputs(op, d, t, b)
+    heavy = op == "ghost_pairwise" and t == 512 and d == 1024
+    med = time_medians({impl: runner(impl, op, args) for impl in ("torch", "cext")},
+                       max(1, rounds // 2) if heavy else rounds)
+    return med["torch"], med["cext"]
+
+
+def dense_kernels_table(rounds: int) -> None:
+    """dense_dot's two kernels side by side (blas product tiles, the AVX-512 micro kernel)."""
+    C = _ext()
+    if not C.build_info().get("micro_avx512"):
+        print("\n(dense_dot micro kernel not available on this CPU/build: kernel table skipped)")
+        return
+    print("\n| dense_dot D | T | B | torch ms | blas tiles: speed-up | micro kernel: speed-up |")
+    print("|---|---|---|---|---|---|")
+    for d in FEATURES:
+        for t in TOKENS:
+            for b in BATCHES:
+                a, g, m = make_inputs("dense_dot", d, t, b)
+                med = time_medians({"torch": lambda: R.dense_dot(a, g, m),
+                                    "blas": lambda: C.dense_dot(a, g, m, None, 1),
+                                    "micro": lambda: C.dense_dot(a, g, m, None, 2)}, rounds)
+                print(f"| {d} | {t} | {b} | {med['torch'] * 1e3:.1f} | {med['torch'] / med['blas']:.2f}x | "
+                      f"{med['torch'] / med['micro']:.2f}x |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -148,6 +173,7 @@ def main(argv=None) -> int:
         mr, me = mem[f"torch|{op}|{d}|{t}|{b}"], mem[f"cext|{op}|{d}|{t}|{b}"]
         print(f"| {op} | {d} | {t} | {b} | {ref * 1e3:.1f} | {ext * 1e3:.1f} | {ref / ext:.2f}x | "
               f"{mr / 2**20:.1f} | {me / 2**20:.2f} | {me / max(mr, 1):.3f} |", flush=True)
+    dense_kernels_table(args.rounds)
     return 0
 
 

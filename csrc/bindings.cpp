@@ -3,6 +3,7 @@
 
 #include "gefx_ops.h"
 #include "cpu/common.h"
+#include "cpu/micro.h"
 
 #ifdef GEFX_WITH_CUDA
 namespace gefx {
@@ -20,7 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ghost_self", &gefx::ghost_self, "v[i] = ||G_i^T A_i||^2 -> [B]", py::arg("a"), py::arg("g"),
         py::arg("mask") = py::none(), py::arg("algo") = 0);
   m.def("dense_dot", &gefx::dense_dot, "v[i] = sum_t g_it^T M a_it -> [B]", py::arg("a"), py::arg("g"), py::arg("m"),
-        py::arg("mask") = py::none());
+        py::arg("mask") = py::none(), py::arg("kernel") = 0);
   m.def("embedding_pairwise", &gefx::embedding_pairwise, "embedding-table gradient inner products -> [B1, B2]",
         py::arg("ids1"), py::arg("g1"), py::arg("ids2"), py::arg("g2"), py::arg("mask1") = py::none(),
         py::arg("mask2") = py::none());
@@ -45,6 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["pair_tile"] = std::to_string(gefx::cpu::kPairLong) + "x" + std::to_string(gefx::cpu::kPairShort);
     d["weight_block_max"] = gefx::cpu::kWBlockLarge;
     d["dense_tile_max"] = std::to_string(gefx::cpu::kDenseMaxRows) + "x" + std::to_string(gefx::cpu::kDenseMaxOut);
+    d["micro_avx512"] = gefx::cpu::micro_available();
 #if GEFX_DIRECT_BLAS
     d["direct_blas"] = sgemm_ != nullptr && dgemm_ != nullptr;
 #else

@@ -8,7 +8,9 @@ The functions take CPU tensors of dtype float64/32/16 or bfloat16 with any strid
 else (CUDA tensors, ...) they return ``NotImplemented`` and ``gefx.backends`` falls back to the
 torch reference. ``GEFX_CEXT_ALGO=auto|ghost|tile`` (read at each call, default auto) picks the
 algorithm of the two ghost ops: token Gram tiles, per-sample weight-gradient blocks, or the one
-with fewer flops (both exact).
+with fewer flops (both exact). ``dense_dot`` runs the AVX-512 micro kernel on float32 inputs with
+unit feature stride where the CPU has AVX-512 (``_C.build_info()["micro_avx512"]``), BLAS product
+tiles otherwise (``_C.dense_dot(..., kernel=1|2)`` forces one; both exact).
 """
 from __future__ import annotations
 

@@ -157,30 +157,59 @@ def test_embedding_and_norm_ops(threads, shape, dtype, layout, masks):
     _check(out, R.norm_grad, [u1, g1, m1], _abs([u1, g1, m1]), dtype, "norm_grad")
 
 
-# Tiling edge cases (tile sizes are chosen from the shapes, csrc/cpu/ghost.cpp):
-#   dense_dot  (B, T, Da, Dg): R x O product tiles with remainders in rows and out features, out-block
-#              groups for few rows, the largest 256-row tiles;
+# Tiling edge cases (tile sizes are chosen from the shapes, csrc/cpu/dense.cpp and ghost.cpp):
+#   dense_dot  (B, T, Da, Dg), both kernels: blas R x O product tiles with remainders in rows and out
+#              features, out-block groups for few rows, the largest 256-row tiles; micro 6-row tiles
+#              padded at the end of a block, 64-feature panels cut short (Da = 3, 40, 200, 260), out
+#              chunks carried between calls (Dg = 300 > 256; Dg = 600 in chunks of 32 with a small
+#              budget), equal row blocks, rows gathered past masked tokens;
 #   ghost      (B1, T1, B2, T2, Da, Dg, algo): long Gram tiles split inside samples and grouping whole
 #              samples, 32-row short tiles split / grouped, self-norm strips and column chunks with
 #              remainders, tile-algorithm blocks of 128 and 256 with partial blocks.
-DENSE_TILING = [(3, 700, 40, 300), (2, 37, 200, 300), (2, 1100, 260, 260), (1, 5, 3, 1)]
+DENSE_TILING = [(3, 700, 40, 300), (2, 37, 200, 300), (2, 1100, 260, 260), (1, 5, 3, 1), (2, 64, 70, 600)]
 GHOST_TILING = [(3, 400, 2, 70, 24, 40, 1), (5, 100, 7, 16, 8, 12, 1), (2, 600, 1, 9, 16, 20, 0),
                 (1, 512, 1, 512, 200, 200, 2), (1, 1024, 1, 1024, 300, 300, 2)]
+MICRO = bool(_cext._C is not None and _cext._C.build_info().get("micro_avx512"))
+# (kernel, dtype, layout): blas on every dtype and layout; micro where it applies (float32 with unit
+# feature stride, any sample/token strides).
+DENSE_KERNELS = ([(1, dt, lay) for dt in DTYPES for lay in ("contig", "strided")]
+                 + [(2, torch.float32, lay) for lay in ("contig", "bt_swapped")])
+
+
+def _need_micro(kernel):
+    if kernel == 2 and not MICRO:
+        pytest.skip("this CPU (or build) has no AVX-512 dense_dot micro kernel")
 
 
 @pytest.mark.parametrize("shape", DENSE_TILING, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", ["contig", "strided"])
+@pytest.mark.parametrize("kernel,dtype,layout", DENSE_KERNELS,
+                         ids=lambda v: {1: "blas", 2: "micro"}.get(v, str(v)))
 @pytest.mark.parametrize("masks", ["none", "masked"])
-def test_dense_dot_tiling(threads, shape, dtype, layout, masks):
+def test_dense_dot_tiling(threads, shape, kernel, dtype, layout, masks):
+    _need_micro(kernel)
     B, T, Da, Dg = shape
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, layout, masks, "dd")).encode()))
     a, g = _rand((B, T, Da), dtype, gen), _rand((B, T, Dg), dtype, gen)
     m = _rand((Dg, Da), dtype, gen)
     mask = _mask(B, T, gen, masks)
     mm = m if layout == "contig" else m.t().contiguous().t()
-    out = gefx._C.dense_dot(_layout(a, layout), _layout(g, layout), mm, mask)
-    _check(out, R.dense_dot, [a, g, m, mask], _abs([a, g, m, mask]), dtype, "dense_dot")
+    out = gefx._C.dense_dot(_layout(a, layout), _layout(g, layout), mm, mask, kernel)
+    _check(out, R.dense_dot, [a, g, m, mask], _abs([a, g, m, mask]), dtype, f"dense_dot[kernel {kernel}]")
+    if kernel == 2:  # float32 inputs the micro kernel takes: it is what auto picks
+        assert torch.equal(out, gefx._C.dense_dot(_layout(a, layout), _layout(g, layout), mm, mask))
+
+
+def test_dense_dot_micro_refuses_what_it_cannot_read():
+    _need_micro(2)
+    gen = torch.Generator().manual_seed(5)
+    a, g, m = _rand((2, 3, 4), torch.float32, gen), _rand((2, 3, 5), torch.float32, gen), _rand((5, 4), torch.float32, gen)
+    for bad in (dict(a=a.bfloat16()), dict(g=g.double()), dict(a=_layout(a, "strided"))):
+        args = {"a": a, "g": g, "m": m, **bad}
+        with pytest.raises(RuntimeError, match="micro kernel needs float32 a and g with unit feature stride"):
+            gefx._C.dense_dot(args["a"], args["g"], args["m"], None, 2)
+        gefx._C.dense_dot(args["a"], args["g"], args["m"], None, 0)  # auto falls back to blas tiles
+    with pytest.raises(RuntimeError, match="kernel must be 0"):
+        gefx._C.dense_dot(a, g, m, None, 3)
 
 
 @pytest.mark.parametrize("shape", GHOST_TILING, ids=lambda s: "x".join(map(str, s)))
@@ -211,7 +240,8 @@ def test_results_do_not_depend_on_the_thread_count():
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            outs.append([gefx._C.dense_dot(a, g, m, mask), gefx._C.dense_dot(a, g, m, None)]
+            outs.append([gefx._C.dense_dot(a, g, m, mask), gefx._C.dense_dot(a, g, m, None),
+                         gefx._C.dense_dot(a, g, m, mask, 1)]
                         + [gefx._C.ghost_pairwise(a, g, a2, g2, mask, None, algo) for algo in (1, 2)]
                         + [gefx._C.ghost_self(a, g, mask, algo) for algo in (1, 2)])
     finally:

@@ -46,7 +46,7 @@ constexpr int64_t kWBlockMaxElems = int64_t(2) << 20;  // tile algorithm: a thre
 constexpr int64_t kTokChunk = 512;                    // tile algorithm: tokens per block GEMM
 constexpr int64_t kSampleChunk = 16;                  // tile algorithm: samples whose blocks are held at once
 constexpr int64_t kDenseMaxRows = 512, kDenseMaxOut = 256;  // dense_dot: largest R x O product tile
-constexpr int64_t kDenseItems = 16;  // dense_dot: work items wanted (row blocks x out-block groups)
+constexpr int64_t kDenseItems = 16;  // dense_dot: work items wanted (row blocks x column-block groups)
 
 inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -346,6 +346,11 @@ inline bool any_double(std::initializer_list<const at::Tensor*> xs) {
   for (const at::Tensor* x : xs)
     if (x->scalar_type() == at::kDouble) return true;
   return false;
+}
+
+// The accumulation dtype of an op: float64 when any input is float64, else float32.
+inline at::ScalarType acc_type_of(std::initializer_list<const at::Tensor*> xs) {
+  return any_double(xs) ? at::kDouble : at::kFloat;
 }
 
 }  // namespace cpu

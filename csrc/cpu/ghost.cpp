@@ -1,4 +1,4 @@
-// GEMM-based ops: ghost pairwise, self norms (symmetric), dense aggregate dot.
+// GEMM-based ops: ghost pairwise and self norms (symmetric). dense_dot is in dense.cpp.
 //
 // Two exact algorithms for <G_i^T A_i, H_j^T B_j>, chosen per call by counting flops (algo 0):
 //   ghost  sum_{t,s} (a_it . b_js)(g_it . h_js) over token tiles: two Gram tiles (bl x bs rows of
@@ -29,9 +29,8 @@ namespace {
 // tile sizes this small, when one side is short (32-48) and the other long (256-1024); every tile
 // below is arranged that way (the short side is the GEMM's m in column-major terms). The reference
 // (gefx/reference.py) holds about three Gram-sized buffers (pairs: B1 T1 x B2 T2, self norms:
-// B T^2) or two [rows, out] products (dense_dot); the rules below keep one thread's scratch at most
-// 1/8 of the Gram (self norms: 1/16; dense_dot: 1/16 of the product), i.e. about threads / 24
-// (threads / 48, threads / 32) of the reference's peak, while large problems get full-size tiles.
+// B T^2); the rules below keep one thread's scratch at most 1/8 of the Gram (self norms: 1/16), i.e.
+// about threads / 24 (threads / 48) of the reference's peak, while large problems get full-size tiles.
 
 // Ghost pairwise Gram tiles: bs = kPairShort (32) rows of set 2 (one work item each) against
 // bl = kPairLong (512) rows of set 1, halved (down to 32) until the two bl x bs tiles of a thread
@@ -72,26 +71,6 @@ int64_t weight_block_side(int64_t B1, int64_t T1, int64_t B2, int64_t T2, int64_
 // ghost tiles', measured (2-core AVX-512 VM, MKL, 2 threads): about 1.0 at b = 256, 1.3 at 128,
 // 1.6 at 64.
 double wblock_factor(int64_t b) { return b >= 256 ? 1.0 : b >= 128 ? 1.3 : 1.6; }
-
-// dense_dot product tile R x O: at most E = min(N Dg / 16, 128 Da) elements (1/16 of the reference's
-// [N, out] product; beyond 128 Da a larger tile no longer pays, measured), split as O = the power of
-// two nearest below sqrt(E / 2) in [16, kDenseMaxOut] and R = E / O in [16, kDenseMaxRows], each at
-// most the problem's extent. E.g. (N, D) = (512, 256): 128 x 64; (512, 1024): 256 x 128; (2048, 1024): 512 x 256.
-int64_t pow2floor(int64_t x) {
-  int64_t p = 1;
-  while (p * 2 <= x) p *= 2;
-  return p;
-}
-
-void dense_tile(int64_t N, int64_t Da, int64_t Dg, int64_t* R, int64_t* O) {
-  const int64_t E = std::max<int64_t>(256, std::min(N * Dg / 16, 128 * Da));
-  int64_t o = std::clamp<int64_t>(pow2floor(static_cast<int64_t>(std::sqrt(double(E) / 2))), 16, kDenseMaxOut);
-  o = std::min(o, Dg);
-  int64_t r = std::clamp<int64_t>(pow2floor(E / std::max<int64_t>(o, 1)), 16, kDenseMaxRows);
-  r = std::min(r, N);
-  *R = std::max<int64_t>(r, 1);
-  *O = std::max<int64_t>(o, 1);
-}
 
 // Flat row tiles of one set ([B, T] tokens seen as B*T rows): whole samples grouped when T is
 // short, even chunks of one sample's tokens otherwise. slot = chunk index within the sample.
@@ -324,9 +303,6 @@ double tile_self_cost(int64_t B, int64_t T, int64_t Da, int64_t Dg) {
   return wblock_factor(weight_block_side(B, T, 0, T, Da, Dg, true)) * double(B) * (T + 1) * Da * Dg;
 }
 
-at::ScalarType acc_type_of(std::initializer_list<const at::Tensor*> xs) {
-  return any_double(xs) ? at::kDouble : at::kFloat;
-}
 
 }  // namespace
 
@@ -375,99 +351,6 @@ at::Tensor ghost_self(const at::Tensor& a, const at::Tensor& g, const std::optio
   if (acc == at::kDouble)
     return tile ? tile_algo<double>(va, vg, m, va, vg, m, true) : ghost_self_ghost<double>(va, vg, m);
   return tile ? tile_algo<float>(va, vg, m, va, vg, m, true) : ghost_self_ghost<float>(va, vg, m);
-}
-
-namespace {
-
-// v[b] = sum_t g_bt^T M a_bt, fused and 2-D tiled: the flat rows (N = B T) are cut into row blocks
-// of R rows and the out features into blocks of O columns (dense_tile). A work item is one row
-// block and a fixed group of out blocks; for each out block it forms the product tile
-// Z = A[rows] M[o0:o0+O, :]^T (R x O, one single-threaded BLAS call) and at once adds
-// dot(Z[r], G[r, o0:o0+O]) to row r's partial sum while Z is in cache. No product larger than
-// R x O exists; per-thread scratch is that tile (plus converted rows for non-float inputs). Row
-// r's sum runs over its out blocks in a fixed order, groups and rows are then added in a fixed
-// order, and R, O and the groups depend on the shape only: the result does not depend on the
-// number of threads.
-template <typename acc_t>
-at::Tensor dense_dot_impl(const View3& a, const View3& g, const at::Tensor& m, const MaskView& mask) {
-  const int64_t B = a.B, T = a.T, Da = a.D, Dg = g.D, N = B * T;
-  const auto opts = at::TensorOptions().dtype(acc_scalar<acc_t>());
-  // M as acc_t with unit column stride: a view when it already is, else one converted copy (the
-  // size of the parameter, as in the reference).
-  at::Tensor mc = (m.scalar_type() == acc_scalar<acc_t>() && m.stride(1) == 1 && m.stride(0) >= m.size(1))
-                      ? m
-                      : m.to(acc_scalar<acc_t>()).contiguous();
-  const acc_t* pm = mc.data_ptr<acc_t>();
-  const int64_t ldm = Dg == 1 ? Da : mc.stride(0);
-  int64_t R = 0, O = 0;
-  dense_tile(N, Da, Dg, &R, &O);
-  const int64_t nrb = divup(N, R), nob = divup(Dg, O);
-  // Out-block groups: enough work items (>= kDenseItems when the blocks allow) for small N.
-  const int64_t ng = std::clamp<int64_t>(divup(kDenseItems, nrb), 1, nob);
-  std::vector<acc_t> part(ng * N, acc_t(0));
-  const bool g_direct = g.dtype == acc_scalar<acc_t>() && g.sd == 1;
-  at::parallel_for(0, nrb * ng, 1, [&](int64_t lo, int64_t hi) {
-    c10::InferenceMode guard;
-    SerialBlas serial;
-    std::vector<acc_t> ba, w, gbuf(O);
-    Scratch<acc_t> sz;
-    acc_t* z = sz.get(std::min(R, N) * O);
-    for (int64_t item = lo; item < hi; ++item) {
-      const int64_t rb = item / ng, grp = item % ng, r0 = rb * R, n = std::min(R, N - r0);
-      if (row_weights(mask, T, r0, n, w) == 0) continue;
-      at::Tensor A = rows_matrix<acc_t>(a, r0, n, 0, Da, ba);
-      const acc_t* pa = A.data_ptr<acc_t>();
-      const int64_t lda = ld_of(A);
-      acc_t* out = part.data() + grp * N + r0;
-      for (int64_t ob = grp * nob / ng; ob < (grp + 1) * nob / ng; ++ob) {
-        const int64_t o0 = ob * O, no = std::min(O, Dg - o0);
-        gemm_nt<acc_t>(n, no, Da, pa, lda, pm + o0 * ldm, ldm, z);
-        for (int64_t r = 0; r < n; ++r) {
-          if (w[r] == acc_t(0)) continue;
-          const int64_t b = (r0 + r) / T, t = (r0 + r) % T;
-          const acc_t* gr;
-          if (g_direct) {
-            gr = static_cast<const acc_t*>(g.ptr) + b * g.sb + t * g.st + o0;
-          } else {
-            load_row<acc_t>(g, b, t, o0, no, gbuf.data());
-            gr = gbuf.data();
-          }
-          out[r] += dot(z + r * no, gr, no);
-        }
-      }
-    }
-  });
-  at::Tensor res = at::empty({B}, opts);
-  acc_t* pr = res.data_ptr<acc_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    acc_t s = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      acc_t x = 0;
-      for (int64_t k = 0; k < ng; ++k) x += part[k * N + b * T + t];
-      s += x;
-    }
-    pr[b] = s;
-  }
-  return res;
-}
-
-}  // namespace
-
-at::Tensor dense_dot(const at::Tensor& a, const at::Tensor& g, const at::Tensor& m,
-                     const std::optional<at::Tensor>& mask) {
-  check_factor(a, "a");
-  check_factor(g, "g");
-  check_same_bt(a, g, "a", "g");
-  TORCH_CHECK(m.device().is_cpu(), "gefx._C: m must be a CPU tensor");
-  TORCH_CHECK(is_float_dtype(m.scalar_type()), "gefx._C: m must be a floating-point tensor, got ", m.scalar_type());
-  TORCH_CHECK(m.dim() == 2 && m.size(0) == g.size(2) && m.size(1) == a.size(2), "gefx._C: m must be [out, in] = [",
-              g.size(2), ", ", a.size(2), "], got ", m.sizes());
-  const at::ScalarType acc = acc_type_of({&a, &g, &m});
-  const int64_t B = a.size(0), T = a.size(1);
-  if (B == 0 || T == 0 || a.size(2) == 0 || g.size(2) == 0) return at::zeros({B}, at::TensorOptions().dtype(acc));
-  const MaskView mv = mask_view(mask, B, T, "mask");
-  if (acc == at::kDouble) return dense_dot_impl<double>(view3(a), view3(g), m, mv);
-  return dense_dot_impl<float>(view3(a), view3(g), m, mv);
 }
 
 }  // namespace gefx

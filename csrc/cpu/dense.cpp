@@ -1,0 +1,245 @@
+// dense_dot: v[b] = sum_t g_bt^T M a_bt (the inner product of each sample's weight gradient
+// G_b^T A_b with a dense matrix M [out, in], e.g. an aggregated gradient), two exact kernels:
+//
+//   micro  (float32 a and g with unit feature stride, on a CPU with AVX-512; the default there): a
+//          register-blocked micro-kernel. For 6 rows r and 64 in-features at a time it forms
+//          y_r = g_r^T M in 24 vector accumulators (out features streamed, g read in place) and at
+//          once adds y_r . a_r to r's partial sum. M is read through packed chunks (256 out x 64 in,
+//          64 KiB) reused by every row of a block of up to 512 rows. No [rows, features] product
+//          exists at all.
+//   blas   (anything else: float64, half inputs, strided features, other CPUs): 2-D product tiles
+//          Z = A[rows] M[o-block]^T from single-threaded BLAS calls, each tile dotted with G at
+//          once (the tile is the scratch).
+//
+// Why two: the reference is one multithreaded GEMM at the machine's peak. BLAS on small,
+// memory-capped tiles repacks both operands on every call and runs a few % below it at 1024
+// features; the micro kernel packs each chunk of M once per row block and reads g and a in place.
+// Work items, block sizes and summation orders depend on the shapes only: the result does not
+// depend on the number of threads.
+#include "../gefx_ops.h"
+#include "common.h"
+
+#include "micro.h"
+
+#include <cmath>
+
+namespace gefx {
+
+using namespace cpu;
+
+
+namespace {
+
+// ------------------------------------------------------------------------------- blas kernel
+
+// Product tile R x O: at most E = min(N Dg / 16, 128 Da) elements (1/16 of the reference's [N, out]
+// product; beyond 128 Da a larger tile no longer pays, measured), split as O = the power of two
+// nearest below sqrt(E / 2) in [16, kDenseMaxOut] and R = E / O in [16, kDenseMaxRows], each at most
+// the problem's extent. E.g. (N, D) = (512, 256): 128 x 64; (512, 1024): 256 x 128; (2048, 1024): 512 x 256.
+int64_t pow2floor(int64_t x) {
+  int64_t p = 1;
+  while (p * 2 <= x) p *= 2;
+  return p;
+}
+
+// A thread's scratch budget in elements: 1/16 of the reference's [N, Dg] product (at least 256).
+int64_t dense_budget(int64_t N, int64_t Dg) { return std::max<int64_t>(256, N * Dg / 16); }
+
+void dense_tile(int64_t N, int64_t Da, int64_t Dg, int64_t* R, int64_t* O) {
+  const int64_t E = std::min(dense_budget(N, Dg), std::max<int64_t>(256, 128 * Da));
+  int64_t o = std::clamp<int64_t>(pow2floor(static_cast<int64_t>(std::sqrt(double(E) / 2))), 16, kDenseMaxOut);
+  o = std::min(o, Dg);
+  int64_t r = std::clamp<int64_t>(pow2floor(E / std::max<int64_t>(o, 1)), 16, kDenseMaxRows);
+  r = std::min(r, N);
+  *R = std::max<int64_t>(r, 1);
+  *O = std::max<int64_t>(o, 1);
+}
+
+// Per-row partial sums part[grp * N + r] (over groups of column blocks) -> v[b], in a fixed order.
+template <typename acc_t>
+at::Tensor sum_rows(const std::vector<acc_t>& part, int64_t ng, int64_t B, int64_t T) {
+  const int64_t N = B * T;
+  at::Tensor res = at::empty({B}, at::TensorOptions().dtype(acc_scalar<acc_t>()));
+  acc_t* pr = res.data_ptr<acc_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    acc_t s = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      acc_t x = 0;
+      for (int64_t k = 0; k < ng; ++k) x += part[k * N + b * T + t];
+      s += x;
+    }
+    pr[b] = s;
+  }
+  return res;
+}
+
+// The flat rows (N = B T) are cut into row blocks of R rows and the out features into blocks of O
+// columns (dense_tile). A work item is one row block and a fixed group of out blocks; for each out
+// block it forms the product tile Z = A[rows] M[o0:o0+O, :]^T (R x O, one single-threaded BLAS
+// call) and at once adds dot(Z[r], G[r, o0:o0+O]) to row r's partial sum while Z is in cache.
+// Per-thread scratch is that tile (plus converted rows for non-float inputs).
+template <typename acc_t>
+at::Tensor dense_dot_blas(const View3& a, const View3& g, const acc_t* pm, int64_t ldm, const MaskView& mask) {
+  const int64_t B = a.B, T = a.T, Da = a.D, Dg = g.D, N = B * T;
+  int64_t R = 0, O = 0;
+  dense_tile(N, Da, Dg, &R, &O);
+  const int64_t nrb = divup(N, R), nob = divup(Dg, O);
+  // Out-block groups: enough work items (>= kDenseItems when the blocks allow) for small N.
+  const int64_t ng = std::clamp<int64_t>(divup(kDenseItems, nrb), 1, nob);
+  std::vector<acc_t> part(ng * N, acc_t(0));
+  const bool g_direct = g.dtype == acc_scalar<acc_t>() && g.sd == 1;
+  at::parallel_for(0, nrb * ng, 1, [&](int64_t lo, int64_t hi) {
+    c10::InferenceMode guard;
+    SerialBlas serial;
+    std::vector<acc_t> ba, w, gbuf(O);
+    Scratch<acc_t> sz;
+    acc_t* z = sz.get(std::min(R, N) * O);
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t rb = item / ng, grp = item % ng, r0 = rb * R, n = std::min(R, N - r0);
+      if (row_weights(mask, T, r0, n, w) == 0) continue;
+      at::Tensor A = rows_matrix<acc_t>(a, r0, n, 0, Da, ba);
+      const acc_t* pa = A.data_ptr<acc_t>();
+      const int64_t lda = ld_of(A);
+      acc_t* out = part.data() + grp * N + r0;
+      for (int64_t ob = grp * nob / ng; ob < (grp + 1) * nob / ng; ++ob) {
+        const int64_t o0 = ob * O, no = std::min(O, Dg - o0);
+        gemm_nt<acc_t>(n, no, Da, pa, lda, pm + o0 * ldm, ldm, z);
+        for (int64_t r = 0; r < n; ++r) {
+          if (w[r] == acc_t(0)) continue;
+          const int64_t b = (r0 + r) / T, t = (r0 + r) % T;
+          const acc_t* gr;
+          if (g_direct) {
+            gr = static_cast<const acc_t*>(g.ptr) + b * g.sb + t * g.st + o0;
+          } else {
+            load_row<acc_t>(g, b, t, o0, no, gbuf.data());
+            gr = gbuf.data();
+          }
+          out[r] += dot(z + r * no, gr, no);
+        }
+      }
+    }
+  });
+  return sum_rows(part, ng, B, T);
+}
+
+// ------------------------------------------------------------------------------ micro kernel
+#if GEFX_MICRO_AVX512
+
+// Blocking, from the thread budget E (dense_budget): out chunks of OC rows of M (OC x 64 packed
+// floats: all of Dg when that fits, else OC <= 256, 64 KiB) and row blocks of at most RB rows
+// (RB x 64 floats of carried accumulators when Dg > OC), OC 64 + RB 64 <= E, RB <= kMicroRows; the
+// rows are then cut into equal blocks (a multiple of 6 rows each), so work items are of equal size.
+constexpr int64_t kMicroOut = 256, kMicroRows = 512;
+
+void micro_blocks(int64_t N, int64_t Dg, int64_t* OC, int64_t* RB) {
+  const int64_t E = dense_budget(N, Dg);
+  const int64_t oc = Dg * kNR <= E ? Dg : std::min(Dg, std::clamp<int64_t>(pow2floor(E / (2 * kNR)), 16, kMicroOut));
+  int64_t rb = std::min(N, kMicroRows);
+  if (oc < Dg) rb = std::min(rb, std::max<int64_t>(kMR, (E - oc * kNR) / kNR));
+  const int64_t nrb = divup(N, std::max<int64_t>(rb, 1));
+  *OC = oc;
+  *RB = std::min(N, divup(divup(N, nrb), kMR) * kMR);
+}
+
+// y_r = g_r^T M[:, panel] . a_r[panel] summed over 64-feature panels of the in features (micro.h).
+// Work items: row blocks of RB rows x groups of panels (enough items, >= kDenseItems when the panels
+// allow). An item packs, per panel and out chunk, the chunk of M and runs every 6-row micro-tile of
+// its (active) rows through it; rows past a multiple of 6 are padded with copies of the last row
+// whose results go to a dummy.
+at::Tensor dense_dot_micro(const View3& a, const View3& g, const float* pm, int64_t ldm, const MaskView& mask) {
+  const int64_t B = a.B, T = a.T, Da = a.D, Dg = g.D, N = B * T;
+  int64_t OC = 0, RB = 0;
+  micro_blocks(N, Dg, &OC, &RB);
+  const int64_t nrb = divup(N, RB), npanel = divup(Da, int64_t(kNR));
+  const int64_t ng = std::clamp<int64_t>(divup(kDenseItems, nrb), 1, npanel);
+  std::vector<float> part(ng * N, 0.f);
+  const float* pa = static_cast<const float*>(a.ptr);
+  const float* pg = static_cast<const float*>(g.ptr);
+  at::parallel_for(0, nrb * ng, 1, [&](int64_t lo, int64_t hi) {
+    Scratch<float> sp, sy;
+    float* P = sp.get(OC * kNR);
+    float* y = OC < Dg ? sy.get(divup(RB, kMR) * kMR * kNR) : nullptr;
+    std::vector<const float*> gp, ap;
+    std::vector<float*> op;
+    float dummy[kMR] = {};
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t rb = item / ng, grp = item % ng, r0 = rb * RB, r1 = std::min(N, r0 + RB);
+      gp.clear();
+      ap.clear();
+      op.clear();
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / T, t = r % T;
+        if (!mask.active(b, t)) continue;
+        gp.push_back(pg + b * g.sb + t * g.st);
+        ap.push_back(pa + b * a.sb + t * a.st);
+        op.push_back(part.data() + grp * N + r);
+      }
+      if (gp.empty()) continue;
+      while (gp.size() % kMR != 0) {
+        gp.push_back(gp.back());
+        ap.push_back(ap.back());
+        op.push_back(dummy + op.size() % kMR);
+      }
+      const int64_t ntiles = static_cast<int64_t>(gp.size()) / kMR;
+      for (int64_t p = grp * npanel / ng; p < (grp + 1) * npanel / ng; ++p) {
+        const int64_t k = p * kNR, nk = std::min<int64_t>(kNR, Da - k);
+        for (int64_t o0 = 0; o0 < Dg; o0 += OC) {
+          const int64_t no = std::min(OC, Dg - o0);
+          pack_rows(pm + o0 * ldm + k, ldm, no, nk, P);
+          const bool first = o0 == 0, last = o0 + no == Dg;
+          for (int64_t i = 0; i < ntiles; ++i) {
+            const float* z[kMR];
+            for (int r = 0; r < kMR; ++r) z[r] = ap[i * kMR + r] + k;
+            micro_tile(gp.data() + i * kMR, z, op.data() + i * kMR, P, o0, no, nk,
+                       y == nullptr ? nullptr : y + i * kMR * kNR, first, last);
+          }
+        }
+      }
+    }
+  });
+  return sum_rows(part, ng, B, T);
+}
+
+#endif  // GEFX_MICRO_AVX512
+
+bool micro_eligible(const View3& a, const View3& g, at::ScalarType acc) {
+  return micro_available() && acc == at::kFloat && a.dtype == at::kFloat && g.dtype == at::kFloat &&
+         (a.sd == 1 || a.D == 1) && (g.sd == 1 || g.D == 1);
+}
+
+}  // namespace
+
+at::Tensor dense_dot(const at::Tensor& a, const at::Tensor& g, const at::Tensor& m,
+                     const std::optional<at::Tensor>& mask, int64_t kernel) {
+  check_factor(a, "a");
+  check_factor(g, "g");
+  check_same_bt(a, g, "a", "g");
+  TORCH_CHECK(m.device().is_cpu(), "gefx._C: m must be a CPU tensor");
+  TORCH_CHECK(is_float_dtype(m.scalar_type()), "gefx._C: m must be a floating-point tensor, got ", m.scalar_type());
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == g.size(2) && m.size(1) == a.size(2), "gefx._C: m must be [out, in] = [",
+              g.size(2), ", ", a.size(2), "], got ", m.sizes());
+  TORCH_CHECK(kernel >= 0 && kernel <= 2, "gefx._C: dense_dot kernel must be 0 (auto), 1 (blas) or 2 (micro), got ",
+              kernel);
+  const at::ScalarType acc = acc_type_of({&a, &g, &m});
+  const int64_t B = a.size(0), T = a.size(1);
+  if (B == 0 || T == 0 || a.size(2) == 0 || g.size(2) == 0) return at::zeros({B}, at::TensorOptions().dtype(acc));
+  const MaskView mv = mask_view(mask, B, T, "mask");
+  const View3 va = view3(a), vg = view3(g);
+  // M as acc_t with unit column stride: a view when it already is, else one converted copy (the
+  // size of the parameter, as in the reference).
+  const at::Tensor mc = (m.scalar_type() == acc && m.stride(1) == 1 && m.stride(0) >= m.size(1))
+                            ? m
+                            : m.to(acc).contiguous();
+  const int64_t ldm = g.size(2) == 1 ? a.size(2) : mc.stride(0);
+  const bool micro = micro_eligible(va, vg, acc);
+  TORCH_CHECK(kernel != 2 || micro, "gefx._C: the dense_dot micro kernel needs float32 a and g with unit feature "
+              "stride on a CPU with AVX-512 (", micro_available() ? "the inputs are not" : "this CPU has none",
+              ")");
+#if GEFX_MICRO_AVX512
+  if (micro && kernel != 1) return dense_dot_micro(va, vg, mc.data_ptr<float>(), ldm, mv);
+#endif
+  if (acc == at::kDouble) return dense_dot_blas<double>(va, vg, mc.data_ptr<double>(), ldm, mv);
+  return dense_dot_blas<float>(va, vg, mc.data_ptr<float>(), ldm, mv);
+}
+
+}  // namespace gefx
