@@ -159,14 +159,15 @@ def test_embedding_and_norm_ops(threads, shape, dtype, layout, masks):
 
 # Tiling edge cases (tile sizes are chosen from the shapes, csrc/cpu/dense.cpp and ghost.cpp):
 #   dense_dot  (B, T, Da, Dg), both kernels: blas R x O product tiles with remainders in rows and out
-#              features, out-block groups for few rows, the largest 256-row tiles; micro 6-row tiles
-#              padded at the end of a block, 64-feature panels cut short (Da = 3, 40, 200, 260), out
-#              chunks carried between calls (Dg = 300 > 256; Dg = 600 in chunks of 32 with a small
-#              budget), equal row blocks, rows gathered past masked tokens;
+#              features, out-block groups for few rows, the largest 256-row tiles; micro: own panels
+#              (B T >= 768: panel groups x 512-row blocks) and a shared panel (B T = 450 in auto, and
+#              every smaller shape forced), 6-row tiles padded at the end, 64-feature panels cut short
+#              (Da = 3, 40, 70, 200, 260), rows gathered past masked tokens;
 #   ghost      (B1, T1, B2, T2, Da, Dg, algo): long Gram tiles split inside samples and grouping whole
 #              samples, 32-row short tiles split / grouped, self-norm strips and column chunks with
 #              remainders, tile-algorithm blocks of 128 and 256 with partial blocks.
-DENSE_TILING = [(3, 700, 40, 300), (2, 37, 200, 300), (2, 1100, 260, 260), (1, 5, 3, 1), (2, 64, 70, 600)]
+DENSE_TILING = [(3, 700, 40, 300), (2, 37, 200, 300), (2, 1100, 260, 260), (1, 5, 3, 1), (2, 64, 70, 600),
+                (3, 150, 70, 90)]
 GHOST_TILING = [(3, 400, 2, 70, 24, 40, 1), (5, 100, 7, 16, 8, 12, 1), (2, 600, 1, 9, 16, 20, 0),
                 (1, 512, 1, 512, 200, 200, 2), (1, 1024, 1, 1024, 300, 300, 2)]
 MICRO = bool(_cext._C is not None and _cext._C.build_info().get("micro_avx512"))
@@ -195,7 +196,7 @@ def test_dense_dot_tiling(threads, shape, kernel, dtype, layout, masks):
     mm = m if layout == "contig" else m.t().contiguous().t()
     out = gefx._C.dense_dot(_layout(a, layout), _layout(g, layout), mm, mask, kernel)
     _check(out, R.dense_dot, [a, g, m, mask], _abs([a, g, m, mask]), dtype, f"dense_dot[kernel {kernel}]")
-    if kernel == 2:  # float32 inputs the micro kernel takes: it is what auto picks
+    if kernel == 2 and B * T >= 384:  # float32 inputs the micro kernel takes, B T >= 384: auto picks it
         assert torch.equal(out, gefx._C.dense_dot(_layout(a, layout), _layout(g, layout), mm, mask))
 
 
@@ -241,7 +242,7 @@ def test_results_do_not_depend_on_the_thread_count():
         for n in (1, 2):
             torch.set_num_threads(n)
             outs.append([gefx._C.dense_dot(a, g, m, mask), gefx._C.dense_dot(a, g, m, None),
-                         gefx._C.dense_dot(a, g, m, mask, 1)]
+                         gefx._C.dense_dot(a, g, m, mask, 1), gefx._C.dense_dot(a[:, :150], g[:, :150], m)]
                         + [gefx._C.ghost_pairwise(a, g, a2, g2, mask, None, algo) for algo in (1, 2)]
                         + [gefx._C.ghost_self(a, g, mask, algo) for algo in (1, 2)])
     finally:

@@ -1,19 +1,18 @@
 // dense_dot: v[b] = sum_t g_bt^T M a_bt (the inner product of each sample's weight gradient
 // G_b^T A_b with a dense matrix M [out, in], e.g. an aggregated gradient), two exact kernels:
 //
-//   micro  (float32 a and g with unit feature stride, on a CPU with AVX-512; the default there): a
-//          register-blocked micro-kernel. For 6 rows r and 64 in-features at a time it forms
-//          y_r = g_r^T M in 24 vector accumulators (out features streamed, g read in place) and at
-//          once adds y_r . a_r to r's partial sum. M is read through packed chunks (256 out x 64 in,
-//          64 KiB) reused by every row of a block of up to 512 rows. No [rows, features] product
-//          exists at all.
-//   blas   (anything else: float64, half inputs, strided features, other CPUs): 2-D product tiles
-//          Z = A[rows] M[o-block]^T from single-threaded BLAS calls, each tile dotted with G at
-//          once (the tile is the scratch).
+//   micro  (float32 a and g with unit feature stride, on a CPU with AVX-512, B T >= 384; the
+//          default there): the register-blocked micro kernel of micro.h. For 6 rows r and 64 in
+//          features at a time it forms y_r = g_r^T M[:, 64 features] in 24 vector accumulators (g
+//          read in place) and at once adds y_r . a_r to r's partial sum; M is read through a packed
+//          panel (Dg x 64) reused by every row. No [rows, features] product exists at all.
+//   blas   (anything else: float64, half inputs, strided features, other CPUs, fewer rows): 2-D
+//          product tiles Z = A[rows] M[o-block]^T from single-threaded BLAS calls, each tile dotted
+//          with G at once (the tile is the scratch).
 //
 // Why two: the reference is one multithreaded GEMM at the machine's peak. BLAS on small,
 // memory-capped tiles repacks both operands on every call and runs a few % below it at 1024
-// features; the micro kernel packs each chunk of M once per row block and reads g and a in place.
+// features; the micro kernel packs each panel of M once per row block and reads g and a in place.
 // Work items, block sizes and summation orders depend on the shapes only: the result does not
 // depend on the number of threads.
 #include "../gefx_ops.h"
@@ -32,7 +31,7 @@ namespace {
 
 // ------------------------------------------------------------------------------- blas kernel
 
-// Product tile R x O: at most E = min(N Dg / 16, 128 Da) elements (1/16 of the reference's [N, out]
+// Product tile R x O: at most E = min(N Dg / 12, 128 Da) elements (1/12 of the reference's [N, out]
 // product; beyond 128 Da a larger tile no longer pays, measured), split as O = the power of two
 // nearest below sqrt(E / 2) in [16, kDenseMaxOut] and R = E / O in [16, kDenseMaxRows], each at most
 // the problem's extent. E.g. (N, D) = (512, 256): 128 x 64; (512, 1024): 256 x 128; (2048, 1024): 512 x 256.
@@ -42,8 +41,9 @@ int64_t pow2floor(int64_t x) {
   return p;
 }
 
-// A thread's scratch budget in elements: 1/16 of the reference's [N, Dg] product (at least 256).
-int64_t dense_budget(int64_t N, int64_t Dg) { return std::max<int64_t>(256, N * Dg / 16); }
+// A thread's scratch budget in elements: 1/12 of the reference's [N, Dg] product (at least 256); the
+// reference holds two such products, so T threads hold at most T/24 of its peak (as the ghost ops).
+int64_t dense_budget(int64_t N, int64_t Dg) { return std::max<int64_t>(256, N * Dg / 12); }
 
 void dense_tile(int64_t N, int64_t Da, int64_t Dg, int64_t* R, int64_t* O) {
   const int64_t E = std::min(dense_budget(N, Dg), std::max<int64_t>(256, 128 * Da));
@@ -125,79 +125,94 @@ at::Tensor dense_dot_blas(const View3& a, const View3& g, const acc_t* pm, int64
 // ------------------------------------------------------------------------------ micro kernel
 #if GEFX_MICRO_AVX512
 
-// Blocking, from the thread budget E (dense_budget): out chunks of OC rows of M (OC x 64 packed
-// floats: all of Dg when that fits, else OC <= 256, 64 KiB) and row blocks of at most RB rows
-// (RB x 64 floats of carried accumulators when Dg > OC), OC 64 + RB 64 <= E, RB <= kMicroRows; the
-// rows are then cut into equal blocks (a multiple of 6 rows each), so work items are of equal size.
-constexpr int64_t kMicroOut = 256, kMicroRows = 512;
+// v[b] = sum_t y_bt, y_r = sum over the 64-feature panels of the in features of g_r^T M[:, panel] .
+// a_r[panel] (micro.h): a panel P = M[:, panel] (Dg x 64) is packed, then every 6-row micro-tile of
+// the active rows runs through it (the last tile padded with copies of the last row, results to a
+// dummy). Row r's partial sum gets one term per panel, in panel order: the result does not depend
+// on the number of threads. Two ways to share the work, by the budget E (dense_budget):
+//   own panels     (Dg x 64 <= E, N >= 768): work items = groups of panels x row blocks (<= 512
+//                  rows); each thread packs the panels of its items. No synchronisation.
+//   a shared panel (else, N >= 384 in auto): one panel at a time for all threads; they pack it
+//                  together (split over out rows), then split its micro-tiles, a barrier after each.
+// Scratch: the panel(s), the row pointers, the partial sums; no product of any size.
+constexpr int64_t kMicroRows = 512;  // own panels: rows per block (a panel is packed once per block)
 
-void micro_blocks(int64_t N, int64_t Dg, int64_t* OC, int64_t* RB) {
-  const int64_t E = dense_budget(N, Dg);
-  const int64_t oc = Dg * kNR <= E ? Dg : std::min(Dg, std::clamp<int64_t>(pow2floor(E / (2 * kNR)), 16, kMicroOut));
-  int64_t rb = std::min(N, kMicroRows);
-  if (oc < Dg) rb = std::min(rb, std::max<int64_t>(kMR, (E - oc * kNR) / kNR));
-  const int64_t nrb = divup(N, std::max<int64_t>(rb, 1));
-  *OC = oc;
-  *RB = std::min(N, divup(divup(N, nrb), kMR) * kMR);
-}
+// The active rows as 6-row micro-tiles, and their partial sums part[group][N].
+struct MicroRows {
+  std::vector<const float*> g, a;
+  std::vector<int64_t> row;  // flat row b T + t of each entry; -1 for the padding of the last tile
+  std::vector<float> part;
+  int64_t N = 0, ntiles = 0;
 
-// y_r = g_r^T M[:, panel] . a_r[panel] summed over 64-feature panels of the in features (micro.h).
-// Work items: row blocks of RB rows x groups of panels (enough items, >= kDenseItems when the panels
-// allow). An item packs, per panel and out chunk, the chunk of M and runs every 6-row micro-tile of
-// its (active) rows through it; rows past a multiple of 6 are padded with copies of the last row
-// whose results go to a dummy.
-at::Tensor dense_dot_micro(const View3& a, const View3& g, const float* pm, int64_t ldm, const MaskView& mask) {
-  const int64_t B = a.B, T = a.T, Da = a.D, Dg = g.D, N = B * T;
-  int64_t OC = 0, RB = 0;
-  micro_blocks(N, Dg, &OC, &RB);
-  const int64_t nrb = divup(N, RB), npanel = divup(Da, int64_t(kNR));
-  const int64_t ng = std::clamp<int64_t>(divup(kDenseItems, nrb), 1, npanel);
-  std::vector<float> part(ng * N, 0.f);
-  const float* pa = static_cast<const float*>(a.ptr);
-  const float* pg = static_cast<const float*>(g.ptr);
-  at::parallel_for(0, nrb * ng, 1, [&](int64_t lo, int64_t hi) {
-    Scratch<float> sp, sy;
-    float* P = sp.get(OC * kNR);
-    float* y = OC < Dg ? sy.get(divup(RB, kMR) * kMR * kNR) : nullptr;
-    std::vector<const float*> gp, ap;
-    std::vector<float*> op;
+  MicroRows(const View3& va, const View3& vg, const MaskView& mask, int64_t groups) : N(va.B * va.T) {
+    part.assign(groups * N, 0.f);
+    for (int64_t b = 0; b < va.B; ++b)
+      for (int64_t t = 0; t < va.T; ++t)
+        if (mask.active(b, t)) {
+          g.push_back(static_cast<const float*>(vg.ptr) + b * vg.sb + t * vg.st);
+          a.push_back(static_cast<const float*>(va.ptr) + b * va.sb + t * va.st);
+          row.push_back(b * va.T + t);
+        }
+    while (!g.empty() && g.size() % kMR != 0) {
+      g.push_back(g.back());
+      a.push_back(a.back());
+      row.push_back(-1);
+    }
+    ntiles = static_cast<int64_t>(g.size()) / kMR;
+  }
+
+  // Micro-tile i against panel P (in features [k, k + nk)), into group grp's partial sums.
+  void tile(int64_t i, const float* P, int64_t Dg, int64_t k, int64_t nk, int64_t grp) {
+    const float* z[kMR];
+    float* out[kMR];
     float dummy[kMR] = {};
-    for (int64_t item = lo; item < hi; ++item) {
-      const int64_t rb = item / ng, grp = item % ng, r0 = rb * RB, r1 = std::min(N, r0 + RB);
-      gp.clear();
-      ap.clear();
-      op.clear();
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / T, t = r % T;
-        if (!mask.active(b, t)) continue;
-        gp.push_back(pg + b * g.sb + t * g.st);
-        ap.push_back(pa + b * a.sb + t * a.st);
-        op.push_back(part.data() + grp * N + r);
-      }
-      if (gp.empty()) continue;
-      while (gp.size() % kMR != 0) {
-        gp.push_back(gp.back());
-        ap.push_back(ap.back());
-        op.push_back(dummy + op.size() % kMR);
-      }
-      const int64_t ntiles = static_cast<int64_t>(gp.size()) / kMR;
-      for (int64_t p = grp * npanel / ng; p < (grp + 1) * npanel / ng; ++p) {
-        const int64_t k = p * kNR, nk = std::min<int64_t>(kNR, Da - k);
-        for (int64_t o0 = 0; o0 < Dg; o0 += OC) {
-          const int64_t no = std::min(OC, Dg - o0);
-          pack_rows(pm + o0 * ldm + k, ldm, no, nk, P);
-          const bool first = o0 == 0, last = o0 + no == Dg;
-          for (int64_t i = 0; i < ntiles; ++i) {
-            const float* z[kMR];
-            for (int r = 0; r < kMR; ++r) z[r] = ap[i * kMR + r] + k;
-            micro_tile(gp.data() + i * kMR, z, op.data() + i * kMR, P, o0, no, nk,
-                       y == nullptr ? nullptr : y + i * kMR * kNR, first, last);
-          }
+    for (int r = 0; r < kMR; ++r) {
+      z[r] = a[i * kMR + r] + k;
+      const int64_t q = row[i * kMR + r];
+      out[r] = q < 0 ? dummy + r : part.data() + grp * N + q;
+    }
+    micro_tile(g.data() + i * kMR, z, out, P, Dg, nk);
+  }
+};
+
+at::Tensor dense_dot_micro(const View3& a, const View3& g, const float* pm, int64_t ldm, const MaskView& mask) {
+  const int64_t B = a.B, T = a.T, Da = a.D, Dg = g.D, N = B * T, npanel = divup(Da, int64_t(kNR));
+  const auto pack = [&](int64_t p, int64_t o0, int64_t no, float* P) {
+    pack_rows(pm + o0 * ldm + p * kNR, ldm, no, std::min<int64_t>(kNR, Da - p * kNR), P + o0 * kNR);
+  };
+  if (Dg * kNR <= dense_budget(N, Dg)) {  // own panels
+    const int64_t nrb = divup(N, kMicroRows), ng = std::clamp<int64_t>(divup(kDenseItems, nrb), 1, npanel);
+    MicroRows rows(a, g, mask, ng);
+    const int64_t per = divup(rows.ntiles, nrb);  // tiles per row block
+    at::parallel_for(0, nrb * ng, 1, [&](int64_t lo, int64_t hi) {
+      Scratch<float> sp;
+      float* P = sp.get(Dg * kNR);
+      for (int64_t item = lo; item < hi; ++item) {
+        const int64_t rb = item / ng, grp = item % ng;
+        for (int64_t p = grp * npanel / ng; p < (grp + 1) * npanel / ng; ++p) {
+          pack(p, 0, Dg, P);
+          for (int64_t i = rb * per; i < std::min(rows.ntiles, (rb + 1) * per); ++i)
+            rows.tile(i, P, Dg, p * kNR, std::min<int64_t>(kNR, Da - p * kNR), grp);
         }
       }
-    }
-  });
-  return sum_rows(part, ng, B, T);
+    });
+    return sum_rows(rows.part, ng, B, T);
+  }
+  MicroRows rows(a, g, mask, 1);  // a shared panel
+  Scratch<float> sp;
+  float* P = sp.get(Dg * kNR);
+  // Threads: torch's setting, one inside an enclosing parallel region, at most one per 8 tiles.
+  const int nth = at::in_parallel_region() ? 1
+                                           : static_cast<int>(std::clamp<int64_t>(rows.ntiles / 8, 1,
+                                                                                  at::get_num_threads()));
+#pragma omp parallel num_threads(nth)
+  for (int64_t p = 0; p < npanel; ++p) {
+#pragma omp for schedule(static)
+    for (int64_t o0 = 0; o0 < Dg; o0 += 64) pack(p, o0, std::min<int64_t>(64, Dg - o0), P);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows.ntiles; ++i) rows.tile(i, P, Dg, p * kNR, std::min<int64_t>(kNR, Da - p * kNR), 0);
+  }
+  return sum_rows(rows.part, 1, B, T);
 }
 
 #endif  // GEFX_MICRO_AVX512
@@ -236,7 +251,10 @@ at::Tensor dense_dot(const at::Tensor& a, const at::Tensor& g, const at::Tensor&
               "stride on a CPU with AVX-512 (", micro_available() ? "the inputs are not" : "this CPU has none",
               ")");
 #if GEFX_MICRO_AVX512
-  if (micro && kernel != 1) return dense_dot_micro(va, vg, mc.data_ptr<float>(), ldm, mv);
+  // Auto: the micro kernel where its panel (Dg x 64) is at most 1/6 of an [N, Dg] product (N >= 384),
+  // i.e. 1/12 of the reference's peak; BLAS tiles below.
+  if (micro && (kernel == 2 || (kernel == 0 && 6 * kNR <= B * T)))
+    return dense_dot_micro(va, vg, mc.data_ptr<float>(), ldm, mv);
 #endif
   if (acc == at::kDouble) return dense_dot_blas<double>(va, vg, mc.data_ptr<double>(), ldm, mv);
   return dense_dot_blas<float>(va, vg, mc.data_ptr<float>(), ldm, mv);
