@@ -1,12 +1,12 @@
 // dense_dot: v[b] = sum_t g_bt^T M a_bt (the inner product of each sample's weight gradient
 // G_b^T A_b with a dense matrix M [out, in], e.g. an aggregated gradient), two exact kernels:
 //
-//   micro  (float32 a and g with unit feature stride, on a CPU with AVX-512, B T >= 384; the
-//          default there): the register-blocked micro kernel of micro.h. For 6 rows r and 64 in
+//   micro  (float32 a and g with unit feature stride, on a CPU with AVX-512, where its scratch fits
+//          the budget; the default there): the register-blocked micro kernel of micro.h. For 6 rows r and 64 in
 //          features at a time it forms y_r = g_r^T M[:, 64 features] in 24 vector accumulators (g
 //          read in place) and at once adds y_r . a_r to r's partial sum; M is read through a packed
 //          panel (Dg x 64) reused by every row. No [rows, features] product exists at all.
-//   blas   (anything else: float64, half inputs, strided features, other CPUs, fewer rows): 2-D
+//   blas   (anything else: float64, half inputs, strided features, other CPUs, few rows): 2-D
 //          product tiles Z = A[rows] M[o-block]^T from single-threaded BLAS calls, each tile dotted
 //          with G at once (the tile is the scratch).
 //
@@ -129,12 +129,14 @@ at::Tensor dense_dot_blas(const View3& a, const View3& g, const acc_t* pm, int64
 // a_r[panel] (micro.h): a panel P = M[:, panel] (Dg x 64) is packed, then every 6-row micro-tile of
 // the active rows runs through it (the last tile padded with copies of the last row, results to a
 // dummy). Row r's partial sum gets one term per panel, in panel order: the result does not depend
-// on the number of threads. Two ways to share the work, by the budget E (dense_budget):
-//   own panels     (Dg x 64 <= E, N >= 768): work items = groups of panels x row blocks (<= 512
-//                  rows); each thread packs the panels of its items. No synchronisation.
-//   a shared panel (else, N >= 384 in auto): one panel at a time for all threads; they pack it
-//                  together (split over out rows), then split its micro-tiles, a barrier after each.
-// Scratch: the panel(s), the row pointers, the partial sums; no product of any size.
+// on the number of threads. Two ways to share the work, by the budget E (dense_budget, micro_layout):
+//   own panels     work items = groups of panels x row blocks (<= 512 rows); each thread packs the
+//                  panels of its items, out rows in chunks of <= 1024 (256 KiB) with the tiles'
+//                  accumulators carried between chunks. No synchronisation.
+//   a shared panel (Dg <= 1024, N >= 384 in auto, when a thread's own panel does not fit E): one
+//                  panel at a time for all threads; they pack it together (split over out rows),
+//                  then split its micro-tiles, a barrier after each.
+// Scratch: the panel(s), carried accumulators, the row pointers, the partial sums; no product.
 constexpr int64_t kMicroRows = 512;  // own panels: rows per block (a panel is packed once per block)
 
 // The active rows as 6-row micro-tiles, and their partial sums part[group][N].
@@ -161,8 +163,10 @@ struct MicroRows {
     ntiles = static_cast<int64_t>(g.size()) / kMR;
   }
 
-  // Micro-tile i against panel P (in features [k, k + nk)), into group grp's partial sums.
-  void tile(int64_t i, const float* P, int64_t Dg, int64_t k, int64_t nk, int64_t grp) {
+  // Micro-tile i against the chunk P = M[o0 : o0 + no, k : k + nk] of a panel, into group grp's
+  // partial sums after the last chunk (Dg = o0 + no); y carries its accumulators between chunks.
+  void tile(int64_t i, const float* P, int64_t o0, int64_t no, int64_t Dg, int64_t k, int64_t nk, int64_t grp,
+            float* y) {
     const float* z[kMR];
     float* out[kMR];
     float dummy[kMR] = {};
@@ -171,29 +175,48 @@ struct MicroRows {
       const int64_t q = row[i * kMR + r];
       out[r] = q < 0 ? dummy + r : part.data() + grp * N + q;
     }
-    micro_tile(g.data() + i * kMR, z, out, P, Dg, nk);
+    micro_tile(g.data() + i * kMR, z, out, P, o0, no, nk, y, o0 == 0, o0 + no == Dg);
   }
 };
 
+// Out rows of M per packed chunk: at most 1024 (256 KiB, half an L2 here); longer reductions carry
+// the accumulators between chunks.
+constexpr int64_t kMicroOut = 1024;
+
+// Which micro-kernel layout fits the budget E (dense_budget): 1 = own panels (a thread's chunk and
+// carried accumulators <= E), 2 = a shared panel (Dg <= kMicroOut; the panel <= 2E), 0 = neither.
+int micro_layout(int64_t N, int64_t Dg) {
+  const int64_t E = dense_budget(N, Dg), oc = std::min(Dg, kMicroOut);
+  const int64_t carried = Dg > oc ? divup(std::min(N, kMicroRows), int64_t(kMR)) * kMR * kNR : 0;
+  if (oc * kNR + carried <= E) return 1;
+  if (Dg <= kMicroOut && Dg * kNR <= 2 * E) return 2;
+  return 0;
+}
+
 at::Tensor dense_dot_micro(const View3& a, const View3& g, const float* pm, int64_t ldm, const MaskView& mask) {
   const int64_t B = a.B, T = a.T, Da = a.D, Dg = g.D, N = B * T, npanel = divup(Da, int64_t(kNR));
-  const auto pack = [&](int64_t p, int64_t o0, int64_t no, float* P) {
-    pack_rows(pm + o0 * ldm + p * kNR, ldm, no, std::min<int64_t>(kNR, Da - p * kNR), P + o0 * kNR);
+  const auto pack = [&](int64_t p, int64_t o0, int64_t no, float* dst) {  // M[o0 : o0 + no, panel p]
+    pack_rows(pm + o0 * ldm + p * kNR, ldm, no, std::min<int64_t>(kNR, Da - p * kNR), dst);
   };
-  if (Dg * kNR <= dense_budget(N, Dg)) {  // own panels
+  if (micro_layout(N, Dg) != 2) {  // own panels (also when forced beyond the budget)
     const int64_t nrb = divup(N, kMicroRows), ng = std::clamp<int64_t>(divup(kDenseItems, nrb), 1, npanel);
+    const int64_t OC = std::min(Dg, kMicroOut);
     MicroRows rows(a, g, mask, ng);
     const int64_t per = divup(rows.ntiles, nrb);  // tiles per row block
     at::parallel_for(0, nrb * ng, 1, [&](int64_t lo, int64_t hi) {
-      Scratch<float> sp;
-      float* P = sp.get(Dg * kNR);
+      Scratch<float> sp, sy;
+      float* P = sp.get(OC * kNR);
+      float* y = Dg > OC ? sy.get(per * kMR * kNR) : nullptr;
       for (int64_t item = lo; item < hi; ++item) {
-        const int64_t rb = item / ng, grp = item % ng;
-        for (int64_t p = grp * npanel / ng; p < (grp + 1) * npanel / ng; ++p) {
-          pack(p, 0, Dg, P);
-          for (int64_t i = rb * per; i < std::min(rows.ntiles, (rb + 1) * per); ++i)
-            rows.tile(i, P, Dg, p * kNR, std::min<int64_t>(kNR, Da - p * kNR), grp);
-        }
+        const int64_t rb = item / ng, grp = item % ng, i0 = rb * per, i1 = std::min(rows.ntiles, i0 + per);
+        for (int64_t p = grp * npanel / ng; p < (grp + 1) * npanel / ng; ++p)
+          for (int64_t o0 = 0; o0 < Dg; o0 += OC) {
+            const int64_t no = std::min(OC, Dg - o0);
+            pack(p, o0, no, P);
+            for (int64_t i = i0; i < i1; ++i)
+              rows.tile(i, P, o0, no, Dg, p * kNR, std::min<int64_t>(kNR, Da - p * kNR), grp,
+                        y == nullptr ? nullptr : y + (i - i0) * kMR * kNR);
+          }
       }
     });
     return sum_rows(rows.part, ng, B, T);
@@ -208,9 +231,10 @@ at::Tensor dense_dot_micro(const View3& a, const View3& g, const float* pm, int6
 #pragma omp parallel num_threads(nth)
   for (int64_t p = 0; p < npanel; ++p) {
 #pragma omp for schedule(static)
-    for (int64_t o0 = 0; o0 < Dg; o0 += 64) pack(p, o0, std::min<int64_t>(64, Dg - o0), P);
+    for (int64_t o0 = 0; o0 < Dg; o0 += 64) pack(p, o0, std::min<int64_t>(64, Dg - o0), P + o0 * kNR);
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < rows.ntiles; ++i) rows.tile(i, P, Dg, p * kNR, std::min<int64_t>(kNR, Da - p * kNR), 0);
+    for (int64_t i = 0; i < rows.ntiles; ++i)
+      rows.tile(i, P, 0, Dg, Dg, p * kNR, std::min<int64_t>(kNR, Da - p * kNR), 0, nullptr);
   }
   return sum_rows(rows.part, 1, B, T);
 }
@@ -251,9 +275,8 @@ at::Tensor dense_dot(const at::Tensor& a, const at::Tensor& g, const at::Tensor&
               "stride on a CPU with AVX-512 (", micro_available() ? "the inputs are not" : "this CPU has none",
               ")");
 #if GEFX_MICRO_AVX512
-  // Auto: the micro kernel where its panel (Dg x 64) is at most 1/6 of an [N, Dg] product (N >= 384),
-  // i.e. 1/12 of the reference's peak; BLAS tiles below.
-  if (micro && (kernel == 2 || (kernel == 0 && 6 * kNR <= B * T)))
+  // Auto: the micro kernel where one of its layouts fits the budget, BLAS tiles otherwise.
+  if (micro && (kernel == 2 || (kernel == 0 && micro_layout(B * T, g.size(2)) != 0)))
     return dense_dot_micro(va, vg, mc.data_ptr<float>(), ldm, mv);
 #endif
   if (acc == at::kDouble) return dense_dot_blas<double>(va, vg, mc.data_ptr<double>(), ldm, mv);

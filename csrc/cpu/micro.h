@@ -6,8 +6,9 @@
 // X are read in place (one broadcast scalar per row and reduction step, any row addresses) and P is
 // a packed panel [reduction steps, 64] (contiguous, 64-byte aligned). With 4 vector loads and 6
 // broadcasts per 24 FMAs it runs at ~85-90% of the core's FMA peak from cache (bench: 180-205
-// GFLOP/s against a 225-230 GFLOP/s FMA loop on the 2-core AVX-512 VM of bench/RESULTS.md). After
-// the reduction each row is dotted with a row of Z: out[r] += C[r, :] . Z[r, :]. For dense_dot,
+// GFLOP/s against a 225-230 GFLOP/s FMA loop on the 2-core AVX-512 VM of bench/RESULTS.md). A long
+// reduction is cut in chunks, the accumulators carried between them in y; after the last chunk each
+// row is dotted with a row of Z: out[r] += C[r, :] . Z[r, :]. For dense_dot,
 // X = g rows, P = M[:, 64 in-features] (a copy of M's rows), Z = the a rows' same 64 features.
 #pragma once
 
@@ -43,15 +44,18 @@ inline __mmask16 lane_mask(int64_t rem) {
   return rem >= 16 ? __mmask16(0xFFFF) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
 }
 
-// One micro-tile: C[r] = sum_{o < no} x[r][o] P[o, :], then out[r] += C[r, 0:nz] . z[r][0:nz] (lanes
-// past nz masked off; one horizontal sum per row, in a fixed order).
+// One micro-tile over reduction steps [o0, o0 + no): C[r] (+)= sum_o x[r][o0 + o] P[o, :], starting
+// from zero (first) or from y[r * 64 ..]; then C goes to y (!last) or, after the last chunk,
+// out[r] += C[r, 0:nz] . z[r][0:nz] (lanes past nz masked off; one horizontal sum per row, in a fixed
+// order).
 __attribute__((target("avx512f"))) inline void micro_tile(const float* const* x, const float* const* z,
-                                                          float* const* out, const float* P, int64_t no, int64_t nz) {
+                                                          float* const* out, const float* P, int64_t o0, int64_t no,
+                                                          int64_t nz, float* y, bool first, bool last) {
   __m512 c[kMR][kNV];
   _Pragma("GCC unroll 8") for (int r = 0; r < kMR; ++r) _Pragma("GCC unroll 4") for (int v = 0; v < kNV; ++v)
-    c[r][v] = _mm512_setzero_ps();
+    c[r][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(y + r * kNR + 16 * v);
   const float* xr[kMR];
-  _Pragma("GCC unroll 8") for (int r = 0; r < kMR; ++r) xr[r] = x[r];
+  _Pragma("GCC unroll 8") for (int r = 0; r < kMR; ++r) xr[r] = x[r] + o0;
   _Pragma("GCC unroll 4") for (int64_t o = 0; o < no; ++o, P += kNR) {
     __m512 b[kNV];
     _Pragma("GCC unroll 4") for (int v = 0; v < kNV; ++v) b[v] = _mm512_load_ps(P + 16 * v);
@@ -59,6 +63,11 @@ __attribute__((target("avx512f"))) inline void micro_tile(const float* const* x,
       const __m512 s = _mm512_set1_ps(xr[r][o]);
       _Pragma("GCC unroll 4") for (int v = 0; v < kNV; ++v) c[r][v] = _mm512_fmadd_ps(s, b[v], c[r][v]);
     }
+  }
+  if (!last) {
+    _Pragma("GCC unroll 8") for (int r = 0; r < kMR; ++r) _Pragma("GCC unroll 4") for (int v = 0; v < kNV; ++v)
+      _mm512_store_ps(y + r * kNR + 16 * v, c[r][v]);
+    return;
   }
   __mmask16 m[kNV];
   _Pragma("GCC unroll 4") for (int v = 0; v < kNV; ++v) m[v] = lane_mask(nz - 16 * v);
