@@ -34,6 +34,10 @@ def env() -> int:
     lines.append("backends:")
     for name, state in backends.status().items():
         lines.append(f"  {name:7s} {state}")
+    from . import _cext
+    if _cext._C is not None:
+        info = _cext._C.build_info()
+        lines.append("cext build: " + ", ".join(f"{k}={info[k]}" for k in sorted(info)))
     for dev in ("cpu", "cuda") if cuda else ("cpu",):
         lines.append(f"default backend for {dev} tensors: {backends.choose(torch.device(dev))}")
     print("\n".join(lines))

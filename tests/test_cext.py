@@ -360,6 +360,7 @@ def test_env_reports_the_extension(capsys):
     out = capsys.readouterr().out
     assert "cext    available" in out
     assert _cext.build_report() is None or "built" in _cext.build_report()
+    assert f"micro_avx512={MICRO}" in out and "direct_blas=" in out and "openmp=" in out
 
 
 def _tiny_llama(dtype):
