@@ -4,7 +4,8 @@ Two ways to run it:
 
     pytest bench/bench_cext.py --benchmark-only            # pytest-benchmark tables, one group per case
     python bench/bench_cext.py [--threads 2] [--rounds 5]  # the RESULTS.md tables: time ratio + memory,
-                                                           # then dense_dot's two kernels side by side
+                                                           # then the two kernels of dense_dot and of
+                                                           # ghost_pairwise side by side
 
 Cases: ops ghost_pairwise (two sets of B samples), ghost_self, dense_dot; features (in = out) in
 {256, 1024}, T in {128, 512}, B in {4, 16}; float32 inputs.
@@ -139,23 +140,36 @@ def time_ratio(op, d, t, b, rounds: int):
     return med["torch"], med["cext"]
 
 
-def dense_kernels_table(rounds: int) -> None:
-    """dense_dot's two kernels side by side (blas product tiles, the AVX-512 micro kernel)."""
+def kernels_table(op: str, cases, rounds: int, auto=None) -> None:
+    """An op's two kernels side by side (BLAS tiles, the AVX-512 micro kernel) against the reference;
+    auto(d, t, b), if given, names the kernel the extension picks by itself."""
     C = _ext()
     if not C.build_info().get("micro_avx512"):
-        print("\n(dense_dot micro kernel not available on this CPU/build: kernel table skipped)")
+        print(f"\n({op} micro kernel not available on this CPU/build: kernel table skipped)")
         return
-    print("\n| dense_dot D | T | B | torch ms | blas tiles: speed-up | micro kernel: speed-up |")
-    print("|---|---|---|---|---|---|")
-    for d in FEATURES:
-        for t in TOKENS:
-            for b in BATCHES:
-                a, g, m = make_inputs("dense_dot", d, t, b)
-                med = time_medians({"torch": lambda: R.dense_dot(a, g, m),
-                                    "blas": lambda: C.dense_dot(a, g, m, None, 1),
-                                    "micro": lambda: C.dense_dot(a, g, m, None, 2)}, rounds)
-                print(f"| {d} | {t} | {b} | {med['torch'] * 1e3:.1f} | {med['torch'] / med['blas']:.2f}x | "
-                      f"{med['torch'] / med['micro']:.2f}x |", flush=True)
+    call = {"dense_dot": lambda args, k: C.dense_dot(*args, None, k),
+            "ghost_pairwise": lambda args, k: C.ghost_pairwise(*args, None, None, 1, k)}[op]
+    print(f"\n| {op} D | T | B | torch ms | blas tiles: speed-up | micro kernel: speed-up |"
+          + (" auto picks |" if auto else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if auto else ""))
+    for d, t, b in cases:
+        args = make_inputs(op, d, t, b)
+        med = time_medians({"torch": lambda: R.OPS[op](*args), "blas": lambda: call(args, 1),
+                            "micro": lambda: call(args, 2)}, rounds)
+        print(f"| {d} | {t} | {b} | {med['torch'] * 1e3:.2f} | {med['torch'] / med['blas']:.2f}x | "
+              f"{med['torch'] / med['micro']:.2f}x |" + (f" {auto(d, t, b)} |" if auto else ""), flush=True)
+
+
+# ghost_pairwise's two Gram kernels on small Grams of long features (two sets of B samples of T
+# tokens, in = out features), where auto picks the micro kernel, and larger Grams where it does not.
+GHOST_KERNEL_CASES = [(d, t, b) for d in (1024, 4096) for t, b in ((64, 1), (64, 2), (128, 1), (128, 2), (64, 4))] \
+    + [(1024, 128, 4)]
+
+
+def ghost_auto(d: int, t: int, b: int) -> str:
+    """ghost_pairwise's automatic kernel choice for two such sets (csrc/cpu/ghost.cpp)."""
+    cells = (b * t) ** 2
+    return "micro" if d >= 512 and cells <= 256 * 256 and cells * 2 * d <= 2**28 else "blas"
 
 
 def main(argv=None) -> int:
@@ -173,7 +187,8 @@ def main(argv=None) -> int:
         mr, me = mem[f"torch|{op}|{d}|{t}|{b}"], mem[f"cext|{op}|{d}|{t}|{b}"]
         print(f"| {op} | {d} | {t} | {b} | {ref * 1e3:.1f} | {ext * 1e3:.1f} | {ref / ext:.2f}x | "
               f"{mr / 2**20:.1f} | {me / 2**20:.2f} | {me / max(mr, 1):.3f} |", flush=True)
-    dense_kernels_table(args.rounds)
+    kernels_table("dense_dot", [(d, t, b) for d in FEATURES for t in TOKENS for b in BATCHES], args.rounds)
+    kernels_table("ghost_pairwise", GHOST_KERNEL_CASES, args.rounds, ghost_auto)
     return 0
 
 

@@ -17,7 +17,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gefx._C: fused CPU kernels of the gefx engine ops (see gefx/reference.py for the math)";
   m.def("ghost_pairwise", &gefx::ghost_pairwise, "M[i,j] = <G1_i^T A1_i, G2_j^T A2_j> -> [B1, B2]",
         py::arg("a1"), py::arg("g1"), py::arg("a2"), py::arg("g2"), py::arg("mask1") = py::none(),
-        py::arg("mask2") = py::none(), py::arg("algo") = 0);
+        py::arg("mask2") = py::none(), py::arg("algo") = 0, py::arg("kernel") = 0);
   m.def("ghost_self", &gefx::ghost_self, "v[i] = ||G_i^T A_i||^2 -> [B]", py::arg("a"), py::arg("g"),
         py::arg("mask") = py::none(), py::arg("algo") = 0);
   m.def("dense_dot", &gefx::dense_dot, "v[i] = sum_t g_it^T M a_it -> [B]", py::arg("a"), py::arg("g"), py::arg("m"),

@@ -10,9 +10,11 @@ namespace gefx {
 
 // algo: 0 = choose by counting flops, 1 = ghost (token Gram tiles), 2 = per-sample weight-gradient
 // tiles (a fixed-size block of G_i^T A_i per sample, never the whole matrix).
+// kernel (ghost algorithm): 0 = auto, 1 = BLAS Gram tiles, 2 = the AVX-512 dot-form micro kernel
+// (float32 inputs with unit feature stride; an error where it does not apply).
 at::Tensor ghost_pairwise(const at::Tensor& a1, const at::Tensor& g1, const at::Tensor& a2,
                           const at::Tensor& g2, const std::optional<at::Tensor>& mask1,
-                          const std::optional<at::Tensor>& mask2, int64_t algo);
+                          const std::optional<at::Tensor>& mask2, int64_t algo, int64_t kernel);
 at::Tensor ghost_self(const at::Tensor& a, const at::Tensor& g, const std::optional<at::Tensor>& mask,
                       int64_t algo);
 // kernel: 0 = auto (micro when eligible), 1 = BLAS product tiles, 2 = the AVX-512 micro kernel

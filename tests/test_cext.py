@@ -166,11 +166,16 @@ def test_embedding_and_norm_ops(threads, shape, dtype, layout, masks):
 #              260), rows gathered past masked tokens;
 #   ghost      (B1, T1, B2, T2, Da, Dg, algo): long Gram tiles split inside samples and grouping whole
 #              samples, 32-row short tiles split / grouped, self-norm strips and column chunks with
-#              remainders, tile-algorithm blocks of 128 and 256 with partial blocks.
+#              remainders, tile-algorithm blocks of 128 and 256 with partial blocks;
+#   ghost micro (B1, T1, B2, T2, Da, Dg): 6 x 4 micro-tiles padded at the ends of both sets, feature
+#              tails (not a multiple of 16), features in chunks (1030: 2 x 528/502, 2100: 3 x 704),
+#              several set-2 blocks and set-1 row blocks with samples spanning them, D = 1.
 DENSE_TILING = [(3, 700, 40, 300), (2, 37, 200, 300), (2, 1100, 260, 260), (1, 5, 3, 1), (2, 64, 70, 600),
                 (3, 150, 70, 90), (2, 600, 40, 1030), (1, 50, 9, 2100)]
 GHOST_TILING = [(3, 400, 2, 70, 24, 40, 1), (5, 100, 7, 16, 8, 12, 1), (2, 600, 1, 9, 16, 20, 0),
                 (1, 512, 1, 512, 200, 200, 2), (1, 1024, 1, 1024, 300, 300, 2)]
+GHOST_MICRO = [(3, 7, 2, 33, 33, 5), (2, 150, 3, 110, 40, 24), (1, 20, 2, 30, 1030, 600),
+               (2, 64, 1, 61, 2100, 17), (1, 5, 1, 3, 1, 1)]
 MICRO = bool(_cext._C is not None and _cext._C.build_info().get("micro_avx512"))
 # (kernel, dtype, layout): blas on every dtype and layout; micro where it applies (float32 with unit
 # feature stride, any sample/token strides).
@@ -180,7 +185,7 @@ DENSE_KERNELS = ([(1, dt, lay) for dt in DTYPES for lay in ("contig", "strided")
 
 def _need_micro(kernel):
     if kernel == 2 and not MICRO:
-        pytest.skip("this CPU (or build) has no AVX-512 dense_dot micro kernel")
+        pytest.skip("this CPU (or build) has no AVX-512 micro kernels")
 
 
 @pytest.mark.parametrize("shape", DENSE_TILING, ids=lambda s: "x".join(map(str, s)))
@@ -230,6 +235,40 @@ def test_ghost_tiling(threads, shape, dtype, masks):
     _check(out, R.ghost_self, [a1, g1, m1], _abs([a1, g1, m1]), dtype, f"ghost_self[algo {algo}]")
 
 
+@pytest.mark.parametrize("shape", GHOST_MICRO, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contig", "bt_swapped"])
+@pytest.mark.parametrize("masks", ["none", "masked"])
+def test_ghost_pairwise_micro(threads, shape, layout, masks):
+    _need_micro(2)
+    B1, T1, B2, T2, Da, Dg = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, layout, masks, "gm")).encode()))
+    a1, g1 = _rand((B1, T1, Da), torch.float32, gen), _rand((B1, T1, Dg), torch.float32, gen)
+    a2, g2 = _rand((B2, T2, Da), torch.float32, gen), _rand((B2, T2, Dg), torch.float32, gen)
+    m1, m2 = _mask(B1, T1, gen, masks), _mask(B2, T2, gen, masks)
+    L = [_layout(x, layout) for x in (a1, g1, a2, g2)]
+    out = gefx._C.ghost_pairwise(*L, m1, m2, 1, 2)
+    _check(out, R.ghost_pairwise, [a1, g1, a2, g2, m1, m2], _abs([a1, g1, a2, g2, m1, m2]), torch.float32,
+           "ghost_pairwise[micro]")
+    cells = B1 * T1 * B2 * T2
+    if min(Da, Dg) >= 512 and cells <= 256 * 256 and cells * (Da + Dg) <= 2**28:  # auto's choice (ghost.cpp)
+        assert torch.equal(out, gefx._C.ghost_pairwise(*L, m1, m2))
+
+
+def test_ghost_pairwise_micro_refuses_what_it_cannot_read():
+    _need_micro(2)
+    gen = torch.Generator().manual_seed(6)
+    a, g = _rand((2, 3, 4), torch.float32, gen), _rand((2, 3, 5), torch.float32, gen)
+    for bad in (dict(a1=a.bfloat16()), dict(g2=g.double()), dict(a2=_layout(a, "strided"))):
+        args = {"a1": a, "g1": g, "a2": a, "g2": g, **bad}
+        with pytest.raises(RuntimeError, match="micro kernel needs the ghost algorithm and float32"):
+            gefx._C.ghost_pairwise(*args.values(), None, None, 0, 2)
+        gefx._C.ghost_pairwise(*args.values(), None, None, 0, 0)  # auto falls back to blas tiles
+    with pytest.raises(RuntimeError, match="algo 2 asks for the tile algorithm"):
+        gefx._C.ghost_pairwise(a, g, a, g, None, None, 2, 2)
+    with pytest.raises(RuntimeError, match="kernel must be 0"):
+        gefx._C.ghost_pairwise(a, g, a, g, None, None, 0, 3)
+
+
 def test_results_do_not_depend_on_the_thread_count():
     """Tile sizes and summation orders depend on the shapes only: 1 and 2 threads agree bit for bit."""
     gen = torch.Generator().manual_seed(11)
@@ -245,6 +284,7 @@ def test_results_do_not_depend_on_the_thread_count():
             outs.append([gefx._C.dense_dot(a, g, m, mask), gefx._C.dense_dot(a, g, m, None),
                          gefx._C.dense_dot(a, g, m, mask, 1), gefx._C.dense_dot(a[:, :150], g[:, :150], m)]
                         + [gefx._C.ghost_pairwise(a, g, a2, g2, mask, None, algo) for algo in (1, 2)]
+                        + ([gefx._C.ghost_pairwise(a, g, a2, g2, mask, None, 1, 2)] if MICRO else [])
                         + [gefx._C.ghost_self(a, g, mask, algo) for algo in (1, 2)])
     finally:
         torch.set_num_threads(old)

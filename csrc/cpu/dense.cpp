@@ -241,11 +241,6 @@ at::Tensor dense_dot_micro(const View3& a, const View3& g, const float* pm, int6
 
 #endif  // GEFX_MICRO_AVX512
 
-bool micro_eligible(const View3& a, const View3& g, at::ScalarType acc) {
-  return micro_available() && acc == at::kFloat && a.dtype == at::kFloat && g.dtype == at::kFloat &&
-         (a.sd == 1 || a.D == 1) && (g.sd == 1 || g.D == 1);
-}
-
 }  // namespace
 
 at::Tensor dense_dot(const at::Tensor& a, const at::Tensor& g, const at::Tensor& m,

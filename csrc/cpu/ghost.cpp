@@ -15,6 +15,7 @@
 // BLAS runs single-threaded inside each work item (SerialBlas), called directly (gemm in common.h).
 #include "../gefx_ops.h"
 #include "common.h"
+#include "micro.h"
 
 #include <cmath>
 
@@ -156,6 +157,148 @@ at::Tensor ghost_pairwise_ghost(const View3& a1, const View3& g1, const View3& a
   });
   return ns2 == 1 ? part[0].clone() : part.sum(0);
 }
+
+// ---------------------------------------------------------------- ghost pairwise, micro kernel
+#if GEFX_MICRO_AVX512
+
+// The same sum with the dot-form Gram tile of micro.h (float32, unit feature stride, AVX-512): rows
+// are read in place, nothing is packed. The active rows of each set (masked tokens dropped) are
+// padded to whole micro-tiles with rows of sample -1. A work item is a Gram block: rc rows of set 1
+// x nb rows of set 2 (pair_micro_blocks), held in two buffers ga, gg (rc x nb each, the only
+// scratch). For each part (a, then g) and chunk of <= kGramK features, every 6-row group of the
+// block's set-1 rows (24 KiB: in L1) runs past the chunk of its nb set-2 rows (<= 512 KiB: in L2) in
+// 6 x 4 micro-tiles, adding into the buffer; then ga * gg is summed per (sample i, sample j) into
+// the item's own partial sums, which are added in item order: results do not depend on the number
+// of threads.
+constexpr int64_t kGramK = 1024;          // features per micro-tile call
+constexpr int64_t kPairMicroCols = 128;   // nb: set-2 rows per block, at most,
+constexpr int64_t kPairMicroBlockBytes = 1 << 20;  // and at most ~1 MiB of their a and g features (L2)
+constexpr int64_t kPairMicroRows = 96;    // rc: set-1 rows per block, at most
+constexpr int64_t kPairMicroItems = 8;    // work items wanted (rc is cut down to 6 for small problems)
+// Auto: the micro kernel where the BLAS Gram tiles would be small (a Gram of at most kPairMicroMaxCells
+// token pairs, whose tiles are capped at 1/8 of it: 32 x 32 at 128 x 128, where single-threaded MKL
+// runs at half its rate), the features long enough (>= kPairMicroMinD) for its horizontal sums to
+// pay, and the problem small enough (<= kPairMicroMaxMacs multiply-adds) that its blocks of set-2
+// rows, narrower for longer features, are few. Measured on the VM of bench/RESULTS.md: there it is
+// 1.1-1.7x the BLAS tiles; beyond, the BLAS tiles are as fast or faster (512 x 512 tokens at 1024
+// features: ~150 vs ~158 GFLOP/s per core; 256 x 256 at 4096: 0.83 vs 0.90x the reference).
+constexpr int64_t kPairMicroMinD = 512;
+constexpr double kPairMicroMaxCells = 256 * 256, kPairMicroMaxMacs = double(1 << 28);
+
+struct GramRows {
+  std::vector<const float*> a, g;
+  std::vector<int64_t> sample;  // -1 for padding (only ever at the end)
+  int64_t n = 0;
+
+  GramRows(const View3& va, const View3& vg, const MaskView& mask, int pad) {
+    for (int64_t b = 0; b < va.B; ++b)
+      for (int64_t t = 0; t < va.T; ++t)
+        if (mask.active(b, t)) {
+          a.push_back(static_cast<const float*>(va.ptr) + b * va.sb + t * va.st);
+          g.push_back(static_cast<const float*>(vg.ptr) + b * vg.sb + t * vg.st);
+          sample.push_back(b);
+        }
+    while (!a.empty() && a.size() % pad != 0) {
+      a.push_back(a.back());
+      g.push_back(g.back());
+      sample.push_back(-1);
+    }
+    n = static_cast<int64_t>(a.size());
+  }
+
+  // Samples of rows [lo, hi): the first, and one past the last real one.
+  int64_t first(int64_t lo) const { return sample[lo]; }
+  int64_t end(int64_t lo, int64_t hi) const {
+    for (int64_t q = hi - 1; q >= lo; --q)
+      if (sample[q] >= 0) return sample[q] + 1;
+    return sample[lo] + 1;
+  }
+};
+
+// Block sizes from the (padded) active row counts only: nb = kPairMicroCols set-2 rows (fewer when
+// there are fewer); rc = a multiple of 6, at most kPairMicroRows, small enough for >= kPairMicroItems
+// items where the rows allow, and for a thread's two buffers to hold at most 1/8 of the n1 x n2 Gram
+// (as the BLAS tiles, pair_tiles) or kPairMicroFloor elements, whichever is more, but at least 6.
+// (The floor keeps more than one 6-row group per pass over a block for small Grams with long
+// features: e.g. 128 x 128 tokens at 4096 features, 0.94x the reference with it, 0.69x without.)
+constexpr int64_t kPairMicroFloor = 16384;  // 64 KiB of float32 per thread
+
+void pair_micro_blocks(int64_t n1, int64_t n2, int64_t D, int64_t* rc, int64_t* nb) {
+  *nb = std::min(n2, std::clamp<int64_t>(kPairMicroBlockBytes / (4 * D) / kGC * kGC, kGC, kPairMicroCols));
+  const int64_t ncb = divup(n2, *nb);
+  const int64_t by_items = divup(n1, std::max<int64_t>(1, divup(kPairMicroItems, ncb)));
+  const int64_t by_memory = std::max(n1 * n2 / 8, kPairMicroFloor) / (2 * *nb);
+  *rc = std::clamp<int64_t>(std::min(divup(by_items, kGR), by_memory / kGR) * kGR, kGR, kPairMicroRows);
+}
+
+// buf[q * ld + c] += x_q . y_c over the features [0, D) for rows q < nr (a multiple of 6), c < nc.
+void gram_block(const float* const* x, const float* const* y, int64_t nr, int64_t nc, int64_t D, float* buf,
+                int64_t ld) {
+  const int64_t nk = divup(D, kGramK), kc = divup(divup(D, nk), 16) * 16;  // even chunks of 16s
+  for (int64_t k0 = 0; k0 < D; k0 += kc)
+    for (int64_t q = 0; q < nr; q += kGR)
+      for (int64_t c = 0; c < nc; c += kGC) gram_tile(x + q, y + c, k0, std::min(kc, D - k0), buf + q * ld + c, ld);
+}
+
+at::Tensor ghost_pairwise_micro(const View3& a1, const View3& g1, const View3& a2, const View3& g2,
+                                const MaskView& m1, const MaskView& m2) {
+  const int64_t B1 = a1.B, B2 = a2.B;
+  at::Tensor out = at::zeros({B1, B2}, at::TensorOptions().dtype(at::kFloat));
+  const GramRows r1(a1, g1, m1, kGR), r2(a2, g2, m2, kGC);
+  if (r1.n == 0 || r2.n == 0) return out;
+  int64_t rc = 0, nb = 0;
+  pair_micro_blocks(r1.n, r2.n, a1.D + g1.D, &rc, &nb);
+  const int64_t nrb = divup(r1.n, rc), items = divup(r2.n, nb) * nrb;
+  // Item (column block, row block) touches samples [i0, i1) x [j0, j1) only: its partial sums.
+  std::vector<int64_t> off(items + 1, 0), i0(items), j0(items), wj(items);
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t c0 = (it / nrb) * nb, q0 = (it % nrb) * rc;
+    const int64_t c1 = std::min(r2.n, c0 + nb), q1 = std::min(r1.n, q0 + rc);
+    i0[it] = r1.first(q0);
+    j0[it] = r2.first(c0);
+    wj[it] = r2.end(c0, c1) - j0[it];
+    off[it + 1] = off[it] + (r1.end(q0, q1) - i0[it]) * wj[it];
+  }
+  std::vector<float> part(off[items], 0.f);
+  at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
+    Scratch<float> sa, sg;
+    float* ga = sa.get(rc * nb);
+    float* gg = sg.get(rc * nb);
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t c0 = (it / nrb) * nb, q0 = (it % nrb) * rc;
+      const int64_t nc = std::min(nb, r2.n - c0), nr = std::min(rc, r1.n - q0);
+      std::fill(ga, ga + nr * nb, 0.f);
+      std::fill(gg, gg + nr * nb, 0.f);
+      gram_block(r1.a.data() + q0, r2.a.data() + c0, nr, nc, a1.D, ga, nb);
+      gram_block(r1.g.data() + q0, r2.g.data() + c0, nr, nc, g1.D, gg, nb);
+      float* acc = part.data() + off[it];
+      for (int64_t q = 0; q < nr; ++q) {
+        const int64_t i = r1.sample[q0 + q];
+        if (i < 0) break;
+        float* row = acc + (i - i0[it]) * wj[it] - j0[it];
+        const float* pa = ga + q * nb;
+        const float* pg = gg + q * nb;
+        for (int64_t c = 0; c < nc;) {  // runs of one sample j, each summed, then added
+          const int64_t j = r2.sample[c0 + c];
+          if (j < 0) break;
+          float x = 0;
+          for (; c < nc && r2.sample[c0 + c] == j; ++c) x += pa[c] * pg[c];
+          row[j] += x;
+        }
+      }
+    }
+  });
+  float* po = out.data_ptr<float>();
+  for (int64_t it = 0; it < items; ++it) {
+    const float* acc = part.data() + off[it];
+    const int64_t ni = wj[it] > 0 ? (off[it + 1] - off[it]) / wj[it] : 0;
+    for (int64_t x = 0; x < ni; ++x)
+      for (int64_t y = 0; y < wj[it]; ++y) po[(i0[it] + x) * B2 + j0[it] + y] += acc[x * wj[it] + y];
+  }
+  return out;
+}
+
+#endif  // GEFX_MICRO_AVX512
 
 // Block [o0, o0+bo) x [i0, i0+bi) of G_b^T A_b (masked tokens dropped) into w (bo x bi, contiguous).
 template <typename acc_t>
@@ -308,7 +451,7 @@ double tile_self_cost(int64_t B, int64_t T, int64_t Da, int64_t Dg) {
 
 at::Tensor ghost_pairwise(const at::Tensor& a1, const at::Tensor& g1, const at::Tensor& a2, const at::Tensor& g2,
                           const std::optional<at::Tensor>& mask1, const std::optional<at::Tensor>& mask2,
-                          int64_t algo) {
+                          int64_t algo, int64_t kernel) {
   check_factor(a1, "a1");
   check_factor(g1, "g1");
   check_factor(a2, "a2");
@@ -320,6 +463,8 @@ at::Tensor ghost_pairwise(const at::Tensor& a1, const at::Tensor& g1, const at::
   TORCH_CHECK(g1.size(2) == g2.size(2), "gefx._C: g1 and g2 feature sizes differ (", g1.size(2), " vs ",
               g2.size(2), ")");
   TORCH_CHECK(algo >= 0 && algo <= 2, "gefx._C: algo must be 0 (auto), 1 (ghost) or 2 (tile)");
+  TORCH_CHECK(kernel >= 0 && kernel <= 2,
+              "gefx._C: ghost_pairwise kernel must be 0 (auto), 1 (blas) or 2 (micro), got ", kernel);
   const at::ScalarType acc = acc_type_of({&a1, &g1, &a2, &g2});
   const int64_t B1 = a1.size(0), T1 = a1.size(1), B2 = a2.size(0), T2 = a2.size(1);
   if (B1 == 0 || B2 == 0 || T1 == 0 || T2 == 0 || a1.size(2) == 0 || g1.size(2) == 0)
@@ -327,8 +472,23 @@ at::Tensor ghost_pairwise(const at::Tensor& a1, const at::Tensor& g1, const at::
   const MaskView m1 = mask_view(mask1, B1, T1, "mask1"), m2 = mask_view(mask2, B2, T2, "mask2");
   const View3 va1 = view3(a1), vg1 = view3(g1), va2 = view3(a2), vg2 = view3(g2);
   const int64_t Da = a1.size(2), Dg = g1.size(2);
-  const bool tile = algo == 2 || (algo == 0 && tile_pair_cost(B1, T1, B2, T2, Da, Dg) <
-                                                   ghost_pair_cost(B1, T1, B2, T2, Da, Dg));
+  const bool micro = micro_eligible(va1, vg1, acc) && micro_eligible(va2, vg2, acc);
+  TORCH_CHECK(kernel != 2 || (micro && algo != 2),
+              "gefx._C: the ghost_pairwise micro kernel needs the ghost algorithm and float32 a and g with "
+              "unit feature stride on a CPU with AVX-512 (",
+              algo == 2 ? "algo 2 asks for the tile algorithm" : micro_available() ? "the inputs are not" : "this CPU has none",
+              ")");
+  const bool tile = algo == 2 || (algo == 0 && kernel != 2 &&
+                                  tile_pair_cost(B1, T1, B2, T2, Da, Dg) < ghost_pair_cost(B1, T1, B2, T2, Da, Dg));
+#if GEFX_MICRO_AVX512
+  // Auto: the micro kernel for small Grams of long features (kPairMicroMaxCells, kPairMicroMinD), BLAS
+  // Gram tiles otherwise.
+  const double cells = double(B1) * T1 * B2 * T2;
+  const bool micro_pays = std::min(Da, Dg) >= kPairMicroMinD && cells <= kPairMicroMaxCells &&
+                          cells * double(Da + Dg) <= kPairMicroMaxMacs;
+  if (!tile && micro && (kernel == 2 || (kernel == 0 && micro_pays)))
+    return ghost_pairwise_micro(va1, vg1, va2, vg2, m1, m2);
+#endif
   if (acc == at::kDouble)
     return tile ? tile_algo<double>(va1, vg1, m1, va2, vg2, m2, false)
                 : ghost_pairwise_ghost<double>(va1, vg1, va2, vg2, m1, m2);
