@@ -161,9 +161,10 @@ def kernels_table(op: str, cases, rounds: int, auto=None) -> None:
 
 
 # ghost_pairwise's two Gram kernels on small Grams of long features (two sets of B samples of T
-# tokens, in = out features), where auto picks the micro kernel, and larger Grams where it does not.
+# tokens, in = out features), where auto picks the micro kernel, and larger Grams where it does not
+# (the last three: the #5 case at 1024 features, and 1024 / 2048 tokens per set at 4096).
 GHOST_KERNEL_CASES = [(d, t, b) for d in (1024, 4096) for t, b in ((64, 1), (64, 2), (128, 1), (128, 2), (64, 4))] \
-    + [(1024, 128, 4)]
+    + [(1024, 128, 4), (4096, 256, 4), (4096, 128, 16)]
 
 
 def ghost_auto(d: int, t: int, b: int) -> str:

@@ -43,7 +43,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     d["cuda"] = false;
 #endif
-    d["pair_tile"] = std::to_string(gefx::cpu::kPairLong) + "x" + std::to_string(gefx::cpu::kPairShort);
+    d["pair_tile"] = std::to_string(gefx::cpu::kPairLong) + "x" + std::to_string(gefx::cpu::kPairShort) + ".." +
+                     std::to_string(gefx::cpu::kPairShortMax);
     d["weight_block_max"] = gefx::cpu::kWBlockLarge;
     d["dense_tile_max"] = std::to_string(gefx::cpu::kDenseMaxRows) + "x" + std::to_string(gefx::cpu::kDenseMaxOut);
     d["micro_avx512"] = gefx::cpu::micro_available();

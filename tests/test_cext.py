@@ -165,7 +165,8 @@ def test_embedding_and_norm_ops(threads, shape, dtype, layout, masks):
 #              6-row tiles padded at the end, 64-feature panels cut short (Da = 3, 9, 40, 70, 200,
 #              260), rows gathered past masked tokens;
 #   ghost      (B1, T1, B2, T2, Da, Dg, algo): long Gram tiles split inside samples and grouping whole
-#              samples, 32-row short tiles split / grouped, self-norm strips and column chunks with
+#              samples, 32-row short tiles split / grouped (grown to 64 and 256 rows on the last two
+#              shapes' larger Grams), self-norm strips and column chunks with
 #              remainders, tile-algorithm blocks of 128 and 256 with partial blocks;
 #   ghost micro (B1, T1, B2, T2, Da, Dg): 6 x 4 micro-tiles padded at the ends of both sets, feature
 #              tails (not a multiple of 16), features in chunks (1030: 2 x 528/502, 2100: 3 x 704),
@@ -173,7 +174,8 @@ def test_embedding_and_norm_ops(threads, shape, dtype, layout, masks):
 DENSE_TILING = [(3, 700, 40, 300), (2, 37, 200, 300), (2, 1100, 260, 260), (1, 5, 3, 1), (2, 64, 70, 600),
                 (3, 150, 70, 90), (2, 600, 40, 1030), (1, 50, 9, 2100)]
 GHOST_TILING = [(3, 400, 2, 70, 24, 40, 1), (5, 100, 7, 16, 8, 12, 1), (2, 600, 1, 9, 16, 20, 0),
-                (1, 512, 1, 512, 200, 200, 2), (1, 1024, 1, 1024, 300, 300, 2)]
+                (1, 512, 1, 512, 200, 200, 2), (1, 1024, 1, 1024, 300, 300, 2),
+                (2, 500, 1, 600, 8, 12, 1), (1, 1030, 1, 4100, 4, 3, 1)]
 GHOST_MICRO = [(3, 7, 2, 33, 33, 5), (2, 150, 3, 110, 40, 24), (1, 20, 2, 30, 1030, 600),
                (2, 64, 1, 61, 2100, 17), (1, 5, 1, 3, 1, 1)]
 MICRO = bool(_cext._C is not None and _cext._C.build_info().get("micro_avx512"))

@@ -40,6 +40,7 @@ namespace cpu {
 // are in ghost.cpp next to their ops; the extra memory of every op is O(threads * tile), at most a
 // fixed fraction of the reference's for small problems and bounded by these maxima for large ones.
 constexpr int64_t kPairLong = 512, kPairShort = 32;   // ghost pairwise Gram tile: long x short token rows
+constexpr int64_t kPairShortMax = 256;                // ... the short side grown up to this on large Grams
 constexpr int64_t kSelfStrip = 32, kSelfCols = 512;   // self norms: strip tokens x column tokens per product
 constexpr int64_t kWBlockLarge = 256, kWBlock = 128, kWBlockMin = 64;  // tile algorithm: weight-block sides
 constexpr int64_t kWBlockMaxElems = int64_t(2) << 20;  // tile algorithm: a thread's blocks (8 MiB fp32)

@@ -37,11 +37,16 @@ namespace {
 // bl = kPairLong (512) rows of set 1, halved (down to 32) until the two bl x bs tiles of a thread
 // hold at most 1/8 of the B1 T1 x B2 T2 Gram (2 bl bs <= rows1 rows2 / 8). 512 x 32 tiles run
 // within about 10% of 256 x 256 ones (single-threaded MKL, K = 256..1024) with 1/4 of their memory.
+// Large Grams (where 1/8 of the Gram allows it) get bs doubled, up to kPairShortMax (256) and while
+// set 2 still gives >= 8 work items (short tiles): 512 x 256 tiles run ~10% faster than 512 x 32
+// (2048 x 2048 tokens at 4096 features: 0.79-0.81x -> 0.88-0.90x the reference).
 void pair_tiles(int64_t rows1, int64_t rows2, int64_t* bl, int64_t* bs) {
   int64_t l = kPairLong;
   while (l > kPairShort && 16.0 * l * kPairShort > double(rows1) * double(rows2)) l /= 2;
+  int64_t s = kPairShort;
+  while (s < kPairShortMax && 16.0 * l * (2 * s) <= double(rows1) * double(rows2) && rows2 >= 8 * (2 * s)) s *= 2;
   *bl = l;
-  *bs = kPairShort;
+  *bs = s;
 }
 
 // Self norms: strips of kSelfStrip (32) tokens of one sample against the columns from the strip's
