@@ -170,7 +170,7 @@ GHOST_KERNEL_CASES = [(d, t, b) for d in (1024, 4096) for t, b in ((64, 1), (64,
 def ghost_auto(d: int, t: int, b: int) -> str:
     """ghost_pairwise's automatic kernel choice for two such sets (csrc/cpu/ghost.cpp)."""
     cells = (b * t) ** 2
-    return "micro" if d >= 512 and cells <= 256 * 256 and cells * 2 * d <= 2**28 else "blas"
+    return "micro" if d >= 512 and b * t >= 48 and cells <= 256 * 256 and cells * 2 * d <= 2**28 else "blas"
 
 
 def main(argv=None) -> int:

@@ -187,7 +187,9 @@ constexpr int64_t kPairMicroItems = 8;    // work items wanted (rc is cut down t
 // rows, narrower for longer features, are few. Measured on the VM of bench/RESULTS.md: there it is
 // 1.1-1.7x the BLAS tiles; beyond, the BLAS tiles are as fast or faster (512 x 512 tokens at 1024
 // features: ~150 vs ~158 GFLOP/s per core; 256 x 256 at 4096: 0.83 vs 0.90x the reference).
-constexpr int64_t kPairMicroMinD = 512;
+// Both sets also need >= kPairMicroMinRows tokens: the kernel lists its rows (24 bytes each), which
+// would otherwise outweigh a thin Gram (e.g. 65536 x 1 tokens).
+constexpr int64_t kPairMicroMinD = 512, kPairMicroMinRows = 48;
 constexpr double kPairMicroMaxCells = 256 * 256, kPairMicroMaxMacs = double(1 << 28);
 
 struct GramRows {
@@ -489,8 +491,8 @@ at::Tensor ghost_pairwise(const at::Tensor& a1, const at::Tensor& g1, const at::
   // Auto: the micro kernel for small Grams of long features (kPairMicroMaxCells, kPairMicroMinD), BLAS
   // Gram tiles otherwise.
   const double cells = double(B1) * T1 * B2 * T2;
-  const bool micro_pays = std::min(Da, Dg) >= kPairMicroMinD && cells <= kPairMicroMaxCells &&
-                          cells * double(Da + Dg) <= kPairMicroMaxMacs;
+  const bool micro_pays = std::min(Da, Dg) >= kPairMicroMinD && std::min(B1 * T1, B2 * T2) >= kPairMicroMinRows &&
+                          cells <= kPairMicroMaxCells && cells * double(Da + Dg) <= kPairMicroMaxMacs;
   if (!tile && micro && (kernel == 2 || (kernel == 0 && micro_pays)))
     return ghost_pairwise_micro(va1, vg1, va2, vg2, m1, m2);
 #endif
