@@ -3,9 +3,11 @@
 // Two exact algorithms for <G_i^T A_i, H_j^T B_j>, chosen per call by counting flops (algo 0):
 //   ghost  sum_{t,s} (a_it . b_js)(g_it . h_js) over token tiles: two Gram tiles (bl x bs rows of
 //          the two sets, pair_tiles) from single-threaded BLAS calls, Hadamard-reduced at once into
-//          per-(sample pair) sums; the T x S Gram is never formed. Self norms: strips of kSelfStrip
-//          tokens against the tokens from the strip on (self_tiles); the strip's own square block
-//          counts once, the rest twice.
+//          per-(sample pair) sums; the T x S Gram is never formed. For pairs on small Grams of long
+//          features (float32, AVX-512; kernel 0 = auto, 1 = BLAS, 2 = micro), the Gram blocks come
+//          from the dot-form micro kernel of micro.h instead (ghost_pairwise_micro). Self norms:
+//          strips of kSelfStrip tokens against the tokens from the strip on (self_tiles); the
+//          strip's own square block counts once, the rest twice.
 //   tile   one b x b block of the per-sample weight gradient G_i^T A_i at a time (weight_block_side),
 //          for a chunk of samples (T reduced in chunks of kTokChunk), then the blocks' inner
 //          products; cheaper when T*S*(in+out) > (T+S)*in*out, i.e. long sequences and narrow layers.
