@@ -4,7 +4,7 @@ Two ways to run it:
 
     pytest bench/bench_cext.py --benchmark-only            # pytest-benchmark tables, one group per case
     python bench/bench_cext.py [--threads 2] [--rounds 5]  # the RESULTS.md tables: time ratio + memory,
-                                                           # then the two kernels of dense_dot and of
+                                                           # then the kernels of dense_dot and of
                                                            # ghost_pairwise side by side
 
 Cases: ops ghost_pairwise (two sets of B samples), ghost_self, dense_dot; features (in = out) in
@@ -140,37 +140,43 @@ def time_ratio(op, d, t, b, rounds: int):
     return med["torch"], med["cext"]
 
 
-def kernels_table(op: str, cases, rounds: int, auto=None) -> None:
-    """An op's two kernels side by side (BLAS tiles, the AVX-512 micro kernel) against the reference;
-    auto(d, t, b), if given, names the kernel the extension picks by itself."""
+def kernels_table(op: str, cases, rounds: int) -> None:
+    """An op's kernels side by side against the reference: BLAS tiles, the AVX-512 micro kernel and,
+    for ghost_pairwise on AMX CPUs, the AMX kernel; "auto picks" names those whose result auto's
+    equals bit for bit (or the tile algorithm's, for ghost_pairwise; "micro=blas": both agree, as can
+    happen for a single output)."""
     C = _ext()
-    if not C.build_info().get("micro_avx512"):
+    info = C.build_info()
+    if not info.get("micro_avx512"):
         print(f"\n({op} micro kernel not available on this CPU/build: kernel table skipped)")
         return
-    call = {"dense_dot": lambda args, k: C.dense_dot(*args, None, k),
-            "ghost_pairwise": lambda args, k: C.ghost_pairwise(*args, None, None, 1, k)}[op]
-    print(f"\n| {op} D | T | B | torch ms | blas tiles: speed-up | micro kernel: speed-up |"
-          + (" auto picks |" if auto else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if auto else ""))
+    if op == "dense_dot":
+        kernels = {"blas tiles": lambda args: C.dense_dot(*args, None, 1),
+                   "micro kernel": lambda args: C.dense_dot(*args, None, 2)}
+        auto, others = (lambda args: C.dense_dot(*args, None, 0)), {}
+    else:
+        kernels = {name: (lambda args, k=k: C.ghost_pairwise(*args, None, None, 1, k))
+                   for name, k in (("blas tiles", 1), ("micro kernel", 2), ("amx kernel", 3))
+                   if k != 3 or info.get("amx")}
+        auto, others = (lambda args: C.ghost_pairwise(*args, None, None, 0, 0)), {
+            "tile algorithm": lambda args: C.ghost_pairwise(*args, None, None, 2, 0)}
+    print(f"\n| {op} D | T | B | torch ms | " + " | ".join(f"{n}: speed-up" for n in kernels) + " | auto picks |")
+    print("|---|---|---|---|" + "---|" * (len(kernels) + 1))
     for d, t, b in cases:
         args = make_inputs(op, d, t, b)
-        med = time_medians({"torch": lambda: R.OPS[op](*args), "blas": lambda: call(args, 1),
-                            "micro": lambda: call(args, 2)}, rounds)
-        print(f"| {d} | {t} | {b} | {med['torch'] * 1e3:.2f} | {med['torch'] / med['blas']:.2f}x | "
-              f"{med['torch'] / med['micro']:.2f}x |" + (f" {auto(d, t, b)} |" if auto else ""), flush=True)
+        med = time_medians({"torch": lambda: R.OPS[op](*args),
+                            **{n: (lambda f=f: f(args)) for n, f in kernels.items()}}, rounds)
+        out = auto(args)
+        pick = "=".join(n.split()[0] for n, f in {**kernels, **others}.items() if torch.equal(out, f(args))) or "?"
+        print(f"| {d} | {t} | {b} | {med['torch'] * 1e3:.2f} | "
+              + " | ".join(f"{med['torch'] / med[n]:.2f}x" for n in kernels) + f" | {pick} |", flush=True)
 
 
-# ghost_pairwise's two Gram kernels on small Grams of long features (two sets of B samples of T
-# tokens, in = out features), where auto picks the micro kernel, and larger Grams where it does not
-# (the last three: the #5 case at 1024 features, and 1024 / 2048 tokens per set at 4096).
+# ghost_pairwise's Gram kernels (two sets of B samples of T tokens, in = out features): small Grams of
+# long features, where auto picks the micro kernel, and larger Grams up to 2048 tokens per set at
+# 4096 features, where it picks the AMX kernel on CPUs that have one (the #5 case: 1024, 128, 4).
 GHOST_KERNEL_CASES = [(d, t, b) for d in (1024, 4096) for t, b in ((64, 1), (64, 2), (128, 1), (128, 2), (64, 4))] \
-    + [(1024, 128, 4), (4096, 256, 4), (4096, 128, 16)]
-
-
-def ghost_auto(d: int, t: int, b: int) -> str:
-    """ghost_pairwise's automatic kernel choice for two such sets (csrc/cpu/ghost.cpp)."""
-    cells = (b * t) ** 2
-    return "micro" if d >= 512 and b * t >= 48 and cells <= 256 * 256 and cells * 2 * d <= 2**28 else "blas"
+    + [(1024, 128, 4), (1024, 256, 4), (1024, 128, 16), (4096, 256, 4), (4096, 128, 16)]
 
 
 def main(argv=None) -> int:
@@ -189,7 +195,7 @@ def main(argv=None) -> int:
         print(f"| {op} | {d} | {t} | {b} | {ref * 1e3:.1f} | {ext * 1e3:.1f} | {ref / ext:.2f}x | "
               f"{mr / 2**20:.1f} | {me / 2**20:.2f} | {me / max(mr, 1):.3f} |", flush=True)
     kernels_table("dense_dot", [(d, t, b) for d in FEATURES for t in TOKENS for b in BATCHES], args.rounds)
-    kernels_table("ghost_pairwise", GHOST_KERNEL_CASES, args.rounds, ghost_auto)
+    kernels_table("ghost_pairwise", GHOST_KERNEL_CASES, args.rounds)
     return 0
 
 

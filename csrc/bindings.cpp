@@ -3,6 +3,7 @@
 
 #include "gefx_ops.h"
 #include "cpu/common.h"
+#include "cpu/amx.h"
 #include "cpu/micro.h"
 
 #ifdef GEFX_WITH_CUDA
@@ -48,6 +49,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["weight_block_max"] = gefx::cpu::kWBlockLarge;
     d["dense_tile_max"] = std::to_string(gefx::cpu::kDenseMaxRows) + "x" + std::to_string(gefx::cpu::kDenseMaxOut);
     d["micro_avx512"] = gefx::cpu::micro_available();
+    d["amx"] = gefx::cpu::amx_available();
 #if GEFX_DIRECT_BLAS
     d["direct_blas"] = sgemm_ != nullptr && dgemm_ != nullptr;
 #else

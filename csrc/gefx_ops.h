@@ -10,8 +10,9 @@ namespace gefx {
 
 // algo: 0 = choose by counting flops, 1 = ghost (token Gram tiles), 2 = per-sample weight-gradient
 // tiles (a fixed-size block of G_i^T A_i per sample, never the whole matrix).
-// kernel (ghost algorithm): 0 = auto, 1 = BLAS Gram tiles, 2 = the AVX-512 dot-form micro kernel
-// (float32 inputs with unit feature stride; an error where it does not apply).
+// kernel (ghost algorithm): 0 = auto, 1 = BLAS Gram tiles, 2 = the AVX-512 dot-form micro kernel,
+// 3 = AMX bf16 tiles at float32 accuracy (2 and 3: float32 inputs with unit feature stride on a CPU
+// that has them; an error where they do not apply).
 at::Tensor ghost_pairwise(const at::Tensor& a1, const at::Tensor& g1, const at::Tensor& a2,
                           const at::Tensor& g2, const std::optional<at::Tensor>& mask1,
                           const std::optional<at::Tensor>& mask2, int64_t algo, int64_t kernel);

@@ -170,7 +170,12 @@ def test_embedding_and_norm_ops(threads, shape, dtype, layout, masks):
 #              remainders, tile-algorithm blocks of 128 and 256 with partial blocks;
 #   ghost micro (B1, T1, B2, T2, Da, Dg): 6 x 4 micro-tiles padded at the ends of both sets, feature
 #              tails (not a multiple of 16), features in chunks (1030: 2 x 528/502, 2100: 3 x 704),
-#              several set-2 blocks and set-1 row blocks with samples spanning them, D = 1.
+#              several set-2 blocks and set-1 row blocks with samples spanning them, D = 1;
+#   ghost amx  (B1, T1, B2, T2, Da, Dg): 32-row blocks padded at the ends of both sets, feature tails
+#              (not a multiple of 32) and D < 32, Da != Dg, features in chunks with a short last one
+#              (1024 x 1024 tokens: 256 x 128 blocks, chunks of 128: 300 = 128 + 128 + 44) and several
+#              32-row stages and 32-column sub-blocks per block, 128 x 64 blocks in chunks of 32 (512 x
+#              512 tokens, auto's choice there), samples spanning blocks, D = 1.
 DENSE_TILING = [(3, 700, 40, 300), (2, 37, 200, 300), (2, 1100, 260, 260), (1, 5, 3, 1), (2, 64, 70, 600),
                 (3, 150, 70, 90), (2, 600, 40, 1030), (1, 50, 9, 2100)]
 GHOST_TILING = [(3, 400, 2, 70, 24, 40, 1), (5, 100, 7, 16, 8, 12, 1), (2, 600, 1, 9, 16, 20, 0),
@@ -178,7 +183,10 @@ GHOST_TILING = [(3, 400, 2, 70, 24, 40, 1), (5, 100, 7, 16, 8, 12, 1), (2, 600, 
                 (2, 500, 1, 600, 8, 12, 1), (1, 1030, 1, 4100, 4, 3, 1)]
 GHOST_MICRO = [(3, 7, 2, 33, 33, 5), (2, 150, 3, 110, 40, 24), (1, 50, 2, 30, 1030, 600),
                (2, 64, 1, 61, 2100, 17), (1, 5, 1, 3, 1, 1)]
+GHOST_AMX = [(3, 7, 2, 33, 33, 5), (2, 150, 3, 110, 40, 24), (4, 256, 2, 512, 300, 77),
+             (4, 128, 4, 128, 520, 1030), (1, 5, 1, 3, 1, 1)]
 MICRO = bool(_cext._C is not None and _cext._C.build_info().get("micro_avx512"))
+AMX = bool(_cext._C is not None and _cext._C.build_info().get("amx"))
 # (kernel, dtype, layout): blas on every dtype and layout; micro where it applies (float32 with unit
 # feature stride, any sample/token strides).
 DENSE_KERNELS = ([(1, dt, lay) for dt in DTYPES for lay in ("contig", "strided")]
@@ -237,23 +245,33 @@ def test_ghost_tiling(threads, shape, dtype, masks):
     _check(out, R.ghost_self, [a1, g1, m1], _abs([a1, g1, m1]), dtype, f"ghost_self[algo {algo}]")
 
 
-@pytest.mark.parametrize("shape", GHOST_MICRO, ids=lambda s: "x".join(map(str, s)))
+def _auto_picks(kernel, shape, masks):
+    """Whether ghost_pairwise's auto choice (ghost.cpp) is this kernel for these unmasked shapes."""
+    B1, T1, B2, T2, Da, Dg = shape
+    cells = B1 * T1 * B2 * T2
+    if kernel == 2:
+        return min(Da, Dg) >= 512 and min(B1 * T1, B2 * T2) >= 48 and cells <= 256 * 256 and cells * (Da + Dg) <= 2**28
+    return shape == (4, 128, 4, 128, 520, 1030) and masks == "none"  # 128 x 64 blocks (amx_pays)
+
+
+@pytest.mark.parametrize("kernel,shape", [(2, s) for s in GHOST_MICRO] + [(3, s) for s in GHOST_AMX],
+                         ids=lambda v: {2: "micro", 3: "amx"}[v] if isinstance(v, int) else "x".join(map(str, v)))
 @pytest.mark.parametrize("layout", ["contig", "bt_swapped"])
 @pytest.mark.parametrize("masks", ["none", "masked"])
-def test_ghost_pairwise_micro(threads, shape, layout, masks):
-    _need_micro(2)
+def test_ghost_pairwise_kernels(threads, kernel, shape, layout, masks):
+    _need_micro(kernel)
+    if kernel == 3 and not AMX:
+        pytest.skip("this CPU (or OS, or build) has no AMX bf16 tiles")
     B1, T1, B2, T2, Da, Dg = shape
-    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, layout, masks, "gm")).encode()))
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, layout, masks, kernel, "gk")).encode()))
     a1, g1 = _rand((B1, T1, Da), torch.float32, gen), _rand((B1, T1, Dg), torch.float32, gen)
     a2, g2 = _rand((B2, T2, Da), torch.float32, gen), _rand((B2, T2, Dg), torch.float32, gen)
     m1, m2 = _mask(B1, T1, gen, masks), _mask(B2, T2, gen, masks)
     L = [_layout(x, layout) for x in (a1, g1, a2, g2)]
-    out = gefx._C.ghost_pairwise(*L, m1, m2, 1, 2)
+    out = gefx._C.ghost_pairwise(*L, m1, m2, 1, kernel)
     _check(out, R.ghost_pairwise, [a1, g1, a2, g2, m1, m2], _abs([a1, g1, a2, g2, m1, m2]), torch.float32,
-           "ghost_pairwise[micro]")
-    cells = B1 * T1 * B2 * T2
-    if min(Da, Dg) >= 512 and min(B1 * T1, B2 * T2) >= 48 and cells <= 256 * 256 and cells * (Da + Dg) <= 2**28:
-        # auto's choice (ghost.cpp)
+           f"ghost_pairwise[kernel {kernel}]")
+    if _auto_picks(kernel, shape, masks):
         assert torch.equal(out, gefx._C.ghost_pairwise(*L, m1, m2))
 
 
@@ -269,7 +287,34 @@ def test_ghost_pairwise_micro_refuses_what_it_cannot_read():
     with pytest.raises(RuntimeError, match="algo 2 asks for the tile algorithm"):
         gefx._C.ghost_pairwise(a, g, a, g, None, None, 2, 2)
     with pytest.raises(RuntimeError, match="kernel must be 0"):
-        gefx._C.ghost_pairwise(a, g, a, g, None, None, 0, 3)
+        gefx._C.ghost_pairwise(a, g, a, g, None, None, 0, 4)
+
+
+def test_ghost_pairwise_amx_is_as_accurate_as_float32_gemm():
+    """Six bf16 products per pair of features: the float32 BLAS kernel's error, not bf16's (~1e-3)."""
+    if not AMX:
+        pytest.skip("this CPU (or OS, or build) has no AMX bf16 tiles")
+    gen = torch.Generator().manual_seed(8)
+    x = [_rand((3, 64, 1000), torch.float32, gen) + 0.5 for _ in range(4)]  # offsets: no cancellation
+    ref = R.ghost_pairwise(*[t.double() for t in x])
+    err = {k: ((gefx._C.ghost_pairwise(*x, None, None, 1, k).double() - ref).abs() / ref.abs()).max().item()
+           for k in (1, 3)}
+    assert err[3] <= 3 * err[1] + 1e-7, err
+
+
+def test_ghost_pairwise_amx_refuses_what_it_cannot_run():
+    gen = torch.Generator().manual_seed(7)
+    a, g = _rand((2, 3, 4), torch.float32, gen), _rand((2, 3, 5), torch.float32, gen)
+    if not AMX:
+        with pytest.raises(RuntimeError, match="amx kernel needs .* AMX bf16 tiles"):
+            gefx._C.ghost_pairwise(a, g, a, g, None, None, 1, 3)
+        return
+    for bad in (dict(a1=a.bfloat16()), dict(g2=g.double()), dict(a2=_layout(a, "strided"))):
+        args = {"a1": a, "g1": g, "a2": a, "g2": g, **bad}
+        with pytest.raises(RuntimeError, match=r"amx kernel needs the ghost algorithm and float32 .*\(the inputs are not\)"):
+            gefx._C.ghost_pairwise(*args.values(), None, None, 0, 3)
+    with pytest.raises(RuntimeError, match="algo 2 asks for the tile algorithm"):
+        gefx._C.ghost_pairwise(a, g, a, g, None, None, 2, 3)
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -288,6 +333,8 @@ def test_results_do_not_depend_on_the_thread_count():
                          gefx._C.dense_dot(a, g, m, mask, 1), gefx._C.dense_dot(a[:, :150], g[:, :150], m)]
                         + [gefx._C.ghost_pairwise(a, g, a2, g2, mask, None, algo) for algo in (1, 2)]
                         + ([gefx._C.ghost_pairwise(a, g, a2, g2, mask, None, 1, 2)] if MICRO else [])
+                        + ([gefx._C.ghost_pairwise(a, g, a2, g2, mask, None, 1, 3),
+                            gefx._C.ghost_pairwise(a2, g2, a, g, None, mask, 1, 3)] if AMX else [])
                         + [gefx._C.ghost_self(a, g, mask, algo) for algo in (1, 2)])
     finally:
         torch.set_num_threads(old)
@@ -403,7 +450,7 @@ def test_env_reports_the_extension(capsys):
     out = capsys.readouterr().out
     assert "cext    available" in out
     assert _cext.build_report() is None or "built" in _cext.build_report()
-    assert f"micro_avx512={MICRO}" in out and "direct_blas=" in out and "openmp=" in out
+    assert f"micro_avx512={MICRO}" in out and f"amx={AMX}" in out and "direct_blas=" in out and "openmp=" in out
 
 
 def _tiny_llama(dtype):

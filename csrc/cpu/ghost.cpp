@@ -3,9 +3,10 @@
 // Two exact algorithms for <G_i^T A_i, H_j^T B_j>, chosen per call by counting flops (algo 0):
 //   ghost  sum_{t,s} (a_it . b_js)(g_it . h_js) over token tiles: two Gram tiles (bl x bs rows of
 //          the two sets, pair_tiles) from single-threaded BLAS calls, Hadamard-reduced at once into
-//          per-(sample pair) sums; the T x S Gram is never formed. For pairs on small Grams of long
-//          features (float32, AVX-512; kernel 0 = auto, 1 = BLAS, 2 = micro), the Gram blocks come
-//          from the dot-form micro kernel of micro.h instead (ghost_pairwise_micro). Self norms:
+//          per-(sample pair) sums; the T x S Gram is never formed. For float32 pairs (kernel 0 =
+//          auto, 1 = BLAS, 2 = micro, 3 = amx) the Gram blocks come from the dot-form micro kernel
+//          of micro.h on small Grams of long features (AVX-512; ghost_pairwise_micro), or from the
+//          AMX bf16 tiles of amx.h at float32 accuracy on large ones (ghost_pairwise_amx). Self norms:
 //          strips of kSelfStrip tokens against the tokens from the strip on (self_tiles); the
 //          strip's own square block counts once, the rest twice.
 //   tile   one b x b block of the per-sample weight gradient G_i^T A_i at a time (weight_block_side),
@@ -16,6 +17,7 @@
 // results do not depend on the number of threads (the tile algorithm's block groups are fixed too).
 // BLAS runs single-threaded inside each work item (SerialBlas), called directly (gemm in common.h).
 #include "../gefx_ops.h"
+#include "amx.h"
 #include "common.h"
 #include "micro.h"
 
@@ -249,63 +251,166 @@ void gram_block(const float* const* x, const float* const* y, int64_t nr, int64_
       for (int64_t c = 0; c < nc; c += kGC) gram_tile(x + q, y + c, k0, std::min(kc, D - k0), buf + q * ld + c, ld);
 }
 
+// The work items of the micro and AMX kernels: item it = (column block it / nrb of nb set-2 rows, row
+// block it % nrb of rc set-1 rows). Item it touches samples [i0, i1) x [j0, j1) only: it sums
+// ga * gg of its Gram block per (sample i, sample j) into its own partial sums, which sum() adds in
+// item order, so results do not depend on the number of threads.
+struct PairItems {
+  const GramRows& r1;
+  const GramRows& r2;
+  int64_t rc, nb, nrb, items;
+  std::vector<int64_t> off, i0, j0, wj;
+  std::vector<float> part;
+
+  PairItems(const GramRows& rows1, const GramRows& rows2, int64_t rc_, int64_t nb_)
+      : r1(rows1), r2(rows2), rc(rc_), nb(nb_), nrb(divup(rows1.n, rc_)), items(divup(rows2.n, nb_) * nrb) {
+    off.assign(items + 1, 0);
+    i0.resize(items), j0.resize(items), wj.resize(items);
+    for (int64_t it = 0; it < items; ++it) {
+      i0[it] = r1.first(q0(it));
+      j0[it] = r2.first(c0(it));
+      wj[it] = r2.end(c0(it), c0(it) + nc(it)) - j0[it];
+      off[it + 1] = off[it] + (r1.end(q0(it), q0(it) + nr(it)) - i0[it]) * wj[it];
+    }
+    part.assign(off[items], 0.f);
+  }
+  int64_t q0(int64_t it) const { return (it % nrb) * rc; }
+  int64_t c0(int64_t it) const { return (it / nrb) * nb; }
+  int64_t nr(int64_t it) const { return std::min(rc, r1.n - q0(it)); }
+  int64_t nc(int64_t it) const { return std::min(nb, r2.n - c0(it)); }
+
+  // The item's block: ga, gg (nr x nc, row stride ld).
+  void add(int64_t it, const float* ga, const float* gg, int64_t ld) {
+    const int64_t q0_ = q0(it), c0_ = c0(it), nr_ = nr(it), nc_ = nc(it);
+    float* acc = part.data() + off[it];
+    for (int64_t q = 0; q < nr_; ++q) {
+      const int64_t i = r1.sample[q0_ + q];
+      if (i < 0) break;
+      float* row = acc + (i - i0[it]) * wj[it] - j0[it];
+      const float* pa = ga + q * ld;
+      const float* pg = gg + q * ld;
+      for (int64_t c = 0; c < nc_;) {  // runs of one sample j, each summed, then added
+        const int64_t j = r2.sample[c0_ + c];
+        if (j < 0) break;
+        int64_t e = c;
+        while (e < nc_ && r2.sample[c0_ + e] == j) ++e;
+        float x = 0;
+#pragma omp simd reduction(+ : x)
+        for (int64_t k = c; k < e; ++k) x += pa[k] * pg[k];
+        row[j] += x;
+        c = e;
+      }
+    }
+  }
+
+  at::Tensor sum(int64_t B1, int64_t B2) const {
+    at::Tensor out = at::zeros({B1, B2}, at::TensorOptions().dtype(at::kFloat));
+    float* po = out.data_ptr<float>();
+    for (int64_t it = 0; it < items; ++it) {
+      const float* acc = part.data() + off[it];
+      const int64_t ni = wj[it] > 0 ? (off[it + 1] - off[it]) / wj[it] : 0;
+      for (int64_t x = 0; x < ni; ++x)
+        for (int64_t y = 0; y < wj[it]; ++y) po[(i0[it] + x) * B2 + j0[it] + y] += acc[x * wj[it] + y];
+    }
+    return out;
+  }
+};
+
 at::Tensor ghost_pairwise_micro(const View3& a1, const View3& g1, const View3& a2, const View3& g2,
                                 const MaskView& m1, const MaskView& m2) {
-  const int64_t B1 = a1.B, B2 = a2.B;
-  at::Tensor out = at::zeros({B1, B2}, at::TensorOptions().dtype(at::kFloat));
   const GramRows r1(a1, g1, m1, kGR), r2(a2, g2, m2, kGC);
-  if (r1.n == 0 || r2.n == 0) return out;
+  if (r1.n == 0 || r2.n == 0) return at::zeros({a1.B, a2.B}, at::TensorOptions().dtype(at::kFloat));
   int64_t rc = 0, nb = 0;
   pair_micro_blocks(r1.n, r2.n, a1.D + g1.D, &rc, &nb);
-  const int64_t nrb = divup(r1.n, rc), items = divup(r2.n, nb) * nrb;
-  // Item (column block, row block) touches samples [i0, i1) x [j0, j1) only: its partial sums.
-  std::vector<int64_t> off(items + 1, 0), i0(items), j0(items), wj(items);
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t c0 = (it / nrb) * nb, q0 = (it % nrb) * rc;
-    const int64_t c1 = std::min(r2.n, c0 + nb), q1 = std::min(r1.n, q0 + rc);
-    i0[it] = r1.first(q0);
-    j0[it] = r2.first(c0);
-    wj[it] = r2.end(c0, c1) - j0[it];
-    off[it + 1] = off[it] + (r1.end(q0, q1) - i0[it]) * wj[it];
-  }
-  std::vector<float> part(off[items], 0.f);
-  at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
+  PairItems work(r1, r2, rc, nb);
+  at::parallel_for(0, work.items, 1, [&](int64_t lo, int64_t hi) {
     Scratch<float> sa, sg;
     float* ga = sa.get(rc * nb);
     float* gg = sg.get(rc * nb);
     for (int64_t it = lo; it < hi; ++it) {
-      const int64_t c0 = (it / nrb) * nb, q0 = (it % nrb) * rc;
-      const int64_t nc = std::min(nb, r2.n - c0), nr = std::min(rc, r1.n - q0);
+      const int64_t q0 = work.q0(it), c0 = work.c0(it), nr = work.nr(it), nc = work.nc(it);
       std::fill(ga, ga + nr * nb, 0.f);
       std::fill(gg, gg + nr * nb, 0.f);
       gram_block(r1.a.data() + q0, r2.a.data() + c0, nr, nc, a1.D, ga, nb);
       gram_block(r1.g.data() + q0, r2.g.data() + c0, nr, nc, g1.D, gg, nb);
-      float* acc = part.data() + off[it];
-      for (int64_t q = 0; q < nr; ++q) {
-        const int64_t i = r1.sample[q0 + q];
-        if (i < 0) break;
-        float* row = acc + (i - i0[it]) * wj[it] - j0[it];
-        const float* pa = ga + q * nb;
-        const float* pg = gg + q * nb;
-        for (int64_t c = 0; c < nc;) {  // runs of one sample j, each summed, then added
-          const int64_t j = r2.sample[c0 + c];
-          if (j < 0) break;
-          float x = 0;
-          for (; c < nc && r2.sample[c0 + c] == j; ++c) x += pa[c] * pg[c];
-          row[j] += x;
-        }
-      }
+      work.add(it, ga, gg, nb);
     }
   });
-  float* po = out.data_ptr<float>();
-  for (int64_t it = 0; it < items; ++it) {
-    const float* acc = part.data() + off[it];
-    const int64_t ni = wj[it] > 0 ? (off[it + 1] - off[it]) / wj[it] : 0;
-    for (int64_t x = 0; x < ni; ++x)
-      for (int64_t y = 0; y < wj[it]; ++y) po[(i0[it] + x) * B2 + j0[it] + y] += acc[x * wj[it] + y];
-  }
-  return out;
+  return work.sum(a1.B, a2.B);
 }
+
+// ---------------------------------------------------------------- ghost pairwise, AMX kernel
+#if GEFX_AMX
+
+// The same sum with the AMX Gram blocks of amx.h (float32 to float32 accuracy on the bf16 tile unit):
+// both sets' active rows padded to multiples of 32; an item is a Gram block of rc set-1 rows x nb
+// set-2 rows (pair_amx_blocks), computed for a, then for g, into two float32 buffers, then reduced
+// as the micro kernel's (PairItems). A thread's scratch: the two buffers (8 rc nb bytes) and two A
+// and two B packing buffers of kc features (6 bytes a feature: three bf16 parts).
+//
+// Block sizes from the padded row counts only, within the memory rule of the BLAS tiles (a thread's
+// scratch <= 1/8 of the n1 x n2 Gram, or kPairMicroFloor elements): the pair (rc, nb) of powers of two
+// with the cheapest packing (set 1 is packed once per column block, set 2 once per row block, at ~0.15
+// and ~0.25 ns a float) that leaves >= kPairMicroItems items where the rows allow; kc = 128 features
+// where that fits, else 64.
+constexpr int64_t kPairAmxMaxRows = 512, kPairAmxMaxCols = 256;
+// Auto uses it where the blocks come out at least kPairAmxMinCells: below, packing outweighs the tile
+// products (512 x 512 tokens at 1024 features: 0.9-1.0x the reference with 64 x 64 or 256 x 32 blocks).
+constexpr int64_t kPairAmxMinCells = 128 * 64, kPairAmxMinD = 512;
+constexpr double kPairAmxSpeedup = 2.0;
+
+int64_t pair_amx_bytes(int64_t rc, int64_t nb, int64_t kc) {
+  return 8 * rc * nb + 2 * 2 * (amx_a_elems(kc) + amx_b_elems(nb, kc));
+}
+
+void pair_amx_blocks(int64_t n1, int64_t n2, int64_t* rc, int64_t* nb, int64_t* kc) {
+  const int64_t budget = 4 * std::max(n1 * n2 / 8, kPairMicroFloor);
+  const int64_t max_items = divup(n1, kAmxBlock) * divup(n2, kAmxBlock);
+  double best = -1;
+  *rc = *nb = *kc = kAmxBlock;
+  for (int64_t k : {int64_t(128), int64_t(64), int64_t(32)})
+    for (int64_t r = kAmxBlock; r <= std::min(kPairAmxMaxRows, n1); r *= 2)
+      for (int64_t c = kAmxBlock; c <= std::min(kPairAmxMaxCols, n2); c *= 2) {
+        if (pair_amx_bytes(r, c, k) > budget) continue;
+        if (divup(n1, r) * divup(n2, c) < std::min(kPairMicroItems, max_items)) continue;
+        const double score = (k == 32 ? 0.88 : 1.0) / (1.2 / r + 1.0 / c);
+        if (score > best) best = score, *rc = r, *nb = c, *kc = k;
+      }
+}
+
+bool amx_pays(int64_t rows1, int64_t rows2, int64_t Da, int64_t Dg) {
+  int64_t rc = 0, nb = 0, kc = 0;
+  pair_amx_blocks(divup(rows1, kAmxBlock) * kAmxBlock, divup(rows2, kAmxBlock) * kAmxBlock, &rc, &nb, &kc);
+  return std::min(Da, Dg) >= kPairAmxMinD && rc * nb >= kPairAmxMinCells;
+}
+
+at::Tensor ghost_pairwise_amx(const View3& a1, const View3& g1, const View3& a2, const View3& g2,
+                              const MaskView& m1, const MaskView& m2) {
+  const GramRows r1(a1, g1, m1, kAmxBlock), r2(a2, g2, m2, kAmxBlock);
+  if (r1.n == 0 || r2.n == 0) return at::zeros({a1.B, a2.B}, at::TensorOptions().dtype(at::kFloat));
+  int64_t rc = 0, nb = 0, kc = 0;
+  pair_amx_blocks(r1.n, r2.n, &rc, &nb, &kc);
+  PairItems work(r1, r2, rc, nb);
+  at::parallel_for(0, work.items, 1, [&](int64_t lo, int64_t hi) {
+    const int64_t na = amx_a_elems(kc), nbe = amx_b_elems(nb, kc);  // bf16 elements, multiples of 32
+    Scratch<float> scratch;
+    float* ga = scratch.get(2 * rc * nb + (2 * na + 2 * nbe) / 2);
+    float* gg = ga + rc * nb;
+    uint16_t* packs = reinterpret_cast<uint16_t*>(gg + rc * nb);
+    uint16_t* const ab[2] = {packs, packs + na};
+    uint16_t* const bb[2] = {packs + 2 * na, packs + 2 * na + nbe};
+    AmxTiles tiles;
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t q0 = work.q0(it), c0 = work.c0(it), nr = work.nr(it), nc = work.nc(it);
+      amx_gram(r1.a.data() + q0, r2.a.data() + c0, nr, nc, a1.D, kc, ga, nb, ab, bb);
+      amx_gram(r1.g.data() + q0, r2.g.data() + c0, nr, nc, g1.D, kc, gg, nb, ab, bb);
+      work.add(it, ga, gg, nb);
+    }
+  });
+  return work.sum(a1.B, a2.B);
+}
+
+#endif  // GEFX_AMX
 
 #endif  // GEFX_MICRO_AVX512
 
@@ -472,8 +577,8 @@ at::Tensor ghost_pairwise(const at::Tensor& a1, const at::Tensor& g1, const at::
   TORCH_CHECK(g1.size(2) == g2.size(2), "gefx._C: g1 and g2 feature sizes differ (", g1.size(2), " vs ",
               g2.size(2), ")");
   TORCH_CHECK(algo >= 0 && algo <= 2, "gefx._C: algo must be 0 (auto), 1 (ghost) or 2 (tile)");
-  TORCH_CHECK(kernel >= 0 && kernel <= 2,
-              "gefx._C: ghost_pairwise kernel must be 0 (auto), 1 (blas) or 2 (micro), got ", kernel);
+  TORCH_CHECK(kernel >= 0 && kernel <= 3,
+              "gefx._C: ghost_pairwise kernel must be 0 (auto), 1 (blas), 2 (micro) or 3 (amx), got ", kernel);
   const at::ScalarType acc = acc_type_of({&a1, &g1, &a2, &g2});
   const int64_t B1 = a1.size(0), T1 = a1.size(1), B2 = a2.size(0), T2 = a2.size(1);
   if (B1 == 0 || B2 == 0 || T1 == 0 || T2 == 0 || a1.size(2) == 0 || g1.size(2) == 0)
@@ -482,14 +587,32 @@ at::Tensor ghost_pairwise(const at::Tensor& a1, const at::Tensor& g1, const at::
   const View3 va1 = view3(a1), vg1 = view3(g1), va2 = view3(a2), vg2 = view3(g2);
   const int64_t Da = a1.size(2), Dg = g1.size(2);
   const bool micro = micro_eligible(va1, vg1, acc) && micro_eligible(va2, vg2, acc);
+  const bool amx = micro && amx_available();
   TORCH_CHECK(kernel != 2 || (micro && algo != 2),
               "gefx._C: the ghost_pairwise micro kernel needs the ghost algorithm and float32 a and g with "
               "unit feature stride on a CPU with AVX-512 (",
               algo == 2 ? "algo 2 asks for the tile algorithm" : micro_available() ? "the inputs are not" : "this CPU has none",
               ")");
-  const bool tile = algo == 2 || (algo == 0 && kernel != 2 &&
-                                  tile_pair_cost(B1, T1, B2, T2, Da, Dg) < ghost_pair_cost(B1, T1, B2, T2, Da, Dg));
+  TORCH_CHECK(kernel != 3 || (amx && algo != 2),
+              "gefx._C: the ghost_pairwise amx kernel needs the ghost algorithm and float32 a and g with unit "
+              "feature stride on a CPU with AMX bf16 tiles (",
+              algo == 2 ? "algo 2 asks for the tile algorithm"
+              : !amx_available() ? (GEFX_AMX ? "this CPU or OS has none" : "this build has no AMX code")
+                                 : "the inputs are not",
+              ")");
+#if GEFX_AMX
+  // Auto: the AMX kernel where its blocks come out large (amx_pays); its ghost flops then count
+  // 1 / kPairAmxSpeedup against the tile algorithm's.
+  const bool amx_auto = amx && kernel == 0 && amx_pays(B1 * T1, B2 * T2, Da, Dg);
+#else
+  const bool amx_auto = false;
+#endif
+  const double ghost_cost = ghost_pair_cost(B1, T1, B2, T2, Da, Dg) / (amx_auto ? kPairAmxSpeedup : 1.0);
+  const bool tile = algo == 2 || (algo == 0 && kernel < 2 && tile_pair_cost(B1, T1, B2, T2, Da, Dg) < ghost_cost);
 #if GEFX_MICRO_AVX512
+#if GEFX_AMX
+  if (!tile && amx && (kernel == 3 || amx_auto)) return ghost_pairwise_amx(va1, vg1, va2, vg2, m1, m2);
+#endif
   // Auto: the micro kernel for small Grams of long features (kPairMicroMaxCells, kPairMicroMinD), BLAS
   // Gram tiles otherwise.
   const double cells = double(B1) * T1 * B2 * T2;
