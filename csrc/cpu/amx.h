@@ -14,14 +14,18 @@
 // treats bf16 subnormals as zero).
 //
 // Tiles: C (16 x 16 float32) += A (16 rows x 32 bf16) B (32 bf16 x 16 columns, stored as 16 rows of
-// 16 column pairs: "VNNI"). A 32 x 32 block of a Gram X Y^T lives in tiles 0-3, its two 16-row tiles
-// of X in 4-5, two 16-column tiles of Y^T in 6-7; one 32-feature step is 24 tile products (six part
-// pairs x four C tiles) with 16 tile loads. The parts are packed per block of rows: X rows as
-// [step][row tile][part][16 x 32] (a row's 32 floats -> three 64-byte rows: 0.13 ns per float), Y
-// rows transposed into VNNI tiles [column tile][step][part][16 x 16 x 2] (0.19 ns per float).
+// 16 column pairs: "VNNI"): C[m][n] += sum_p A[m][2p] B[p][n][0] + A[m][2p + 1] B[p][n][1]. Which
+// features share a pair slot p is free as long as both sides agree: here features j and j + 16 of a
+// 32-feature step, so that both sides' parts come from two float32 vectors by in-lane bit operations
+// (split_pairs: no conversion, no word shuffles). A 32 x 32 block of a Gram X Y^T lives in tiles 0-3,
+// its two 16-row tiles of X in 4-5, two 16-column tiles of Y^T in 6-7; one 32-feature step is 24
+// tile products (six part pairs x four C tiles) with 16 tile loads. X rows are packed per block of
+// rows as [step][row tile][part][16 x 32] (0.11-0.15 ns per float from L2); Y rows per 16 columns
+// and step by two 16 x 16 float transposes, then split_pairs, into [column tile][step][part][16 x 32]
+// (0.22-0.24 ns per float).
 //
 // Packing costs about as much as the tile products at the block sizes the memory cap of ghost.cpp
-// allows (it reads the rows from L3 or DRAM: ~0.5 ns a float at 4096 features, 0.13-0.19 from L2).
+// allows (it reads the rows from L3 or DRAM: ~0.5 ns a float at 4096 features).
 // It overlaps with the tile products only when interleaved at the granularity of four of them
 // (measured: done between 32-feature steps, the two add up): the packer below packs the next 32-row
 // stage (and the next chunk of columns) in small units between each group of four, and prefetches
@@ -98,19 +102,23 @@ struct AmxTiles {
   AmxTiles& operator=(const AmxTiles&) = delete;
 };
 
-// x[0 : n] (n <= 32 valid, zeros past) -> its three bf16 parts, 32 each, in feature order.
-GEFX_AMX_TARGET inline void split32(const float* x, int64_t n, __m512i* p0, __m512i* p1, __m512i* p2) {
-  const __m512i top = _mm512_set1_epi32(int(0xFFFF0000u));
-  const __m512 lo = _mm512_maskz_loadu_ps(lane_mask(n), x), hi = _mm512_maskz_loadu_ps(lane_mask(n - 16), x + 16);
-  const __m512 lo0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(lo), top));
-  const __m512 hi0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(hi), top));
-  const __m512 lr = _mm512_sub_ps(lo, lo0), hr = _mm512_sub_ps(hi, hi0);  // exact
-  const __m512 lo1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(lr), top));
-  const __m512 hi1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(hr), top));
-  // x0, x1 are bf16 values already (conversion exact); x2 = the rest, at most 8 significant bits
-  *p0 = (__m512i)_mm512_cvtne2ps_pbh(hi0, lo0);
-  *p1 = (__m512i)_mm512_cvtne2ps_pbh(hi1, lo1);
-  *p2 = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(hr, hi1), _mm512_sub_ps(lr, lo1));
+// The three bf16 parts of two float32 vectors, as 16 dword pairs each: pair j = (part of lo[j],
+// part of hi[j]) (lo in the low word: the even element of a tile row or VNNI pair). Truncations and
+// exact differences: x0 = top 16 bits of x, x1 = top 16 bits of x - x0, x2 = x - x0 - x1 (at most 8
+// significant bits: its low 16 bits are zero).
+GEFX_AMX_TARGET inline __m512 keep_top16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(int(0xFFFF0000u))));
+}
+GEFX_AMX_TARGET inline __m512i top16_pairs(__m512 l, __m512 h) {  // (h's top word << 16) | l's top word
+  return _mm512_or_si512(_mm512_castps_si512(h), _mm512_maskz_srli_epi32(0xFFFF, _mm512_castps_si512(l), 16));
+}
+GEFX_AMX_TARGET inline void split_pairs(__m512 lo, __m512 hi, __m512i* p0, __m512i* p1, __m512i* p2) {
+  const __m512 l0 = keep_top16(lo), h0 = keep_top16(hi);
+  const __m512 lr = _mm512_sub_ps(lo, l0), hr = _mm512_sub_ps(hi, h0);  // exact
+  const __m512 l1 = keep_top16(lr), h1 = keep_top16(hr);
+  *p0 = top16_pairs(l0, h0);  // (h0, h1 and the last parts have zero low words)
+  *p1 = top16_pairs(l1, h1);
+  *p2 = top16_pairs(_mm512_sub_ps(lr, l1), _mm512_sub_ps(hr, h1));  // exact, bf16-representable
 }
 
 // In-register transpose of a 16 x 16 matrix of 32-bit elements (r[i] = row i): dword, qword and
@@ -154,9 +162,9 @@ struct AmxPacker {
   const float* const* y = nullptr;
   uint16_t* bp = nullptr;
   int64_t yk0 = 0, ykn = 0, yns = 0, nbu = 0, ub = 0;  // B job: units done ub of nbu
-  alignas(64) uint16_t tmp[3][16][32];
+  alignas(64) float tmp[2][16][16];
 
-  static constexpr int kBUnits = 7;  // per (column tile, step): 4 splits of 4 rows, 3 transposes
+  static constexpr int kBUnits = 6;  // per (column tile, step): 2 transposes, 4 x 4 VNNI rows
 
   void start_a(const float* const* rows, int64_t f0, int64_t nf, uint16_t* dst) {
     x = rows, k0 = f0, kn = nf, ns = divup(nf, kAmxStep), ap = dst, ra = 0;
@@ -169,42 +177,50 @@ struct AmxPacker {
     nbu = kBUnits * (ncols / 16) * yns;
   }
 
+  // A tile row r of each step: features (j, j + 16) as pair j, for j < 16 (the B tiles pair them
+  // alike; any pairing works as long as both sides share it).
   GEFX_AMX_TARGET void a_row(int r) {
     if (px)
       for (int64_t f = 0; f < pkn; f += 16) _mm_prefetch(reinterpret_cast<const char*>(px[r] + pk0 + f), _MM_HINT_T1);
     const float* xr = x[r] + k0;
     for (int64_t s = 0; s < ns; ++s) {
+      const int64_t n = kn - s * kAmxStep;
       __m512i p0, p1, p2;
-      split32(xr + s * kAmxStep, kn - s * kAmxStep, &p0, &p1, &p2);
+      split_pairs(_mm512_maskz_loadu_ps(lane_mask(n), xr + s * kAmxStep),
+                  _mm512_maskz_loadu_ps(lane_mask(n - 16), xr + s * kAmxStep + 16), &p0, &p1, &p2);
       uint16_t* d = ap + ((s * 2 + r / 16) * 3) * kAmxTile + (r % 16) * 32;
       _mm512_store_si512(d, p0);
       _mm512_store_si512(d + kAmxTile, p1);
       _mm512_store_si512(d + 2 * kAmxTile, p2);
     }
   }
+  // B tiles of (column tile t, step s) in kBUnits units: 0, 1 load the 16 columns' features 0-15,
+  // 16-31 and transpose them (tmp[0], tmp[1]: row p = feature p (+ 16) of the 16 columns); 2-5 make
+  // VNNI rows 4 (v - 2) .. 4 (v - 2) + 3 of the three part tiles: row p = pairs (feature p, p + 16).
   GEFX_AMX_TARGET void b_unit(int64_t u) {
     const int64_t w = u / kBUnits, v = u % kBUnits, t = w / yns, s = w % yns;
-    if (v < 4) {
-      for (int c = 4 * int(v); c < 4 * int(v) + 4; ++c) {
-        if (s == 0)
-          for (int64_t f = 0; f < ypn; f += 16)
-            _mm_prefetch(reinterpret_cast<const char*>(y[t * 16 + c] + yk0 + ykn + f), _MM_HINT_T1);
-        __m512i p0, p1, p2;
-        split32(y[t * 16 + c] + yk0 + s * kAmxStep, ykn - s * kAmxStep, &p0, &p1, &p2);
-        _mm512_store_si512(tmp[0][c], p0);
-        _mm512_store_si512(tmp[1][c], p1);
-        _mm512_store_si512(tmp[2][c], p2);
+    if (v < 2) {
+      const int64_t n = ykn - s * kAmxStep - 16 * v;
+      const __mmask16 m = lane_mask(n);
+      __m512i r[16];
+      for (int c = 0; c < 16; ++c) {
+        const float* yc = y[t * 16 + c] + yk0;
+        if (s == 0 && v == 0)
+          for (int64_t f = 0; f < ypn; f += 16) _mm_prefetch(reinterpret_cast<const char*>(yc + ykn + f), _MM_HINT_T1);
+        r[c] = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, yc + s * kAmxStep + 16 * v));
       }
+      transpose16(r);
+      for (int p = 0; p < 16; ++p) _mm512_store_si512(tmp[v][p], r[p]);
       return;
     }
-    // part v - 4 of the 16 rows: row c holds column c's 16 feature pairs; transposed, row p holds
-    // feature pair p of the 16 columns (VNNI)
-    const int part = int(v - 4);
-    __m512i p[16];
-    for (int c = 0; c < 16; ++c) p[c] = _mm512_load_si512(tmp[part][c]);
-    transpose16(p);
-    uint16_t* d = bp + ((t * yns + s) * 3 + part) * kAmxTile;
-    for (int q = 0; q < 16; ++q) _mm512_store_si512(d + q * 32, p[q]);
+    uint16_t* d = bp + (t * yns + s) * 3 * kAmxTile;
+    for (int p = 4 * int(v - 2); p < 4 * int(v - 2) + 4; ++p) {
+      __m512i p0, p1, p2;
+      split_pairs(_mm512_load_ps(tmp[0][p]), _mm512_load_ps(tmp[1][p]), &p0, &p1, &p2);
+      _mm512_store_si512(d + p * 32, p0);
+      _mm512_store_si512(d + kAmxTile + p * 32, p1);
+      _mm512_store_si512(d + 2 * kAmxTile + p * 32, p2);
+    }
   }
   GEFX_AMX_TARGET inline void work(int na, int nb) {
     for (int i = 0; i < na && ra < kAmxBlock; ++i) a_row(ra++);
