@@ -349,14 +349,20 @@ at::Tensor ghost_pairwise_micro(const View3& a1, const View3& g1, const View3& a
 // and two B packing buffers of kc features (6 bytes a feature: three bf16 parts).
 //
 // Block sizes from the padded row counts only, within the memory rule of the BLAS tiles (a thread's
-// scratch <= 1/8 of the n1 x n2 Gram, or kPairMicroFloor elements): the pair (rc, nb) of powers of two
-// with the cheapest packing (set 1 is packed once per column block, set 2 once per row block, at ~0.15
-// and ~0.25 ns a float) that leaves >= kPairMicroItems items where the rows allow; kc = 128 features
-// where that fits, else 64.
+// scratch <= 1/8 of the n1 x n2 Gram, or kPairMicroFloor elements): the (rc, nb, kc), powers of two,
+// with the cheapest packing (set 1 is packed once per column block, set 2 once per row block, at
+// ~0.15 and ~0.23 ns a float from L2: weights 1 and 1.2; chunks of 32 features cost ~12% more in tile
+// reloads and short packing units than 64 or 128) that leaves >= kPairMicroItems items where the rows
+// allow. Measured on the VM of bench/RESULTS.md: 128 x 64 x 32 at 512 x 512 tokens (a 1 MiB Gram: 100
+// KiB a thread) runs 10-15% faster than 256 x 32 x 64 and 64 x 128 x 32; 512 x 256 x 128 from 2048 x
+// 2048 tokens.
 constexpr int64_t kPairAmxMaxRows = 512, kPairAmxMaxCols = 256;
-// Auto uses it where the blocks come out at least kPairAmxMinCells: below, packing outweighs the tile
-// products (512 x 512 tokens at 1024 features: 0.9-1.0x the reference with 64 x 64 or 256 x 32 blocks).
-constexpr int64_t kPairAmxMinCells = 128 * 64, kPairAmxMinD = 512;
+// Auto uses it (unless the micro kernel's rule holds) for >= kPairAmxMinD features where the blocks
+// come out at least kPairAmxMinCells: there it ran 1.0-1.5x the reference, the BLAS tiles 0.9-1.0x
+// (bench/RESULTS.md). Its rate against the BLAS tiles' (kPairAmxSpeedup) weighs its flops against the
+// tile algorithm's: e.g. 2048 x 2048 tokens at 1024 features, 1.5-1.9x the reference against the tile
+// algorithm's 1.6x.
+constexpr int64_t kPairAmxMinCells = 128 * 32, kPairAmxMinD = 512;
 constexpr double kPairAmxSpeedup = 2.0;
 
 int64_t pair_amx_bytes(int64_t rc, int64_t nb, int64_t kc) {
@@ -600,26 +606,26 @@ at::Tensor ghost_pairwise(const at::Tensor& a1, const at::Tensor& g1, const at::
               : !amx_available() ? (GEFX_AMX ? "this CPU or OS has none" : "this build has no AMX code")
                                  : "the inputs are not",
               ")");
+  // Auto (kernel 0, float32): the micro kernel for small Grams of long features (micro_pays), else the
+  // AMX kernel where its blocks come out large enough (amx_pays; its ghost flops then count
+  // 1 / kPairAmxSpeedup against the tile algorithm's), else BLAS Gram tiles.
+  [[maybe_unused]] bool micro_auto = false, amx_auto = false;
+#if GEFX_MICRO_AVX512
+  const double cells = double(B1) * T1 * B2 * T2;
+  micro_auto = micro && kernel == 0 && std::min(Da, Dg) >= kPairMicroMinD &&
+               std::min(B1 * T1, B2 * T2) >= kPairMicroMinRows && cells <= kPairMicroMaxCells &&
+               cells * double(Da + Dg) <= kPairMicroMaxMacs;
 #if GEFX_AMX
-  // Auto: the AMX kernel where its blocks come out large (amx_pays); its ghost flops then count
-  // 1 / kPairAmxSpeedup against the tile algorithm's.
-  const bool amx_auto = amx && kernel == 0 && amx_pays(B1 * T1, B2 * T2, Da, Dg);
-#else
-  const bool amx_auto = false;
+  amx_auto = amx && kernel == 0 && !micro_auto && amx_pays(B1 * T1, B2 * T2, Da, Dg);
+#endif
 #endif
   const double ghost_cost = ghost_pair_cost(B1, T1, B2, T2, Da, Dg) / (amx_auto ? kPairAmxSpeedup : 1.0);
   const bool tile = algo == 2 || (algo == 0 && kernel < 2 && tile_pair_cost(B1, T1, B2, T2, Da, Dg) < ghost_cost);
 #if GEFX_MICRO_AVX512
+  if (!tile && (kernel == 2 || micro_auto)) return ghost_pairwise_micro(va1, vg1, va2, vg2, m1, m2);
 #if GEFX_AMX
-  if (!tile && amx && (kernel == 3 || amx_auto)) return ghost_pairwise_amx(va1, vg1, va2, vg2, m1, m2);
+  if (!tile && (kernel == 3 || amx_auto)) return ghost_pairwise_amx(va1, vg1, va2, vg2, m1, m2);
 #endif
-  // Auto: the micro kernel for small Grams of long features (kPairMicroMaxCells, kPairMicroMinD), BLAS
-  // Gram tiles otherwise.
-  const double cells = double(B1) * T1 * B2 * T2;
-  const bool micro_pays = std::min(Da, Dg) >= kPairMicroMinD && std::min(B1 * T1, B2 * T2) >= kPairMicroMinRows &&
-                          cells <= kPairMicroMaxCells && cells * double(Da + Dg) <= kPairMicroMaxMacs;
-  if (!tile && micro && (kernel == 2 || (kernel == 0 && micro_pays)))
-    return ghost_pairwise_micro(va1, vg1, va2, vg2, m1, m2);
 #endif
   if (acc == at::kDouble)
     return tile ? tile_algo<double>(va1, vg1, m1, va2, vg2, m2, false)
