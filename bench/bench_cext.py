@@ -142,7 +142,7 @@ def time_ratio(op, d, t, b, rounds: int):
 
 def kernels_table(op: str, cases, rounds: int) -> None:
     """An op's kernels side by side against the reference: BLAS tiles, the AVX-512 micro kernel and,
-    for ghost_pairwise on AMX CPUs, the AMX kernel; "auto picks" names those whose result auto's
+    on AMX CPUs, the AMX kernel; "auto picks" names those whose result auto's
     equals bit for bit (or the tile algorithm's, for ghost_pairwise; "micro=blas": both agree, as can
     happen for a single output)."""
     C = _ext()
@@ -151,8 +151,9 @@ def kernels_table(op: str, cases, rounds: int) -> None:
         print(f"\n({op} micro kernel not available on this CPU/build: kernel table skipped)")
         return
     if op == "dense_dot":
-        kernels = {"blas tiles": lambda args: C.dense_dot(*args, None, 1),
-                   "micro kernel": lambda args: C.dense_dot(*args, None, 2)}
+        kernels = {name: (lambda args, k=k: C.dense_dot(*args, None, k))
+                   for name, k in (("blas tiles", 1), ("micro kernel", 2), ("amx kernel", 3))
+                   if k != 3 or info.get("amx")}
         auto, others = (lambda args: C.dense_dot(*args, None, 0)), {}
     else:
         kernels = {name: (lambda args, k=k: C.ghost_pairwise(*args, None, None, 1, k))

@@ -18,8 +18,9 @@ at::Tensor ghost_pairwise(const at::Tensor& a1, const at::Tensor& g1, const at::
                           const std::optional<at::Tensor>& mask2, int64_t algo, int64_t kernel);
 at::Tensor ghost_self(const at::Tensor& a, const at::Tensor& g, const std::optional<at::Tensor>& mask,
                       int64_t algo);
-// kernel: 0 = auto (micro when eligible), 1 = BLAS product tiles, 2 = the AVX-512 micro kernel
-// (float32 a and g with unit feature stride; an error where it does not apply).
+// kernel: 0 = auto, 1 = BLAS product tiles, 2 = the AVX-512 micro kernel, 3 = AMX bf16 tiles at
+// float32 accuracy (2 and 3: float32 a and g with unit feature stride on a CPU that has them; an
+// error where they do not apply).
 at::Tensor dense_dot(const at::Tensor& a, const at::Tensor& g, const at::Tensor& m,
                      const std::optional<at::Tensor>& mask, int64_t kernel);
 at::Tensor embedding_pairwise(const at::Tensor& ids1, const at::Tensor& g1, const at::Tensor& ids2,

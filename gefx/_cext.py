@@ -8,13 +8,12 @@ The functions take CPU tensors of dtype float64/32/16 or bfloat16 with any strid
 else (CUDA tensors, ...) they return ``NotImplemented`` and ``gefx.backends`` falls back to the
 torch reference. ``GEFX_CEXT_ALGO=auto|ghost|tile`` (read at each call, default auto) picks the
 algorithm of the two ghost ops: token Gram tiles, per-sample weight-gradient blocks, or the one
-with fewer flops (both exact). ``dense_dot`` runs the AVX-512 micro kernel on float32 inputs with
-unit feature stride where the CPU has AVX-512 (``_C.build_info()["micro_avx512"]``), BLAS product
-tiles otherwise (``_C.dense_dot(..., kernel=1|2)`` forces one; both exact). ``ghost_pairwise`` on
-float32 inputs picks among BLAS Gram tiles, the AVX-512 micro kernel (small Grams of long features)
-and, on CPUs with AMX (``build_info()["amx"]``: Sapphire Rapids and later), bf16 tile products that
-split each float into three bf16 parts, to float32 accuracy (large Grams);
-``_C.ghost_pairwise(..., algo, kernel=1|2|3)`` forces one.
+with fewer flops (both exact). On float32 inputs with unit feature stride, ``dense_dot`` and
+``ghost_pairwise`` pick among BLAS tiles, AVX-512 micro kernels (``_C.build_info()["micro_avx512"]``;
+dense_dot, and ghost_pairwise on small Grams of long features) and, on CPUs with AMX
+(``build_info()["amx"]``: Sapphire Rapids and later; large products), bf16 tile products that split
+each float into three bf16 parts, to float32 accuracy; ``kernel=1|2|3`` forces one
+(``_C.dense_dot(..., kernel)``, ``_C.ghost_pairwise(..., algo, kernel)``).
 """
 from __future__ import annotations
 

@@ -177,7 +177,7 @@ def test_embedding_and_norm_ops(threads, shape, dtype, layout, masks):
 #              32-row stages and 32-column sub-blocks per block, 128 x 64 blocks in chunks of 32 (512 x
 #              512 tokens, auto's choice there), samples spanning blocks, D = 1.
 DENSE_TILING = [(3, 700, 40, 300), (2, 37, 200, 300), (2, 1100, 260, 260), (1, 5, 3, 1), (2, 64, 70, 600),
-                (3, 150, 70, 90), (2, 600, 40, 1030), (1, 50, 9, 2100)]
+                (3, 150, 70, 90), (2, 600, 40, 1030), (1, 50, 9, 2100), (2, 256, 520, 1030)]
 GHOST_TILING = [(3, 400, 2, 70, 24, 40, 1), (5, 100, 7, 16, 8, 12, 1), (2, 600, 1, 9, 16, 20, 0),
                 (1, 512, 1, 512, 200, 200, 2), (1, 1024, 1, 1024, 300, 300, 2),
                 (2, 500, 1, 600, 8, 12, 1), (1, 1030, 1, 4100, 4, 3, 1)]
@@ -187,20 +187,30 @@ GHOST_AMX = [(3, 7, 2, 33, 33, 5), (2, 150, 3, 110, 40, 24), (4, 256, 2, 512, 30
              (4, 128, 4, 128, 520, 1030), (1, 5, 1, 3, 1, 1)]
 MICRO = bool(_cext._C is not None and _cext._C.build_info().get("micro_avx512"))
 AMX = bool(_cext._C is not None and _cext._C.build_info().get("amx"))
-# (kernel, dtype, layout): blas on every dtype and layout; micro where it applies (float32 with unit
-# feature stride, any sample/token strides).
+# (kernel, dtype, layout): blas on every dtype and layout; micro and amx where they apply (float32 with
+# unit feature stride, any sample/token strides).
 DENSE_KERNELS = ([(1, dt, lay) for dt in DTYPES for lay in ("contig", "strided")]
-                 + [(2, torch.float32, lay) for lay in ("contig", "bt_swapped")])
+                 + [(k, torch.float32, lay) for k in (2, 3) for lay in ("contig", "bt_swapped")])
 
 
 def _need_micro(kernel):
     if kernel == 2 and not MICRO:
         pytest.skip("this CPU (or build) has no AVX-512 micro kernels")
+    if kernel == 3 and not AMX:
+        pytest.skip("this CPU (or OS, or build) has no AMX bf16 tiles")
+
+
+def _dense_auto(shape):
+    """dense_dot's automatic kernel for float32 inputs of this (unmasked) shape (dense.cpp)."""
+    B, T, Da, Dg = shape
+    if AMX and min(Da, Dg) >= 512 and B * T * Da * Dg >= 2**28:
+        return 3
+    return 2 if MICRO and B * T >= 384 and Dg != 2100 else 1
 
 
 @pytest.mark.parametrize("shape", DENSE_TILING, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kernel,dtype,layout", DENSE_KERNELS,
-                         ids=lambda v: {1: "blas", 2: "micro"}.get(v, str(v)))
+                         ids=lambda v: {1: "blas", 2: "micro", 3: "amx"}.get(v, str(v)))
 @pytest.mark.parametrize("masks", ["none", "masked"])
 def test_dense_dot_tiling(threads, shape, kernel, dtype, layout, masks):
     _need_micro(kernel)
@@ -212,21 +222,27 @@ def test_dense_dot_tiling(threads, shape, kernel, dtype, layout, masks):
     mm = m if layout == "contig" else m.t().contiguous().t()
     out = gefx._C.dense_dot(_layout(a, layout), _layout(g, layout), mm, mask, kernel)
     _check(out, R.dense_dot, [a, g, m, mask], _abs([a, g, m, mask]), dtype, f"dense_dot[kernel {kernel}]")
-    if kernel == 2 and B * T >= 384 and Dg != 2100:  # float32, B T >= 384, Dg <= 1024 or B T large: auto's choice
+    if kernel > 1 and kernel == _dense_auto(shape):
         assert torch.equal(out, gefx._C.dense_dot(_layout(a, layout), _layout(g, layout), mm, mask))
 
 
-def test_dense_dot_micro_refuses_what_it_cannot_read():
-    _need_micro(2)
+@pytest.mark.parametrize("kernel", [2, 3], ids=["micro", "amx"])
+def test_dense_dot_fast_kernels_refuse_what_they_cannot_run(kernel):
     gen = torch.Generator().manual_seed(5)
     a, g, m = _rand((2, 3, 4), torch.float32, gen), _rand((2, 3, 5), torch.float32, gen), _rand((5, 4), torch.float32, gen)
+    if kernel == 3 and not AMX:
+        with pytest.raises(RuntimeError, match="amx kernel needs .* AMX bf16 tiles"):
+            gefx._C.dense_dot(a, g, m, None, 3)
+        return
+    _need_micro(kernel)
+    name = {2: "micro", 3: "amx"}[kernel]
     for bad in (dict(a=a.bfloat16()), dict(g=g.double()), dict(a=_layout(a, "strided"))):
         args = {"a": a, "g": g, "m": m, **bad}
-        with pytest.raises(RuntimeError, match="micro kernel needs float32 a and g with unit feature stride"):
-            gefx._C.dense_dot(args["a"], args["g"], args["m"], None, 2)
+        with pytest.raises(RuntimeError, match=f"{name} kernel needs float32 a and g with unit feature stride"):
+            gefx._C.dense_dot(args["a"], args["g"], args["m"], None, kernel)
         gefx._C.dense_dot(args["a"], args["g"], args["m"], None, 0)  # auto falls back to blas tiles
     with pytest.raises(RuntimeError, match="kernel must be 0"):
-        gefx._C.dense_dot(a, g, m, None, 3)
+        gefx._C.dense_dot(a, g, m, None, 4)
 
 
 @pytest.mark.parametrize("shape", GHOST_TILING, ids=lambda s: "x".join(map(str, s)))
@@ -331,6 +347,7 @@ def test_results_do_not_depend_on_the_thread_count():
             torch.set_num_threads(n)
             outs.append([gefx._C.dense_dot(a, g, m, mask), gefx._C.dense_dot(a, g, m, None),
                          gefx._C.dense_dot(a, g, m, mask, 1), gefx._C.dense_dot(a[:, :150], g[:, :150], m)]
+                        + ([gefx._C.dense_dot(a, g, m, mask, 3)] if AMX else [])
                         + [gefx._C.ghost_pairwise(a, g, a2, g2, mask, None, algo) for algo in (1, 2)]
                         + ([gefx._C.ghost_pairwise(a, g, a2, g2, mask, None, 1, 2)] if MICRO else [])
                         + ([gefx._C.ghost_pairwise(a, g, a2, g2, mask, None, 1, 3),

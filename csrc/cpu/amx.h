@@ -149,6 +149,15 @@ GEFX_AMX_TARGET inline void transpose16(__m512i r[16]) {
   }
 }
 
+// The B operand of amx_gram: nc columns of D features, given either as rows (rows[c][k], unit
+// feature stride: ghost_pairwise's set 2, transposed while packed) or feature-major (m[k * ld + c]
+// for the first `valid` columns, zero beyond: dense_dot's M[:, column block], packed in place).
+struct AmxCols {
+  const float* const* rows = nullptr;
+  const float* m = nullptr;
+  int64_t ld = 0, valid = 0;
+};
+
 // Packing jobs, done in small units between tile-product groups. A job: the 32 rows x (features
 // [k0, k0 + kn)) of a row block into A tiles, one row per unit; B job: nc rows of the column block,
 // the same features, into VNNI tiles, in units of 4 rows split (into tmp) or one part transposed.
@@ -159,12 +168,13 @@ struct AmxPacker {
   int ra = kAmxBlock;  // next row of the A job (kAmxBlock: none pending)
   const float* const* px = nullptr;  // the rows (and features) the A job after this one packs: prefetched
   int64_t pk0 = 0, pkn = 0;
-  const float* const* y = nullptr;
+  AmxCols y;
   uint16_t* bp = nullptr;
   int64_t yk0 = 0, ykn = 0, yns = 0, nbu = 0, ub = 0;  // B job: units done ub of nbu
   alignas(64) float tmp[2][16][16];
 
-  static constexpr int kBUnits = 6;  // per (column tile, step): 2 transposes, 4 x 4 VNNI rows
+  // B units per (column tile, step): rows: 2 transposes, 4 x 4 VNNI rows; feature-major: 4 x 4 rows
+  int units() const { return y.rows ? 6 : 4; }
 
   void start_a(const float* const* rows, int64_t f0, int64_t nf, uint16_t* dst) {
     x = rows, k0 = f0, kn = nf, ns = divup(nf, kAmxStep), ap = dst, ra = 0;
@@ -172,9 +182,9 @@ struct AmxPacker {
   }
   void prefetch_next(const float* const* rows, int64_t f0, int64_t nf) { px = rows, pk0 = f0, pkn = nf; }
   int64_t ypn = 0;  // features of the B job after this one (from yk0 + ykn on): prefetched
-  void start_b(const float* const* rows, int64_t ncols, int64_t f0, int64_t nf, uint16_t* dst, int64_t next_nf = 0) {
-    y = rows, yk0 = f0, ykn = nf, yns = divup(nf, kAmxStep), bp = dst, ub = 0, ypn = next_nf;
-    nbu = kBUnits * (ncols / 16) * yns;
+  void start_b(const AmxCols& cols, int64_t ncols, int64_t f0, int64_t nf, uint16_t* dst, int64_t next_nf = 0) {
+    y = cols, yk0 = f0, ykn = nf, yns = divup(nf, kAmxStep), bp = dst, ub = 0, ypn = next_nf;
+    nbu = units() * (ncols / 16) * yns;
   }
 
   // A tile row r of each step: features (j, j + 16) as pair j, for j < 16 (the B tiles pair them
@@ -194,17 +204,36 @@ struct AmxPacker {
       _mm512_store_si512(d + 2 * kAmxTile, p2);
     }
   }
-  // B tiles of (column tile t, step s) in kBUnits units: 0, 1 load the 16 columns' features 0-15,
-  // 16-31 and transpose them (tmp[0], tmp[1]: row p = feature p (+ 16) of the 16 columns); 2-5 make
-  // VNNI rows 4 (v - 2) .. 4 (v - 2) + 3 of the three part tiles: row p = pairs (feature p, p + 16).
+  // B tiles of (column tile t, step s) in units(): from rows, 0 and 1 load the 16 columns' features
+  // 0-15, 16-31 and transpose them (tmp[0], tmp[1]: row p = feature p (+ 16) of the 16 columns),
+  // 2-5 make VNNI rows 4 (v - 2) .. 4 (v - 2) + 3 of the three part tiles: row p = pairs (feature
+  // p, p + 16); feature-major, unit v makes VNNI rows 4 v .. 4 v + 3 straight from rows of m.
   GEFX_AMX_TARGET void b_unit(int64_t u) {
-    const int64_t w = u / kBUnits, v = u % kBUnits, t = w / yns, s = w % yns;
+    const int64_t w = u / units(), v = u % units(), t = w / yns, s = w % yns;
+    uint16_t* d = bp + (t * yns + s) * 3 * kAmxTile;
+    if (!y.rows) {
+      const __mmask16 cm = lane_mask(y.valid - 16 * t);
+      const int64_t n = ykn - s * kAmxStep;  // features left in this step
+      const float* mk = y.m + (yk0 + s * kAmxStep) * y.ld + 16 * t;
+      if (s == 0)  // the next chunk's rows of this column tile, a quarter per unit
+        for (int64_t j = v; j < ypn; j += 4) _mm_prefetch(reinterpret_cast<const char*>(mk + (ykn + j) * y.ld), _MM_HINT_T1);
+      for (int p = 4 * int(v); p < 4 * int(v) + 4; ++p) {
+        const __m512 lo = _mm512_maskz_loadu_ps(p < n ? cm : __mmask16(0), mk + p * y.ld);
+        const __m512 hi = _mm512_maskz_loadu_ps(p + 16 < n ? cm : __mmask16(0), mk + (p + 16) * y.ld);
+        __m512i p0, p1, p2;
+        split_pairs(lo, hi, &p0, &p1, &p2);
+        _mm512_store_si512(d + p * 32, p0);
+        _mm512_store_si512(d + kAmxTile + p * 32, p1);
+        _mm512_store_si512(d + 2 * kAmxTile + p * 32, p2);
+      }
+      return;
+    }
     if (v < 2) {
       const int64_t n = ykn - s * kAmxStep - 16 * v;
       const __mmask16 m = lane_mask(n);
       __m512i r[16];
       for (int c = 0; c < 16; ++c) {
-        const float* yc = y[t * 16 + c] + yk0;
+        const float* yc = y.rows[t * 16 + c] + yk0;
         if (s == 0 && v == 0)
           for (int64_t f = 0; f < ypn; f += 16) _mm_prefetch(reinterpret_cast<const char*>(yc + ykn + f), _MM_HINT_T1);
         r[c] = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, yc + s * kAmxStep + 16 * v));
@@ -213,7 +242,6 @@ struct AmxPacker {
       for (int p = 0; p < 16; ++p) _mm512_store_si512(tmp[v][p], r[p]);
       return;
     }
-    uint16_t* d = bp + (t * yns + s) * 3 * kAmxTile;
     for (int p = 4 * int(v - 2); p < 4 * int(v - 2) + 4; ++p) {
       __m512i p0, p1, p2;
       split_pairs(_mm512_load_ps(tmp[0][p]), _mm512_load_ps(tmp[1][p]), &p0, &p1, &p2);
@@ -275,7 +303,7 @@ inline int64_t amx_b_elems(int64_t nc, int64_t kc) { return nc * divup(kc, kAmxS
 // block); while a stage's tile products run, the packer fills the other buffer of ab with the next
 // stage's rows and, over a chunk's stages, the other buffer of bb with the next chunk's columns.
 // The tile registers must be configured (AmxTiles).
-GEFX_AMX_TARGET inline void amx_gram(const float* const* x, const float* const* y, int64_t nr, int64_t nc, int64_t D,
+GEFX_AMX_TARGET inline void amx_gram(const float* const* x, const AmxCols& y, int64_t nr, int64_t nc, int64_t D,
                                      int64_t kc, float* C, int64_t ld, uint16_t* const ab[2], uint16_t* const bb[2]) {
   const int64_t nk = divup(D, kc), nq = nr / kAmxBlock;
   AmxPacker pk;

@@ -1,23 +1,26 @@
 // dense_dot: v[b] = sum_t g_bt^T M a_bt (the inner product of each sample's weight gradient
-// G_b^T A_b with a dense matrix M [out, in], e.g. an aggregated gradient), two exact kernels:
+// G_b^T A_b with a dense matrix M [out, in], e.g. an aggregated gradient), three exact kernels:
 //
 //   micro  (float32 a and g with unit feature stride, on a CPU with AVX-512, where its scratch fits
 //          the budget; the default there): the register-blocked micro kernel of micro.h. For 6 rows r and 64 in
 //          features at a time it forms y_r = g_r^T M[:, 64 features] in 24 vector accumulators (g
 //          read in place) and at once adds y_r . a_r to r's partial sum; M is read through a packed
 //          panel (Dg x 64) reused by every row. No [rows, features] product exists at all.
+//   amx    (the same inputs on a CPU with AMX bf16 tiles, for long products of wide layers; the
+//          default there): Z = G[rows] M[:, block] from the AMX Gram blocks of amx.h (float32 to
+//          float32 accuracy), each Z row dotted with a at once.
 //   blas   (anything else: float64, half inputs, strided features, other CPUs, few rows): 2-D
 //          product tiles Z = A[rows] M[o-block]^T from single-threaded BLAS calls, each tile dotted
 //          with G at once (the tile is the scratch).
 //
-// Why two: the reference is one multithreaded GEMM at the machine's peak. BLAS on small,
+// Why several: the reference is one multithreaded GEMM at the machine's peak. BLAS on small,
 // memory-capped tiles repacks both operands on every call and runs a few % below it at 1024
 // features; the micro kernel packs each panel of M once per row block and reads g and a in place.
 // Work items, block sizes and summation orders depend on the shapes only: the result does not
 // depend on the number of threads.
 #include "../gefx_ops.h"
+#include "amx.h"
 #include "common.h"
-
 #include "micro.h"
 
 #include <cmath>
@@ -146,7 +149,8 @@ struct MicroRows {
   std::vector<float> part;
   int64_t N = 0, ntiles = 0;
 
-  MicroRows(const View3& va, const View3& vg, const MaskView& mask, int64_t groups) : N(va.B * va.T) {
+  MicroRows(const View3& va, const View3& vg, const MaskView& mask, int64_t groups, int64_t pad = kMR)
+      : N(va.B * va.T) {
     part.assign(groups * N, 0.f);
     for (int64_t b = 0; b < va.B; ++b)
       for (int64_t t = 0; t < va.T; ++t)
@@ -155,12 +159,12 @@ struct MicroRows {
           a.push_back(static_cast<const float*>(va.ptr) + b * va.sb + t * va.st);
           row.push_back(b * va.T + t);
         }
-    while (!g.empty() && g.size() % kMR != 0) {
+    while (!g.empty() && g.size() % pad != 0) {
       g.push_back(g.back());
       a.push_back(a.back());
       row.push_back(-1);
     }
-    ntiles = static_cast<int64_t>(g.size()) / kMR;
+    ntiles = static_cast<int64_t>(g.size()) / kMR;  // (micro kernel: pad = kMR)
   }
 
   // Micro-tile i against the chunk P = M[o0 : o0 + no, k : k + nk] of a panel, into group grp's
@@ -241,6 +245,90 @@ at::Tensor dense_dot_micro(const View3& a, const View3& g, const float* pm, int6
 
 #endif  // GEFX_MICRO_AVX512
 
+// ------------------------------------------------------------------------------ AMX kernel
+#if GEFX_AMX
+
+// y_r . a_r with y_r = g_r^T M[:, block] from the AMX Gram blocks of amx.h (float32 to float32
+// accuracy on the bf16 tile unit): a work item is a block of rc active rows (padded to 32) x nb in
+// features; Z = G[rows] M[:, block] (rc x nb, float32, Dg in chunks of kc, M packed straight from
+// its rows: no transpose) and then, per row, Z[r] . a_r[block] into the row's partial sum of that
+// column block (group): one term per group, summed in group order (sum_rows). Scratch per thread:
+// Z and two A and two B packing buffers.
+//
+// Blocks from the shapes only (dense_amx_blocks): the (rc, nb, kc), powers of two, with the cheapest
+// packing (g rows are repacked once per column block, M once per row block, at ~0.15 and ~0.12 ns a
+// float: weights 1 and 0.8; chunks of 32 ~12% dearer) within the budget E (dense_budget, 4 E bytes)
+// that leaves >= kDenseItems items where the rows allow.
+constexpr int64_t kDenseAmxMaxRows = 512, kDenseAmxMaxCols = 256;
+
+void dense_amx_blocks(int64_t n, int64_t Da, int64_t Dg, int64_t* rc, int64_t* nb, int64_t* kc) {
+  const int64_t budget = 4 * dense_budget(n, Dg);
+  const int64_t cols = divup(Da, kAmxBlock) * kAmxBlock;
+  const int64_t max_items = divup(n, kAmxBlock) * divup(cols, kAmxBlock);
+  double best = -1;
+  *rc = *nb = *kc = kAmxBlock;
+  for (int64_t k : {int64_t(128), int64_t(64), int64_t(32)})
+    for (int64_t r = kAmxBlock; r <= std::min(kDenseAmxMaxRows, n); r *= 2)
+      for (int64_t c = kAmxBlock; c <= std::min(kDenseAmxMaxCols, cols); c *= 2) {
+        if (4 * r * c + 4 * (amx_a_elems(k) + amx_b_elems(c, k)) > budget) continue;
+        if (divup(n, r) * divup(cols, c) < std::min(kDenseItems, max_items)) continue;
+        const double score = (k == 32 ? 0.88 : 1.0) / (1.0 / c + 0.8 / r);
+        if (score > best) best = score, *rc = r, *nb = c, *kc = k;
+      }
+}
+
+// Auto uses it from kDenseAmxMinD features on both sides and kDenseAmxMinMacs multiply-adds (N Da Dg):
+// there it ran 1.2-1.9x the reference on the VM of bench/RESULTS.md, the micro kernel 1.03-1.4x
+// (e.g. 512 tokens at 1024 features: 1.20-1.25x vs 1.06-1.09x); below, the micro kernel is as fast
+// or faster (256 tokens at 1024 features: 1.24 vs 1.26x; at 256 features 1.1-1.4x vs 1.3-1.6x).
+constexpr int64_t kDenseAmxMinD = 512;
+constexpr double kDenseAmxMinMacs = double(1 << 28);
+
+bool dense_amx_pays(int64_t N, int64_t Da, int64_t Dg) {
+  return std::min(Da, Dg) >= kDenseAmxMinD && double(N) * Da * Dg >= kDenseAmxMinMacs;
+}
+
+at::Tensor dense_dot_amx(const View3& a, const View3& g, const float* pm, int64_t ldm, const MaskView& mask) {
+  const int64_t B = a.B, T = a.T, Da = a.D, Dg = g.D;
+  int64_t n = 0;  // active rows, padded to 32
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) n += mask.active(b, t) ? 1 : 0;
+  if (n == 0) return at::zeros({B}, at::TensorOptions().dtype(at::kFloat));
+  n = divup(n, kAmxBlock) * kAmxBlock;
+  int64_t rc = 0, nb = 0, kc = 0;
+  dense_amx_blocks(n, Da, Dg, &rc, &nb, &kc);
+  const int64_t nrb = divup(n, rc), ncb = divup(Da, nb);
+  MicroRows rows(a, g, mask, ncb, kAmxBlock);
+  at::parallel_for(0, nrb * ncb, 1, [&](int64_t lo, int64_t hi) {
+    const int64_t na = amx_a_elems(kc), nbe = amx_b_elems(nb, kc);
+    Scratch<float> scratch;
+    float* z = scratch.get(rc * nb + na + nbe);
+    uint16_t* packs = reinterpret_cast<uint16_t*>(z + rc * nb);
+    uint16_t* const ab[2] = {packs, packs + na};
+    uint16_t* const bb[2] = {packs + 2 * na, packs + 2 * na + nbe};
+    AmxTiles tiles;
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t cb = item / nrb, q0 = (item % nrb) * rc, nr = std::min(rc, n - q0);
+      const int64_t c0 = cb * nb, nv = std::min(nb, Da - c0), nc = divup(nv, kAmxBlock) * kAmxBlock;
+      amx_gram(rows.g.data() + q0, AmxCols{nullptr, pm + c0, ldm, nv}, nr, nc, Dg, kc, z, nb, ab, bb);
+      float* part = rows.part.data() + cb * rows.N;
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t q = rows.row[q0 + r];
+        if (q < 0) break;
+        const float* zr = z + r * nb;
+        const float* ar = rows.a[q0 + r] + c0;
+        float x = 0;
+#pragma omp simd reduction(+ : x)
+        for (int64_t i = 0; i < nv; ++i) x += zr[i] * ar[i];
+        part[q] += x;
+      }
+    }
+  });
+  return sum_rows(rows.part, ncb, B, T);
+}
+
+#endif  // GEFX_AMX
+
 }  // namespace
 
 at::Tensor dense_dot(const at::Tensor& a, const at::Tensor& g, const at::Tensor& m,
@@ -252,8 +340,8 @@ at::Tensor dense_dot(const at::Tensor& a, const at::Tensor& g, const at::Tensor&
   TORCH_CHECK(is_float_dtype(m.scalar_type()), "gefx._C: m must be a floating-point tensor, got ", m.scalar_type());
   TORCH_CHECK(m.dim() == 2 && m.size(0) == g.size(2) && m.size(1) == a.size(2), "gefx._C: m must be [out, in] = [",
               g.size(2), ", ", a.size(2), "], got ", m.sizes());
-  TORCH_CHECK(kernel >= 0 && kernel <= 2, "gefx._C: dense_dot kernel must be 0 (auto), 1 (blas) or 2 (micro), got ",
-              kernel);
+  TORCH_CHECK(kernel >= 0 && kernel <= 3,
+              "gefx._C: dense_dot kernel must be 0 (auto), 1 (blas), 2 (micro) or 3 (amx), got ", kernel);
   const at::ScalarType acc = acc_type_of({&a, &g, &m});
   const int64_t B = a.size(0), T = a.size(1);
   if (B == 0 || T == 0 || a.size(2) == 0 || g.size(2) == 0) return at::zeros({B}, at::TensorOptions().dtype(acc));
@@ -266,11 +354,22 @@ at::Tensor dense_dot(const at::Tensor& a, const at::Tensor& g, const at::Tensor&
                             : m.to(acc).contiguous();
   const int64_t ldm = g.size(2) == 1 ? a.size(2) : mc.stride(0);
   const bool micro = micro_eligible(va, vg, acc);
+  const bool amx = micro && amx_available();
   TORCH_CHECK(kernel != 2 || micro, "gefx._C: the dense_dot micro kernel needs float32 a and g with unit feature "
               "stride on a CPU with AVX-512 (", micro_available() ? "the inputs are not" : "this CPU has none",
               ")");
+  TORCH_CHECK(kernel != 3 || amx, "gefx._C: the dense_dot amx kernel needs float32 a and g with unit feature "
+              "stride on a CPU with AMX bf16 tiles (",
+              !amx_available() ? (GEFX_AMX ? "this CPU or OS has none" : "this build has no AMX code")
+                               : "the inputs are not",
+              ")");
+#if GEFX_AMX
+  // Auto: the AMX kernel for long products of wide layers (dense_amx_pays), else the micro kernel
+  // where one of its layouts fits the budget, else BLAS tiles.
+  if (kernel == 3 || (kernel == 0 && amx && dense_amx_pays(B * T, a.size(2), g.size(2))))
+    return dense_dot_amx(va, vg, mc.data_ptr<float>(), ldm, mv);
+#endif
 #if GEFX_MICRO_AVX512
-  // Auto: the micro kernel where one of its layouts fits the budget, BLAS tiles otherwise.
   if (micro && (kernel == 2 || (kernel == 0 && micro_layout(B * T, g.size(2)) != 0)))
     return dense_dot_micro(va, vg, mc.data_ptr<float>(), ldm, mv);
 #endif

@@ -408,8 +408,8 @@ at::Tensor ghost_pairwise_amx(const View3& a1, const View3& g1, const View3& a2,
     AmxTiles tiles;
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t q0 = work.q0(it), c0 = work.c0(it), nr = work.nr(it), nc = work.nc(it);
-      amx_gram(r1.a.data() + q0, r2.a.data() + c0, nr, nc, a1.D, kc, ga, nb, ab, bb);
-      amx_gram(r1.g.data() + q0, r2.g.data() + c0, nr, nc, g1.D, kc, gg, nb, ab, bb);
+      amx_gram(r1.a.data() + q0, AmxCols{r2.a.data() + c0}, nr, nc, a1.D, kc, ga, nb, ab, bb);
+      amx_gram(r1.g.data() + q0, AmxCols{r2.g.data() + c0}, nr, nc, g1.D, kc, gg, nb, ab, bb);
       work.add(it, ga, gg, nb);
     }
   });
