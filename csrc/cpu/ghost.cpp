@@ -340,6 +340,9 @@ at::Tensor ghost_pairwise_micro(const View3& a1, const View3& g1, const View3& a
 }
 
 // ---------------------------------------------------------------- ghost pairwise, AMX kernel
+// The AMX kernel's rate against the BLAS tiles' on ghost flops (amx_pays below).
+constexpr double kPairAmxSpeedup = 2.0;
+
 #if GEFX_AMX
 
 // The same sum with the AMX Gram blocks of amx.h (float32 to float32 accuracy on the bf16 tile unit):
@@ -363,7 +366,6 @@ constexpr int64_t kPairAmxMaxRows = 512, kPairAmxMaxCols = 256;
 // tile algorithm's: e.g. 2048 x 2048 tokens at 1024 features, 1.5-1.9x the reference against the tile
 // algorithm's 1.6x.
 constexpr int64_t kPairAmxMinCells = 128 * 32, kPairAmxMinD = 512;
-constexpr double kPairAmxSpeedup = 2.0;
 
 int64_t pair_amx_bytes(int64_t rc, int64_t nb, int64_t kc) {
   return 8 * rc * nb + 2 * 2 * (amx_a_elems(kc) + amx_b_elems(nb, kc));
