@@ -340,9 +340,6 @@ at::Tensor ghost_pairwise_micro(const View3& a1, const View3& g1, const View3& a
 }
 
 // ---------------------------------------------------------------- ghost pairwise, AMX kernel
-// The AMX kernel's rate against the BLAS tiles' on ghost flops (amx_pays below).
-constexpr double kPairAmxSpeedup = 2.0;
-
 #if GEFX_AMX
 
 // The same sum with the AMX Gram blocks of amx.h (float32 to float32 accuracy on the bf16 tile unit):
@@ -546,7 +543,11 @@ at::Tensor ghost_self_ghost(const View3& a, const View3& g, const MaskView& m) {
   return part.sum(1);
 }
 
-// Flops (multiply-adds) of each algorithm, the tile one weighted by its block size's GEMM rate.
+// Flops (multiply-adds) of each algorithm, the tile one weighted by its block size's GEMM rate; the
+// ghost algorithm's count 1 / kPairAmxSpeedup where the AMX kernel runs it (its rate against the
+// BLAS tiles', see amx_pays).
+constexpr double kPairAmxSpeedup = 2.0;
+
 double ghost_pair_cost(int64_t B1, int64_t T1, int64_t B2, int64_t T2, int64_t Da, int64_t Dg) {
   return double(B1) * B2 * T1 * T2 * (Da + Dg);
 }
