@@ -294,9 +294,46 @@ GEFX_AMX_TARGET inline void amx_step(const uint16_t* a0, const uint16_t* a1, con
 }
 #undef GEFX_AMX_TDP4
 
-// Packed bytes of one buffer: A (a 32-row block) and B (nc columns) for kc features.
+// bf16 elements of one packing buffer: A (a 32-row block) and B (nc columns) for kc features.
 inline int64_t amx_a_elems(int64_t kc) { return kAmxBlock * divup(kc, kAmxStep) * kAmxStep * 3; }
 inline int64_t amx_b_elems(int64_t nc, int64_t kc) { return nc * divup(kc, kAmxStep) * kAmxStep * 3; }
+
+// A thread's scratch for amx_gram work items: `floats` floats (the callers' Gram blocks) followed by
+// the two A and two B packing buffers for nc columns and chunks of kc features, one allocation.
+struct AmxScratch {
+  Scratch<float> buf;
+  float* floats;
+  uint16_t* ab[2];
+  uint16_t* bb[2];
+  static int64_t pack_bytes(int64_t nc, int64_t kc) { return 2 * 2 * (amx_a_elems(kc) + amx_b_elems(nc, kc)); }
+  AmxScratch(int64_t nfloats, int64_t nc, int64_t kc) {
+    const int64_t na = amx_a_elems(kc), nb = amx_b_elems(nc, kc);  // multiples of 32: 64-byte aligned
+    floats = buf.get(nfloats + na + nb);
+    uint16_t* p = reinterpret_cast<uint16_t*>(floats + nfloats);
+    ab[0] = p, ab[1] = p + na, bb[0] = p + 2 * na, bb[1] = p + 2 * na + nb;
+  }
+};
+
+// Work-item blocks for amx_gram over n1 rows x n2 columns (multiples of 32): the powers of two rc <=
+// max_rows, nc <= max_cols and kc in {128, 64, 32} with the cheapest packing (rows are packed once
+// per column block, columns once per row block: cost per float ~ 1 / nc + wcol / rc; chunks of 32
+// features ~12% dearer in tile reloads and short packing units) such that cell_bytes rc nc bytes of
+// Gram blocks plus the packs fit `budget` bytes and >= min_items items remain where the sizes allow.
+// From the shapes only (never the thread count).
+inline void amx_blocks(int64_t n1, int64_t n2, int64_t max_rows, int64_t max_cols, int64_t cell_bytes, double wcol,
+                       int64_t budget, int64_t min_items, int64_t* rc, int64_t* nc, int64_t* kc) {
+  const int64_t max_items = divup(n1, kAmxBlock) * divup(n2, kAmxBlock);
+  double best = -1;
+  *rc = *nc = *kc = kAmxBlock;
+  for (int64_t k : {int64_t(128), int64_t(64), int64_t(32)})
+    for (int64_t r = kAmxBlock; r <= std::min(max_rows, n1); r *= 2)
+      for (int64_t c = kAmxBlock; c <= std::min(max_cols, n2); c *= 2) {
+        if (cell_bytes * r * c + AmxScratch::pack_bytes(c, k) > budget) continue;
+        if (divup(n1, r) * divup(n2, c) < std::min(min_items, max_items)) continue;
+        const double score = (k == 32 ? 0.88 : 1.0) / (wcol / r + 1.0 / c);
+        if (score > best) best = score, *rc = r, *nc = c, *kc = k;
+      }
+}
 
 // C[q, c] (row-major, ld floats) = x_q . y_c over the features [0, D) for q < nr, c < nc (both
 // multiples of 32), with the features in chunks of kc (a multiple of 32). Stages: (chunk, 32-row

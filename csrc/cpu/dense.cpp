@@ -262,19 +262,8 @@ at::Tensor dense_dot_micro(const View3& a, const View3& g, const float* pm, int6
 constexpr int64_t kDenseAmxMaxRows = 512, kDenseAmxMaxCols = 256;
 
 void dense_amx_blocks(int64_t n, int64_t Da, int64_t Dg, int64_t* rc, int64_t* nb, int64_t* kc) {
-  const int64_t budget = 4 * dense_budget(n, Dg);
-  const int64_t cols = divup(Da, kAmxBlock) * kAmxBlock;
-  const int64_t max_items = divup(n, kAmxBlock) * divup(cols, kAmxBlock);
-  double best = -1;
-  *rc = *nb = *kc = kAmxBlock;
-  for (int64_t k : {int64_t(128), int64_t(64), int64_t(32)})
-    for (int64_t r = kAmxBlock; r <= std::min(kDenseAmxMaxRows, n); r *= 2)
-      for (int64_t c = kAmxBlock; c <= std::min(kDenseAmxMaxCols, cols); c *= 2) {
-        if (4 * r * c + 4 * (amx_a_elems(k) + amx_b_elems(c, k)) > budget) continue;
-        if (divup(n, r) * divup(cols, c) < std::min(kDenseItems, max_items)) continue;
-        const double score = (k == 32 ? 0.88 : 1.0) / (1.0 / c + 0.8 / r);
-        if (score > best) best = score, *rc = r, *nb = c, *kc = k;
-      }
+  amx_blocks(n, divup(Da, kAmxBlock) * kAmxBlock, kDenseAmxMaxRows, kDenseAmxMaxCols, 4, 0.8, 4 * dense_budget(n, Dg),
+             kDenseItems, rc, nb, kc);
 }
 
 // Auto uses it from kDenseAmxMinD features on both sides and kDenseAmxMinMacs multiply-adds (N Da Dg):
@@ -300,17 +289,13 @@ at::Tensor dense_dot_amx(const View3& a, const View3& g, const float* pm, int64_
   const int64_t nrb = divup(n, rc), ncb = divup(Da, nb);
   MicroRows rows(a, g, mask, ncb, kAmxBlock);
   at::parallel_for(0, nrb * ncb, 1, [&](int64_t lo, int64_t hi) {
-    const int64_t na = amx_a_elems(kc), nbe = amx_b_elems(nb, kc);
-    Scratch<float> scratch;
-    float* z = scratch.get(rc * nb + na + nbe);
-    uint16_t* packs = reinterpret_cast<uint16_t*>(z + rc * nb);
-    uint16_t* const ab[2] = {packs, packs + na};
-    uint16_t* const bb[2] = {packs + 2 * na, packs + 2 * na + nbe};
+    AmxScratch scratch(rc * nb, nb, kc);
+    float* z = scratch.floats;
     AmxTiles tiles;
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t cb = item / nrb, q0 = (item % nrb) * rc, nr = std::min(rc, n - q0);
       const int64_t c0 = cb * nb, nv = std::min(nb, Da - c0), nc = divup(nv, kAmxBlock) * kAmxBlock;
-      amx_gram(rows.g.data() + q0, AmxCols{nullptr, pm + c0, ldm, nv}, nr, nc, Dg, kc, z, nb, ab, bb);
+      amx_gram(rows.g.data() + q0, AmxCols{nullptr, pm + c0, ldm, nv}, nr, nc, Dg, kc, z, nb, scratch.ab, scratch.bb);
       float* part = rows.part.data() + cb * rows.N;
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t q = rows.row[q0 + r];

@@ -364,23 +364,9 @@ constexpr int64_t kPairAmxMaxRows = 512, kPairAmxMaxCols = 256;
 // algorithm's 1.6x.
 constexpr int64_t kPairAmxMinCells = 128 * 32, kPairAmxMinD = 512;
 
-int64_t pair_amx_bytes(int64_t rc, int64_t nb, int64_t kc) {
-  return 8 * rc * nb + 2 * 2 * (amx_a_elems(kc) + amx_b_elems(nb, kc));
-}
-
 void pair_amx_blocks(int64_t n1, int64_t n2, int64_t* rc, int64_t* nb, int64_t* kc) {
-  const int64_t budget = 4 * std::max(n1 * n2 / 8, kPairMicroFloor);
-  const int64_t max_items = divup(n1, kAmxBlock) * divup(n2, kAmxBlock);
-  double best = -1;
-  *rc = *nb = *kc = kAmxBlock;
-  for (int64_t k : {int64_t(128), int64_t(64), int64_t(32)})
-    for (int64_t r = kAmxBlock; r <= std::min(kPairAmxMaxRows, n1); r *= 2)
-      for (int64_t c = kAmxBlock; c <= std::min(kPairAmxMaxCols, n2); c *= 2) {
-        if (pair_amx_bytes(r, c, k) > budget) continue;
-        if (divup(n1, r) * divup(n2, c) < std::min(kPairMicroItems, max_items)) continue;
-        const double score = (k == 32 ? 0.88 : 1.0) / (1.2 / r + 1.0 / c);
-        if (score > best) best = score, *rc = r, *nb = c, *kc = k;
-      }
+  amx_blocks(n1, n2, kPairAmxMaxRows, kPairAmxMaxCols, 8, 1.2, 4 * std::max(n1 * n2 / 8, kPairMicroFloor),
+             kPairMicroItems, rc, nb, kc);
 }
 
 bool amx_pays(int64_t rows1, int64_t rows2, int64_t Da, int64_t Dg) {
@@ -397,18 +383,14 @@ at::Tensor ghost_pairwise_amx(const View3& a1, const View3& g1, const View3& a2,
   pair_amx_blocks(r1.n, r2.n, &rc, &nb, &kc);
   PairItems work(r1, r2, rc, nb);
   at::parallel_for(0, work.items, 1, [&](int64_t lo, int64_t hi) {
-    const int64_t na = amx_a_elems(kc), nbe = amx_b_elems(nb, kc);  // bf16 elements, multiples of 32
-    Scratch<float> scratch;
-    float* ga = scratch.get(2 * rc * nb + (2 * na + 2 * nbe) / 2);
+    AmxScratch scratch(2 * rc * nb, nb, kc);
+    float* ga = scratch.floats;
     float* gg = ga + rc * nb;
-    uint16_t* packs = reinterpret_cast<uint16_t*>(gg + rc * nb);
-    uint16_t* const ab[2] = {packs, packs + na};
-    uint16_t* const bb[2] = {packs + 2 * na, packs + 2 * na + nbe};
     AmxTiles tiles;
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t q0 = work.q0(it), c0 = work.c0(it), nr = work.nr(it), nc = work.nc(it);
-      amx_gram(r1.a.data() + q0, AmxCols{r2.a.data() + c0}, nr, nc, a1.D, kc, ga, nb, ab, bb);
-      amx_gram(r1.g.data() + q0, AmxCols{r2.g.data() + c0}, nr, nc, g1.D, kc, gg, nb, ab, bb);
+      amx_gram(r1.a.data() + q0, AmxCols{r2.a.data() + c0}, nr, nc, a1.D, kc, ga, nb, scratch.ab, scratch.bb);
+      amx_gram(r1.g.data() + q0, AmxCols{r2.g.data() + c0}, nr, nc, g1.D, kc, gg, nb, scratch.ab, scratch.bb);
       work.add(it, ga, gg, nb);
     }
   });
