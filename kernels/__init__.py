@@ -10,41 +10,58 @@ from __future__ import annotations
 
 import os
 
-UNAVAILABLE: str | None = None
-OPS: dict = {}
+if __name__ == "kernels":
+    # This folder is installed as gefx.kernels. Imported under the bare name `kernels`, it shadows
+    # Hugging Face's `kernels` package (which transformers imports) because a checkout's root is on
+    # sys.path (`python -m ...` run from it). Step aside: load that package in our place if it is
+    # installed, else stay an empty module (transformers then finds no usable version).
+    import importlib.machinery
+    import importlib.util
+    import sys
 
-try:
-    import triton  # noqa: F401
-    import triton.language  # noqa: F401
-except Exception as exc:  # noqa: BLE001 - any import failure makes the backend unavailable
-    UNAVAILABLE = f"triton is not importable ({type(exc).__name__}: {exc})"
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is not None:
+        _real = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _real
+        _spec.loader.exec_module(_real)
 else:
-    import torch
+    UNAVAILABLE: str | None = None
+    OPS: dict = {}
 
-    from ._common import interpreting
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure makes the backend unavailable
+        UNAVAILABLE = f"triton is not importable ({type(exc).__name__}: {exc})"
+    else:
+        import torch
 
-    if not interpreting() and not torch.cuda.is_available():
-        UNAVAILABLE = ("no CUDA device (torch.cuda.is_available() is False) and TRITON_INTERPRET is not 1; "
-                       "set TRITON_INTERPRET=1 before importing gefx.kernels to run the kernels on the CPU "
-                       "interpreter (slow, for tests)")
-    from .dense_dot import dense_dot_triton
-    from .embedding_dense_dot import embedding_dense_dot_triton
-    from .embedding_linear_pairwise import embedding_linear_pairwise_triton
-    from .embedding_pairwise import embedding_pairwise_triton
-    from .embedding_self import embedding_self_triton
-    from .ghost_pairwise import ghost_pairwise_triton
-    from .ghost_self import ghost_self_triton
-    from .norm_grad import norm_grad_triton
+        from ._common import interpreting
 
-    OPS = {
-        "ghost_pairwise": ghost_pairwise_triton,
-        "ghost_self": ghost_self_triton,
-        "dense_dot": dense_dot_triton,
-        "embedding_pairwise": embedding_pairwise_triton,
-        "embedding_self": embedding_self_triton,
-        "embedding_dense_dot": embedding_dense_dot_triton,
-        "embedding_linear_pairwise": embedding_linear_pairwise_triton,
-        "norm_grad": norm_grad_triton,
-    }
+        if not interpreting() and not torch.cuda.is_available():
+            UNAVAILABLE = ("no CUDA device (torch.cuda.is_available() is False) and TRITON_INTERPRET is not 1; "
+                           "set TRITON_INTERPRET=1 before importing gefx.kernels to run the kernels on the CPU "
+                           "interpreter (slow, for tests)")
+        from .dense_dot import dense_dot_triton
+        from .embedding_dense_dot import embedding_dense_dot_triton
+        from .embedding_linear_pairwise import embedding_linear_pairwise_triton
+        from .embedding_pairwise import embedding_pairwise_triton
+        from .embedding_self import embedding_self_triton
+        from .ghost_pairwise import ghost_pairwise_triton
+        from .ghost_self import ghost_self_triton
+        from .norm_grad import norm_grad_triton
 
-__all__ = ["OPS", "UNAVAILABLE"]
+        OPS = {
+            "ghost_pairwise": ghost_pairwise_triton,
+            "ghost_self": ghost_self_triton,
+            "dense_dot": dense_dot_triton,
+            "embedding_pairwise": embedding_pairwise_triton,
+            "embedding_self": embedding_self_triton,
+            "embedding_dense_dot": embedding_dense_dot_triton,
+            "embedding_linear_pairwise": embedding_linear_pairwise_triton,
+            "norm_grad": norm_grad_triton,
+        }
+
+    __all__ = ["OPS", "UNAVAILABLE"]
