@@ -13,10 +13,11 @@ from . import backends, losses, ops
 from .dots import Dots, grad_dots
 from .geffect import GEffect, RiskEffect, g_effect
 from .groups import PRESETS as GROUP_PRESETS
-from .rules import register_rule
+from .rules import Refused, register_rule
+from . import soundness
 from .tape import Tape, trace
 from . import integrations  # noqa: E402  (after the engine: it builds on it)
 
 __version__ = "0.1.0"
 __all__ = ["trace", "grad_dots", "g_effect", "ops", "losses", "backends", "integrations", "register_rule", "Tape",
-           "Dots", "GEffect", "RiskEffect", "GROUP_PRESETS"]
+           "Dots", "GEffect", "RiskEffect", "GROUP_PRESETS", "Refused", "soundness"]

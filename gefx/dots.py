@@ -28,7 +28,9 @@ from torch.utils._pytree import tree_map
 from . import dist, ops
 from .backends import dispatch
 from .groups import resolve
-from .rules import Factored, PerSample, Piece, rule_for
+from .pieces import Factored, PerSample, Piece, acc_dtype, contract, dense, masked, merge
+from .rules import checked_rule
+from .soundness import sample_view
 from .tape import Tape
 
 
@@ -41,6 +43,13 @@ class Grads:
 
 
 # -- collecting output gradients ----------------------------------------------------------------
+def check_graph(tape: Tape, loss: torch.Tensor, what: str) -> None:
+    """Coverage and the per-sample probe for a per-sample loss, without keeping its gradients
+    (the online mode checks its losses before the step's backward touches ``.grad``)."""
+    reach = tape.graph.reach(loss, what)
+    tape.graph.probe(loss, reach, reach.slots(), None, what)
+
+
 def _check_loss(loss, what: str, per_sample: bool) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"{what} must be a tensor, got {type(loss).__name__}")
@@ -63,99 +72,68 @@ def _check_loss(loss, what: str, per_sample: bool) -> torch.Tensor:
     return loss
 
 
-def _flatten_batch(piece: Piece) -> Piece:
-    """Read all samples of a piece as one: the gradient of the summed loss."""
-    if isinstance(piece, PerSample):
-        return PerSample(piece.grad.sum(0, keepdim=True, dtype=_acc(piece.grad)))
-    left = piece.left.reshape(1, -1) if piece.ids else piece.left.reshape(1, -1, piece.left.shape[-1])
-    mask = None if piece.mask is None else piece.mask.reshape(1, -1)
-    return Factored(left, piece.right.reshape(1, -1, piece.right.shape[-1]), mask)
-
-
-def _merge(pieces: list[Piece]) -> list[Piece]:
-    """Concatenate factored pieces of one kind along tokens (a module called several times, or a
-    parameter shared by several modules of one kind) and add per-sample pieces."""
-    out: list[Piece] = []
-    for ids in (False, True):
-        same = [p for p in pieces if isinstance(p, Factored) and p.ids == ids]
-        if len(same) == 1:
-            out.append(same[0])
-        elif same:
-            masks = None if all(p.mask is None for p in same) else torch.cat(
-                [torch.ones(p.right.shape[:2], dtype=torch.bool, device=p.right.device) if p.mask is None
-                 else p.mask for p in same], 1)
-            out.append(Factored(torch.cat([p.left for p in same], 1), torch.cat([p.right for p in same], 1), masks))
-    dense = [p.grad for p in pieces if isinstance(p, PerSample)]
-    if dense:
-        out.append(PerSample(torch.stack(dense).sum(0) if len(dense) > 1 else dense[0]))
-    return out
-
-
-def collect(tape: Tape, loss: torch.Tensor, *, per_sample: bool, what: str = "loss") -> Grads:
+def collect(tape: Tape, loss: torch.Tensor, *, per_sample: bool, what: str = "loss", probe: bool = True) -> Grads:
     """Gradient pieces of `loss` for every counted parameter. A per-sample loss keeps its batch;
-    otherwise the loss is summed and read as one sample (the aggregated gradient)."""
+    otherwise the loss is summed and read as one sample (the aggregated gradient). The loss's
+    graph is checked first (``gefx.soundness``): coverage always, the per-sample probe for a
+    per-sample loss (unless `probe` is False: already probed)."""
     tape.check_open()
     _check_loss(loss, what, per_sample)
-    calls = tape.calls
-    outs = [o for c in calls for o in c.outputs]
-    if not outs:
+    if not tape.calls:
         raise ValueError("nothing was recorded: run the model's forward inside the gefx.trace block")
+    reach = tape.graph.reach(loss, what)
+    slots = reach.slots()
+    if not slots:
+        raise ValueError(f"{what} does not depend on any forward traced by this gefx.trace "
+                         "(or on none of its counted parameters)")
     try:
-        grads = torch.autograd.grad(loss.sum(), outs, retain_graph=True, allow_unused=True)
+        got = torch.autograd.grad(loss.sum(), [e for *_, e in slots], retain_graph=True, allow_unused=True)
     except RuntimeError as exc:
         raise RuntimeError(f"could not differentiate {what} through the traced forward: {exc} "
                            "(was its graph freed by a backward without retain_graph=True?)") from exc
-    if all(g is None for g in grads):
-        raise ValueError(f"{what} does not depend on any forward traced by this gefx.trace "
-                         "(or on none of its counted parameters)")
+    got = [c.as_output(k, g) for (c, k, _), g in zip(slots, got)]
+    if per_sample and probe:
+        tape.graph.probe(loss, reach, slots, got, what)
+    at = {(id(c), k): g for (c, k, _), g in zip(slots, got)}
+    grads = [at.get((id(c), k)) for c in tape.calls for k in range(len(c.edges))]
     return pieces_from(tape, loss, grads, per_sample=per_sample, what=what)
 
 
 def pieces_from(tape: Tape, loss: torch.Tensor, grads, *, per_sample: bool, what: str = "loss") -> Grads:
     """Gradient pieces from the output gradients `grads` of `loss` (one entry, or None where the
-    loss does not reach, per recorded output in tape order)."""
-    calls = tape.calls
+    loss does not reach, per recorded output edge in tape order)."""
+    samples = loss.shape[0] if per_sample else 1
     pieces: dict[str, list[Piece]] = {}
     k = 0
-    for call in calls:
-        gs = grads[k:k + len(call.outputs)]
-        k += len(call.outputs)
+    for call in tape.calls:
+        gs = grads[k:k + len(call.edges)]
+        k += len(call.edges)
         if all(g is None for g in gs):
             continue
         if per_sample:
-            for o, g in zip(call.outputs, gs):
-                if g is not None and (o.dim() == 0 or o.shape[0] != loss.shape[0]):
-                    name = tape.module_names.get(call.module, type(call.module).__name__)
-                    raise ValueError(f"{what} has {loss.shape[0]} entries but the traced forward it "
-                                     f"depends on has batch size {o.shape[0] if o.dim() else 'none'} "
-                                     f"(module {name}); a per-sample loss needs one entry per batch row")
+            for g in gs:
+                if g is not None:
+                    sample_view(tape, call, g, samples, what)  # the rows are the loss's samples, or refused
         call.check_unmodified()
+        view = replace(call, samples=samples, batch_dim=tape.rules[call.module].batch_dim(call.module))
         if call.broadcast:  # its inputs are shared by all rows too: expand them like the output
             b = call.outputs[0].shape[0]
             expand = lambda x: x.expand(b, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1 else x  # noqa: E731
-            call = replace(call, args=tree_map(expand, call.args), kwargs=tree_map(expand, call.kwargs))
+            view = replace(view, args=tree_map(expand, call.args), kwargs=tree_map(expand, call.kwargs))
+        rule = checked_rule(tape, view)
         gs = [torch.zeros_like(o) if g is None else g for o, g in zip(call.outputs, gs)]
-        owned = dict(tape.owned[call.module])
-        for local, piece in rule_for(call.module)(tape, call, gs).items():
+        owned = dict(tape.owned[call.module]) | dict(call.extra)
+        for local, piece in rule.pieces(tape, view, gs).items():
             if local in owned:
-                pieces.setdefault(owned[local], []).append(piece if per_sample else _flatten_batch(piece))
-    return Grads({n: _merge(ps) for n, ps in pieces.items()}, loss.shape[0] if per_sample else 1)
+                pieces.setdefault(owned[local], []).append(piece)
+    return Grads({n: merge(ps) for n, ps in pieces.items()}, samples)
 
 
 # -- products between pieces --------------------------------------------------------------------
-def _acc(*ts: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
-
-
-def _masked(x: torch.Tensor, mask, dt) -> torch.Tensor:
-    x = x.to(dt)
-    return x if mask is None else x * mask.unsqueeze(-1).to(dt)
-
-
 def _factored_vs_dense(p: Factored, grads: torch.Tensor) -> torch.Tensor:
     """[Bp, J]: <sum_t left_t (x) right_t, grads[j]> for explicit gradients grads [J, D0, D1]."""
-    dt = _acc(p.right, grads)
-    right = _masked(p.right, p.mask, dt)
+    dt = acc_dtype(p.right, grads)
+    right = masked(p.right, p.mask, dt)
     g = grads.to(dt)
     if p.ids:
         return torch.einsum("jbtd,btd->bj", g[:, p.left], right)
@@ -165,7 +143,7 @@ def _factored_vs_dense(p: Factored, grads: torch.Tensor) -> torch.Tensor:
 def _pp(p: Piece, q: Piece) -> torch.Tensor:
     """[Bp, Bq] inner products between the per-sample gradients of two pieces."""
     if isinstance(p, PerSample) and isinstance(q, PerSample):
-        dt = _acc(p.grad, q.grad)
+        dt = acc_dtype(p.grad, q.grad)
         return p.grad.flatten(1).to(dt) @ q.grad.flatten(1).to(dt).T
     if isinstance(p, PerSample):
         return _pp(q, p).T
@@ -188,7 +166,7 @@ def _sample(p: Piece, i: int) -> Piece:
 
 def _self(p: Piece) -> torch.Tensor:
     if isinstance(p, PerSample):
-        g = p.grad.flatten(1).to(_acc(p.grad))
+        g = p.grad.flatten(1).to(acc_dtype(p.grad))
         return (g * g).sum(1)
     if p.ids:
         return ops.embedding_self_norms(p.left, p.right, p.mask)
@@ -205,39 +183,6 @@ def self_norms(P: list[Piece]) -> torch.Tensor:
     for k in range(len(P)):
         for q in P[k + 1:]:
             out = out + 2 * torch.stack([_pp(_sample(P[k], i), _sample(q, i))[0, 0] for i in range(P[k].batch)])
-    return out
-
-
-def dense(P: list[Piece], shape: torch.Size) -> torch.Tensor:
-    """The aggregated gradient sum_i grad_i of a piece list, as a dense tensor of `shape`."""
-    dt = _acc(*[p.grad if isinstance(p, PerSample) else p.right for p in P])
-    dev = (P[0].grad if isinstance(P[0], PerSample) else P[0].right).device
-    m = torch.zeros(shape, dtype=dt, device=dev)
-    for p in P:
-        if isinstance(p, PerSample):
-            m += p.grad.sum(0).to(dt)
-            continue
-        right = _masked(p.right, p.mask, dt).reshape(-1, p.right.shape[-1])
-        if p.ids:
-            m.index_add_(0, p.left.reshape(-1), right)
-        else:
-            left = p.left.reshape(-1, p.left.shape[-1])
-            step = max(1, (1 << 22) // max(1, left.shape[1] + right.shape[1]))
-            for t0 in range(0, left.shape[0], step):
-                m += left[t0:t0 + step].to(dt).T @ right[t0:t0 + step]
-    return m
-
-
-def contract(P: list[Piece], m: torch.Tensor) -> torch.Tensor:
-    """[Bp]: <grad_i, m> for a dense tensor m of the parameter's shape."""
-    out = 0
-    for p in P:
-        if isinstance(p, PerSample):
-            out = out + p.grad.flatten(1).to(_acc(p.grad, m)) @ m.flatten().to(_acc(p.grad, m))
-        elif p.ids:
-            out = out + ops.embedding_dense_dot(p.left, p.right, m, p.mask)
-        else:
-            out = out + ops.dense_dot(p.right, p.left, m.reshape(p.left.shape[-1], p.right.shape[-1]), p.mask)
     return out
 
 

@@ -25,7 +25,8 @@ from typing import Mapping
 import torch
 
 from . import dist
-from .dots import _check_loss, collect, contract, dense, dense_gradients, group_sums, marginals, pieces_from
+from .dots import _check_loss, check_graph, collect, dense_gradients, group_sums, marginals, pieces_from
+from .pieces import contract, dense
 from .step import StepBackward
 from .tape import Tape
 
@@ -179,6 +180,11 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, groups, group) -> GEf
         _check_loss(risk, f"risk {name!r}", per_sample=True)
     if dist.group_size(group) > 1:
         dist.check_supported(tape.model)
+    tape.check_open()
+    if vector:  # per-sample pieces of the objective come from the step: check its graph first
+        check_graph(tape, objective, "objective")
+    for name, risk in risks.items():
+        check_graph(tape, risk, f"risk {name!r}")
     with StepBackward(tape, objective, risks) as step:
         if not step.grads:
             raise ValueError("the objective's backward reached none of the counted parameters")
@@ -187,7 +193,7 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, groups, group) -> GEf
         def risk_pieces(name, risk, what):
             grads = step.risk_grads(name, risk, what)
             if grads is None:
-                return collect(tape, risk, per_sample=True, what=what)
+                return collect(tape, risk, per_sample=True, what=what, probe=False)
             return pieces_from(tape, risk, grads, per_sample=True, what=what)
 
         return _against(tape, dense_gradients(tape, step.grads), risks, groups, group, g_obj, risk_pieces)

@@ -1,80 +1,105 @@
-"""Per-module rules: from a recorded call and its output gradients to gradient *pieces*.
+"""Per-module rules: from a recorded call and its output gradients to gradient pieces.
 
-A piece describes the per-sample gradients of one parameter without forming them when they are
-large:
-
-    Factored(left, right)   grad_i = sum_t left_it (x) right_it, for a parameter [D0, D1].
-                            left is dense [B, T, D0] or token ids [B, T] (a one-hot row over
-                            D0, for embedding tables); right is [B, T, D1].
-    PerSample(grad)         grad_i formed explicitly, [B, *param.shape]; only for parameters no
-                            larger than a norm layer's weight, or for the generic fallback.
-
-Rules are matched in registration order; the first whose predicate accepts the module wins.
+A rule says which parameters of a module it *covers* (``Rule.covers``; by default the module's own
+parameters and those of its ``ParameterDict`` / ``ParameterList`` children) and how to turn one
+recorded call plus the gradients at the call's outputs into per-sample pieces for them
+(``gefx.pieces``). Rules are matched in registration order, the last registered first;
 :func:`register_rule` adds one for a custom layer. Built in:
 
-    nn.Linear (not subclassed forward)   weight: Factored(g, a);  bias: PerSample(sum_t g)
-    transformers Conv1D                  weight [in, out]: Factored(a, g); bias as above
-    nn.Embedding (padding_idx masked)    weight: Factored(ids, g)
-    elementwise-affine norms             weight: PerSample(sum_t g * u), u = y(w + 1) - y(w);
-      (LayerNorm, every RMSNorm-like     bias: PerSample(sum_t g). Matched by structure and
-       module)                           verified by what it computes (affine, elementwise in w)
-    anything else with parameters        exact per-sample vector-Jacobian products of that module
-                                         alone (one small recomputation per sample)
+    nn.Linear (and subclasses)   weight: Factored(g, a);  bias: PerSample(sum_t g)
+    transformers Conv1D          weight [in, out]: Factored(a, g); bias as above
+    nn.Embedding (and scaled     weight: Factored(ids, g * scale), padding_idx masked
+      subclasses)
+    elementwise-affine norms     weight: PerSample(sum_t g * u) with u = dy/dw along ones (one
+      (LayerNorm, every RMSNorm- forward-mode pass; u = y / w for verified offset-free norms);
+      like module)               bias: PerSample(sum_t g)
+    nn.MultiheadAttention        the generic rule over all its parameters (out_proj is used
+                                 functionally, never called); batch on dim 1 unless batch_first
+    anything else                generic: the module re-run on the recorded inputs (same random
+                                 numbers, copies of its buffers), checked to reproduce the
+                                 recorded output, then per-sample vector-Jacobian products
+
+Every rule but the generic one is *verified* on the first call of each module (per training
+mode): its pieces for a random output gradient must equal autograd's gradient of the re-run
+module (``verdict``). A rule that does not fit the module (a subclass whose forward does more, a
+norm that is not elementwise-affine in its weight) is replaced by the generic rule for that module.
+The verdicts are kept in :data:`CHECKED` (module -> verdicts; ``gefx.soundness.forget`` clears it).
+
+Rows: a recorded input/output has the samples of the loss on its batch dimension, either one row
+per sample or, when a model flattens [B, T, H] to [B*T, H] (OPT, mixture-of-experts blocks),
+consecutive groups of rows per sample (``Call.samples``; checked by ``gefx.soundness``).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import ops
 from .dist import full
+from .pieces import Factored, PerSample, acc_dtype, dense, merge
 
 
-@dataclass
-class Factored:
-    left: torch.Tensor            # [B, T, D0] float, or [B, T] long token ids
-    right: torch.Tensor           # [B, T, D1]
-    mask: torch.Tensor | None = None  # [B, T] bool: tokens that count
-
-    @property
-    def ids(self) -> bool:
-        return not self.left.is_floating_point()
-
-    @property
-    def batch(self) -> int:
-        return self.right.shape[0]
-
-    @property
-    def tokens(self) -> int:
-        return self.right.shape[0] * self.right.shape[1]
+class Refused(ValueError):
+    """gefx cannot give an exact number for this model or input, and says why and what to do."""
 
 
-@dataclass
-class PerSample:
-    grad: torch.Tensor            # [B, *param.shape]
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    pieces: Callable             # (tape, call, grads) -> {local parameter name: Piece}
+    covers: Callable[[nn.Module], list[str]]
+    batch_dim: Callable[[nn.Module], int] = lambda m: 0
+    exact: bool = False          # exact by construction (autograd of the module itself): not verified
 
-    @property
-    def batch(self) -> int:
-        return self.grad.shape[0]
 
-
-Piece = Factored | PerSample
-Rule = Callable[["object", "object", list], dict]  # (tape, call, output grads) -> {local name: Piece}
 _RULES: list[tuple[Callable[[nn.Module], bool], Rule]] = []
 
 
-def register_rule(predicate: Callable[[nn.Module], bool] | type, rule: Rule, *, first: bool = True) -> None:
+def own_params(m: nn.Module) -> list[str]:
+    """The module's own parameters and those of its parameter containers (ParameterDict/List),
+    which have no forward of their own (e.g. PEFT's lora_embedding_A)."""
+    names = [n for n, _ in m.named_parameters(recurse=False)]
+    for child_name, child in m.named_children():
+        if isinstance(child, (nn.ParameterDict, nn.ParameterList)):
+            names += [f"{child_name}.{n}" for n, _ in child.named_parameters(recurse=False)]
+    return names
+
+
+def all_params(m: nn.Module) -> list[str]:
+    return [n for n, _ in m.named_parameters(remove_duplicate=False)]
+
+
+def register_rule(predicate: Callable[[nn.Module], bool] | type, rule: Callable | Rule, *,
+                  covers: Callable[[nn.Module], list[str]] | str = "own",
+                  batch_dim: Callable[[nn.Module], int] | int = 0) -> None:
     """Register `rule(tape, call, grads) -> {local parameter name: Piece}` for modules accepted by
-    `predicate` (a callable, or a class matched with isinstance). `grads` aligns with
-    ``call.outputs`` (the output gradients, zeros where a loss does not reach an output)."""
+    `predicate` (a callable, or a class matched with isinstance).
+
+    `grads` aligns with ``call.outputs`` (zeros where a loss does not reach an output); the rows
+    of every recorded tensor group into ``call.samples`` samples (use ``rows(call, x, d)``).
+    `covers` names the parameters the rule accounts for: "own" (the module's own and its
+    parameter containers'), "all" (every parameter below the module: its submodules are then not
+    recorded separately) or a callable module -> local names. `batch_dim` is the dimension of the
+    module's inputs and outputs that holds the batch. The rule is verified against autograd on
+    the first call of each module; if it does not fit, the generic rule is used for that module.
+    """
     pred = (lambda m, cls=predicate: isinstance(m, cls)) if isinstance(predicate, type) else predicate
-    _RULES.insert(0 if first else len(_RULES), (pred, rule))
+    if not isinstance(rule, Rule):
+        cov = {"own": own_params, "all": all_params}.get(covers, covers) if isinstance(covers, str) else covers
+        if not callable(cov):
+            raise ValueError(f"covers must be 'own', 'all' or a callable, got {covers!r}")
+        dim = (lambda m, d=batch_dim: d) if isinstance(batch_dim, int) else batch_dim
+        rule = Rule(getattr(rule, "__name__", "custom"), rule, cov, dim)
+    _RULES.insert(0, (pred, rule))
 
 
 def rule_for(module: nn.Module) -> Rule:
@@ -89,26 +114,77 @@ def _input(call) -> torch.Tensor:
     return x
 
 
-def _batched(x: torch.Tensor, d: int, what: str) -> torch.Tensor:
-    """[B, ..., d] -> [B, T, d] (T = product of the middle dimensions)."""
-    if x.dim() < 2:
-        raise ValueError(f"{what}: input of shape {tuple(x.shape)} has no batch dimension")
-    return x.reshape(x.shape[0], -1, d)
+def rows(call, x: torch.Tensor, d: int | None = None) -> torch.Tensor:
+    """x read as [samples, T, d] (or [samples, T] ids for d=None): the rows of x's batch
+    dimension grouped into ``call.samples`` samples, the rest flattened."""
+    if x.dim() < 1:
+        raise Refused(f"{type(call.module).__name__}: a recorded tensor of shape {tuple(x.shape)} "
+                      "has no batch dimension")
+    x = x.movedim(call.batch_dim, 0) if call.batch_dim else x
+    return x.reshape(call.samples, -1) if d is None else x.reshape(call.samples, -1, d)
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return acc_dtype(x)
 
 
-def _own_forward(module: nn.Module, base: type) -> bool:
-    return isinstance(module, base) and type(module).forward is base.forward
+def _copied(tree):
+    return tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _cast(tree, dt):
+    return tree_map(lambda x: x.to(dt) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree)
+
+
+@contextlib.contextmanager
+def _replay(call, seen: dict | None = None):
+    """The random-number and autocast state the module's forward ran under; the global RNG state
+    is restored afterwards. `seen["drew"]` tells whether the re-run drew random numbers."""
+    devices = [d for d in call.rng if d != "cpu"]
+    with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
+        torch.set_rng_state(call.rng["cpu"])
+        for d in devices:
+            torch.cuda.set_rng_state(call.rng[d], d)
+        for device_type, dtype in call.autocast:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype))
+        yield
+        if seen is not None:
+            seen["drew"] = not torch.equal(torch.get_rng_state(), call.rng["cpu"]) or any(
+                not torch.equal(torch.cuda.get_rng_state(d), call.rng[d]) for d in devices)
+
+
+def recompute(tape, call, params: dict[str, torch.Tensor], args=None, kwargs=None, seen: dict | None = None):
+    """Re-run ``call.module.forward`` (not its hooks: the recorded inputs are those after its
+    pre-hooks and the recorded outputs those before its other forward hooks) on copies of the
+    recorded inputs, with `params` substituted, on copies of the module's buffers (a forward that
+    updates statistics or its inputs in place leaves the model's untouched), under the recorded
+    RNG and autocast state, with gefx's hooks paused."""
+    m = call.module
+    args = _copied(call.args) if args is None else args
+    kwargs = _copied(call.kwargs) if kwargs is None else kwargs
+    buffers = {n: b.clone() for n, b in m.named_buffers()}
+    with tape.paused(), torch.enable_grad(), _replay(call, seen), _reparametrize_module(m, {**buffers, **params}):
+        return m.forward(*args, **kwargs)
+
+
+def _outputs(call, out) -> list[torch.Tensor]:
+    flat, _ = tree_flatten(out)
+    if call.broadcast:
+        b = call.outputs[0].shape[0]
+        flat = [x.expand(b, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x
+                for x in flat]
+    try:
+        return [flat[k] for k in call.output_index]
+    except (IndexError, TypeError) as exc:
+        raise Refused(f"re-running {call.name} gives a different output structure than its recorded "
+                      "call; gefx cannot handle this module") from exc
 
 
 # -- linear maps --------------------------------------------------------------------------------
-def linear_rule(tape, call, grads):
+def linear_pieces(tape, call, grads):
     m = call.module
-    a = _batched(_input(call), m.in_features, "Linear").detach()
-    g = _batched(grads[0], m.out_features, "Linear")
+    a = rows(call, _input(call), m.in_features).detach()
+    g = rows(call, grads[0], m.out_features)
     out = {"weight": Factored(g, a)}
     if m.bias is not None:
         out["bias"] = PerSample(g.sum(1, dtype=_acc(g)))
@@ -120,27 +196,27 @@ def _is_conv1d(m: nn.Module) -> bool:  # transformers.pytorch_utils.Conv1D, matc
         and m.weight.dim() == 2
 
 
-def conv1d_rule(tape, call, grads):
+def conv1d_pieces(tape, call, grads):
     m = call.module
     nx, nf = m.weight.shape
-    a = _batched(_input(call), nx, "Conv1D").detach()
-    g = _batched(grads[0], nf, "Conv1D")
+    a = rows(call, _input(call), nx).detach()
+    g = rows(call, grads[0], nf)
     out = {"weight": Factored(a, g)}
     if getattr(m, "bias", None) is not None:
         out["bias"] = PerSample(g.sum(1, dtype=_acc(g)))
     return out
 
 
-def embedding_rule(tape, call, grads):
+def embedding_pieces(tape, call, grads):
     m = call.module
     if m.scale_grad_by_freq:
-        raise ValueError("nn.Embedding with scale_grad_by_freq=True has no per-sample gradient "
-                         "(its scale depends on the whole batch); gefx does not support it")
-    ids = _input(call)
-    if ids.dim() < 2:
-        raise ValueError(f"Embedding: input ids of shape {tuple(ids.shape)} have no batch dimension")
-    ids = ids.reshape(ids.shape[0], -1)
-    g = _batched(grads[0], m.embedding_dim, "Embedding")
+        raise Refused(f"{call.name}: nn.Embedding with scale_grad_by_freq=True has no per-sample "
+                      "gradient (its scale depends on the whole batch); gefx does not support it")
+    ids = rows(call, _input(call))
+    g = rows(call, grads[0], m.embedding_dim)
+    scale = getattr(m, "embed_scale", None) if type(m).forward is not nn.Embedding.forward else None
+    if scale is not None:  # e.g. Gemma's scaled word embedding: y = W[ids] * embed_scale
+        g = g * torch.as_tensor(scale, device=g.device).to(g.dtype)
     mask = None if m.padding_idx is None else ids != m.padding_idx
     return {"weight": Factored(ids, g, mask)}
 
@@ -154,98 +230,209 @@ def _norm_candidate(m: nn.Module) -> bool:
             and next(m.children(), None) is None)
 
 
-_NORM_AFFINE: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
-def _norm_eval(m, x, weight, bias):
-    params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
-    return functional_call(m, params, (x,))
-
-
-def _norm_u(m: nn.Module, x: torch.Tensor, verify: bool, y: torch.Tensor | None = None) -> torch.Tensor | None:
-    """u = dy/dw for y elementwise-affine in w (y = u * w + c), or None if the module is not
-    (checked on a random direction when `verify`). Once verified, a bias-free module whose
-    recorded output `y` is in the accumulation dtype and unmodified gives u = y / w directly (w
-    without zeros; within one rounding of u), instead of two re-evaluations of the module."""
-    dt = _acc(x)
+def _norm_params(m, dt):
     w = full(m.weight.detach()).to(dt)
     b = None if getattr(m, "bias", None) is None else full(m.bias.detach()).to(dt)
-    if (not verify and b is None and y is not None and y.dtype == dt and y._version == 0
-            and y.shape == x.shape and bool((w != 0).all())):
+    return w, b
+
+
+def _with_input(call, x):
+    """Copies of the call's recorded arguments, with the first input replaced by x."""
+    args, kwargs = _copied(call.args), _copied(call.kwargs)
+    if args:
+        return (x, *args[1:]), kwargs
+    first = next(iter(kwargs))
+    return args, {**kwargs, first: x}
+
+
+def norm_u(tape, call) -> torch.Tensor:
+    """u = dy/dw for y elementwise-affine in w (y = u * w + c): the derivative of the module's
+    output along w -> w + t*1, by one forward-mode pass (exact, whatever dtype the module computes
+    in). For a norm verified offset-free (c = 0) whose recorded output is unmodified and in the
+    accumulation dtype, u = y / w (w without zeros) instead."""
+    m = call.module
+    x = _input(call)
+    dt = _acc(x)
+    w, b = _norm_params(m, dt)
+    y = call.outputs[0]
+    verdict = CHECKED.get(m, {}).get(("norm", m.training))
+    if (verdict is not None and verdict.offset_free and b is None and y.dtype == dt
+            and y._version == call.out_versions[0] and y.shape == x.shape and bool((w != 0).all())):
         return y.detach() / w
-    x = x.detach().to(dt)
-    y0 = _norm_eval(m, x, w, b)
-    if not isinstance(y0, torch.Tensor) or y0.shape != x.shape or x.shape[-1] != w.numel():
-        return None
-    u = _norm_eval(m, x, w + 1, b) - y0
-    if not verify:
-        return u
-    # verify on a random direction: affine and elementwise in w (and b adds itself)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    delta = torch.rand(w.shape, generator=gen, dtype=dt).to(w.device) + 0.5
-    scale = y0.abs().amax().clamp(min=1.0) + u.abs().amax()
-    tol = (1e-9 if dt == torch.float64 else 2e-4) * scale * 4
-    if (_norm_eval(m, x, w + delta, b) - y0 - u * delta).abs().amax() > tol:
-        return None
-    if b is not None and (_norm_eval(m, x, w, b + delta) - y0 - delta).abs().amax() > tol:
-        return None
+    args, kwargs = _with_input(call, x.detach().to(dt, copy=True))
+    params = {} if b is None else {"bias": b}
+
+    def f(weight):
+        return recompute(tape, call, {**params, "weight": weight}, args, kwargs)
+
+    with torch.no_grad():
+        _, u = torch.func.jvp(f, (w,), (torch.ones_like(w),))
     return u
 
 
-def norm_rule(tape, call, grads):
+def norm_pieces(tape, call, grads):
     m = call.module
-    x = _input(call)
-    cache = _NORM_AFFINE  # verified once per module (the structure of its forward does not change)
-    with tape.paused(), torch.no_grad():
-        u = _norm_u(m, x, verify=m not in cache, y=call.outputs[0]) if cache.get(m, True) else None
-    if u is None:  # not elementwise-affine after all: exact generic fallback
-        cache[m] = False
-        return generic_rule(tape, call, grads)
-    cache[m] = True
     d = m.weight.numel()
-    g = _batched(grads[0], d, type(m).__name__)
-    out = {"weight": PerSample(ops.norm_grad(_batched(u, d, type(m).__name__), g))}
+    u = call.memo.get("norm_u")
+    if u is None:  # the same for every loss of this trace
+        u = call.memo["norm_u"] = norm_u(tape, call)
+    if u.shape[-1] != d:
+        raise Refused(f"{call.name}: its weight does not act on the last dimension")
+    g = rows(call, grads[0], d)
+    out = {"weight": PerSample(ops.norm_grad(rows(call, u, d), g))}
     if getattr(m, "bias", None) is not None:
         out["bias"] = PerSample(g.sum(1, dtype=_acc(g)))
     return out
 
 
-# -- generic fallback ---------------------------------------------------------------------------
-def generic_rule(tape, call, grads):
-    """Exact per-sample gradients of the module's own parameters by per-sample vector-Jacobian
-    products of that module alone (its recorded inputs, sliced to one sample, and the recorded
-    output gradients). Forms [B, *shape] per parameter: meant for small parameters. Assumes the
-    module treats batch rows independently and deterministically (no dropout in train mode)."""
+# -- generic rule -------------------------------------------------------------------------------
+GENERIC_MB = float(os.environ.get("GEFX_GENERIC_MB", "2048"))
+
+
+def _sample_grads(call, g: torch.Tensor) -> torch.Tensor:
+    """[samples, *g.shape]: g with every row outside sample i zeroed in slice i."""
+    dim, n = call.batch_dim, g.shape[call.batch_dim]
+    owner = torch.arange(n, device=g.device) // (n // call.samples)
+    onehot = owner == torch.arange(call.samples, device=g.device)[:, None]         # [samples, n]
+    shape = [call.samples] + [1] * g.dim()
+    shape[dim + 1] = n
+    return onehot.view(shape).to(g.dtype) * g.unsqueeze(0)
+
+
+def _check_replay(call, outs, drew: bool) -> None:
+    """The re-run must give the recorded outputs (same dropout masks, same state)."""
+    for o, r, v in zip(outs, call.outputs, call.out_versions):
+        if r._version != v:
+            if drew:
+                raise Refused(f"{call.name} draws random numbers in its forward and its output was "
+                              "changed in place afterwards, so gefx cannot check that re-running it "
+                              "reproduces the forward; avoid the in-place op after it or use eval mode")
+            continue
+        if o.shape != r.shape:
+            raise Refused(f"re-running {call.name} gives an output of shape {tuple(o.shape)}, the "
+                          f"recorded one is {tuple(r.shape)}")
+        tol = 8 * torch.finfo(r.dtype).eps * float(r.detach().abs().max().clamp(min=1e-30))
+        if not torch.equal(o, r) and float((o.detach() - r.detach()).abs().max()) > tol:
+            raise Refused(f"re-running {call.name} on its recorded inputs does not reproduce its "
+                          "output (random numbers outside torch's default generators, or state that "
+                          "changed since the forward); gefx cannot differentiate it per sample. "
+                          "Measure in eval mode, or register a rule for it (gefx.register_rule)")
+
+
+def generic_pieces(tape, call, grads):
+    """Exact per-sample gradients of the covered parameters: the module is re-run once on the whole
+    recorded batch (same random numbers, buffer copies) and checked against the recorded output;
+    then one vector-Jacobian product per sample, batched (``is_grads_batched``), with the output
+    gradients of the other samples' rows zeroed. Forms [samples, *shape] per parameter."""
+    m = call.module
+    local = [loc for loc, _ in tape.owned[m]] + [loc for loc, _ in call.extra]
+    params = {loc: m.get_parameter(loc) for loc in local}
+    size = call.samples * sum(p.numel() for p in params.values()) * 8
+    if size > GENERIC_MB * 2**20:
+        raise Refused(f"{call.name} ({type(m).__name__}) has no specific rule and its generic per-sample "
+                      f"gradients would take {size / 2**20:.0f} MiB (> GEFX_GENERIC_MB={GENERIC_MB:g}); "
+                      "register a rule for it (gefx.register_rule), measure fewer samples at once, "
+                      "or leave its parameters out of `params`")
+    leaves = {loc: full(p.detach()).requires_grad_(True) for loc, p in params.items()}
+    seen: dict = {}
+    outs = _outputs(call, recompute(tape, call, leaves, seen=seen))
+    _check_replay(call, outs, drew=seen["drew"])
+    want = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+    if not want:
+        return {}
+    targets = list(leaves.values())
+    with torch.enable_grad():
+        if call.samples == 1:
+            got = [None if x is None else x.unsqueeze(0) for x in torch.autograd.grad(
+                [o for o, _ in want], targets, [g for _, g in want], allow_unused=True)]
+        else:
+            batched = [_sample_grads(call, g) for _, g in want]
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    got = list(torch.autograd.grad([o for o, _ in want], targets, batched, retain_graph=True,
+                                                   allow_unused=True, is_grads_batched=True))
+            except RuntimeError:  # an op without a batching rule: one product per sample
+                per = [torch.autograd.grad([o for o, _ in want], targets, [b[i] for b in batched],
+                                           retain_graph=True, allow_unused=True) for i in range(call.samples)]
+                got = [None if per[0][k] is None else torch.stack([p[k] for p in per]) for k in range(len(targets))]
+    out = {}
+    for loc, x in zip(local, got):
+        p = params[loc]
+        out[loc] = PerSample(torch.zeros((call.samples, *p.shape), dtype=_acc(p), device=p.device)
+                             if x is None else x.to(_acc(p)))
+    return out
+
+
+# -- verification -------------------------------------------------------------------------------
+@dataclass
+class Verdict:
+    exact: bool                 # the rule's pieces matched autograd on this module
+    offset_free: bool = False   # norm rule: y = u * w, so u = y / w
+    error: float = 0.0          # the largest relative difference seen
+
+
+#: module -> {(rule name, training): Verdict}, filled on the first call of each module
+CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def checked_rule(tape, call) -> Rule:
+    """The rule to use for this call: the module's own rule once it is verified on this module,
+    else the generic rule."""
+    rule = tape.rules[call.module]
+    if rule.exact:
+        return rule
+    key = (rule.name, call.module.training)
+    verdicts = CHECKED.setdefault(call.module, {})
+    if key not in verdicts:
+        verdicts[key] = _verify(tape, call, rule)
+    return rule if verdicts[key].exact else replace(GENERIC, batch_dim=rule.batch_dim)
+
+
+def _verify(tape, call, rule: Rule) -> Verdict:
+    """Compare the rule's aggregated gradient for a random output gradient with autograd's
+    through the re-run module, in the accumulation dtype."""
     m = call.module
     local = [loc for loc, _ in tape.owned[m]]
-    own = dict(m.named_parameters(recurse=False))
-    B = call.outputs[0].shape[0]
-    result = {loc: torch.zeros((B, *own[loc].shape), dtype=_acc(own[loc]), device=own[loc].device) for loc in local}
+    first = m.get_parameter(local[0])
+    dt = _acc(first)
+    leaves = {loc: full(m.get_parameter(loc).detach()).to(dt).requires_grad_(True) for loc in local}
+    args, kwargs = _cast(_copied(call.args), dt), _cast(_copied(call.kwargs), dt)
+    try:
+        outs = _outputs(call, recompute(tape, call, leaves, args, kwargs))
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        v = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in outs]
+        ref = torch.autograd.grad(outs, list(leaves.values()), v, allow_unused=True)
+        fake = replace(call, args=args, kwargs=kwargs, outputs=[o.detach() for o in outs],
+                       out_versions=[o._version for o in outs], samples=1, memo={}, broadcast=False)
+        pieces = rule.pieces(tape, fake, v)
+    except Refused:
+        raise
+    except Exception:  # noqa: BLE001 - the rule does not apply to this module: generic instead
+        return Verdict(False)
+    worst = 0.0
+    for loc, r in zip(local, ref):
+        p = pieces.get(loc)
+        got = torch.zeros_like(leaves[loc]) if p is None else dense(merge([p]), leaves[loc].shape)
+        r = torch.zeros_like(leaves[loc]) if r is None else r
+        scale = float(r.abs().max().clamp(min=torch.finfo(dt).tiny))
+        worst = max(worst, float((got.to(dt) - r).abs().max()) / scale)
+    offset_free = False
+    if rule.name == "norm" and worst <= 1e-4:
+        u = norm_u(tape, call)  # the verdict is not stored yet: this is the forward-mode u
+        y0 = outs[0].detach()
+        offset_free = bool(((y0 - u * leaves["weight"].detach()).abs() <= 1e-6 * y0.abs().max()).all())
+    return Verdict(worst <= 1e-4, offset_free, worst)
 
-    def take(i):
-        return lambda x: x[i:i + 1].detach() if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == B else x
 
-    for i in range(B):
-        leaves = {loc: full(own[loc].detach()).requires_grad_(True) for loc in local}
-        try:
-            with tape.paused(), torch.enable_grad():
-                out = functional_call(m, leaves, tree_map(take(i), call.args), tree_map(take(i), call.kwargs))
-            flat, _ = tree_flatten(out)
-            outs = [flat[k] for k in call.output_index]
-            gi = torch.autograd.grad(outs, list(leaves.values()), [g[i:i + 1] for g in grads], allow_unused=True)
-        except Exception as exc:
-            raise RuntimeError(f"unsupported module {type(m).__name__} ({tape.module_names.get(m, '?')}): "
-                               f"the generic per-sample fallback failed ({type(exc).__name__}: {exc}); "
-                               "register a rule with gefx.rules.register_rule") from exc
-        for loc, gr in zip(local, gi):
-            if gr is not None:
-                result[loc][i] = gr
-    return {loc: PerSample(v) for loc, v in result.items()}
-
-
-# order: last registered first, so register the catch-all first
-register_rule(lambda m: True, generic_rule)
-register_rule(_norm_candidate, norm_rule)
-register_rule(lambda m: _own_forward(m, nn.Embedding), embedding_rule)
-register_rule(_is_conv1d, conv1d_rule)
-register_rule(lambda m: _own_forward(m, nn.Linear), linear_rule)
+# -- registry (last registered first: the catch-all first) --------------------------------------
+GENERIC = Rule("generic", generic_pieces, own_params, exact=True)
+_RULES.append((lambda m: True, GENERIC))
+register_rule(_norm_candidate, Rule("norm", norm_pieces, own_params))
+register_rule(nn.Embedding, Rule("embedding", embedding_pieces, own_params))
+register_rule(_is_conv1d, Rule("conv1d", conv1d_pieces, own_params))
+register_rule(nn.Linear, Rule("linear", linear_pieces, own_params))
+register_rule(lambda m: type(m).__name__ == "ParametrizationList",  # its parameters are refused by name
+              Rule("parametrization", generic_pieces, lambda m: []))
+register_rule(nn.MultiheadAttention, Rule("generic", generic_pieces, all_params,
+                                          lambda m: 0 if m.batch_first else 1, exact=True))

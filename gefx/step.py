@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .soundness import per_row
 from .tape import Tape
 
 _ROUNDOFFS = 32  # accepted residual of the row-factor fit, in units of the head dtype's epsilon
@@ -89,11 +90,14 @@ class StepBackward:
         tape.check_open()
         self.tape, self.loss = tape, loss
         self.outs = [o for c in tape.calls for o in c.outputs]
+        self.slots = [(c, j) for c in tape.calls for j in range(len(c.outputs))]
+        # where each output's gradient is taken (the value as recorded; see Call.targets)
+        self.edges = [e for c in tape.calls for e in c.targets()]
         if not self.outs:
             raise ValueError("nothing was recorded: run the model's forward inside the gefx.trace block")
         self._nodes: dict = {}
-        for k, o in enumerate(self.outs):
-            self._nodes.setdefault(o.grad_fn, []).append(k)
+        for k, e in enumerate(self.edges):
+            self._nodes.setdefault(e.node, []).append(k)
         self._bypass: dict = {}  # head node -> L does not reach it, or reaches its upstream around it
         self.plans = {name: self._plan(risk) for name, risk in risks.items()}
         self.keep_all = loss.dim() == 1  # a vector objective's pieces need every captured gradient
@@ -102,7 +106,8 @@ class StepBackward:
             if plan is not None and plan.reusable:
                 risk = risks[name]
                 try:
-                    (plan.g_head,) = torch.autograd.grad(risk.sum(), self.outs[plan.head], retain_graph=True)
+                    (g,) = torch.autograd.grad(risk.sum(), [self.edges[plan.head]], retain_graph=True)
+                    plan.g_head = self._as_output(plan.head, g)
                 except RuntimeError as exc:
                     raise RuntimeError(f"could not differentiate risk {name!r} through the traced "
                                        f"forward: {exc}") from exc
@@ -128,14 +133,19 @@ class StepBackward:
                     viable.setdefault(k, []).append(plan)
 
         def store(k):
-            def hook(g):
+            nr = self.edges[k].output_nr
+
+            def hook(grad_outputs):
+                g = self._as_output(k, grad_outputs[nr])
+                if g is None:
+                    return
                 for plan in self._heads.get(k, ()):
                     plan.scale = self._row_factors(g, plan.g_head)
                 if self.keep_all or any(pl.scale is not None and k != pl.head for pl in viable.get(k, ())):
                     self.captured[k] = g
             return hook
 
-        handles = [self.outs[k].register_hook(store(k)) for k in self._wanted]
+        handles = [self.edges[k].node.register_prehook(store(k)) for k in self._wanted]
         try:
             self.loss.sum().backward(retain_graph=True)
         except BaseException:
@@ -174,7 +184,7 @@ class StepBackward:
             # L must reach H, and no output upstream of H other than through H
             reached = _walk(self.loss.grad_fn, {node})
             self._bypass[node] = (node not in reached
-                                  or bool((reached - {node}) & {self.outs[k].grad_fn for k in upstream}))
+                                  or bool((reached - {node}) & {self.edges[k].node for k in upstream}))
         ok = not self._bypass[node] and risk.dim() == 1 and risk.shape[0] == self.outs[h].shape[0]
         return _Plan(h, upstream, ok)
 
@@ -187,13 +197,8 @@ class StepBackward:
         plan = self.plans.get(name)
         if plan is None:
             return None
-        head = self.outs[plan.head]
+        head = self.edges[plan.head]
         g_head = plan.g_head
-        if g_head is None:
-            try:
-                (g_head,) = torch.autograd.grad(risk.sum(), head, retain_graph=True)
-            except RuntimeError as exc:
-                raise RuntimeError(f"could not differentiate {what} through the traced forward: {exc}") from exc
         plan.g_head = None
         scale, last = plan.scale, False
         if plan.reusable:
@@ -201,25 +206,37 @@ class StepBackward:
             last = self._users[plan.head] == 0 and not self.keep_all
         out: list = [None] * len(self.outs)
         if scale is None:  # its own backward, started at the head
+            call, j = self.slots[plan.head]
+            g_at = g_head if head is call.edges[j] else None  # already at the head's edge
+            if g_at is None:
+                try:
+                    (g_at,) = torch.autograd.grad(risk.sum(), [head], retain_graph=True)
+                except RuntimeError as exc:
+                    raise RuntimeError(f"could not differentiate {what} through the traced forward: {exc}") from exc
             if last:
                 self._release(plan.upstream)
-            got = torch.autograd.grad([head], [self.outs[k] for k in plan.upstream], [g_head],
+            got = torch.autograd.grad([head], [self.edges[k] for k in plan.upstream], [g_at],
                                       retain_graph=True, allow_unused=True)
             for k, g in zip(plan.upstream, got):
-                out[k] = g
+                out[k] = self._as_output(k, g)
+            out[plan.head] = self._as_output(plan.head, g_at)
             return out
         shared = self._shared_storages(plan.upstream) if last else None
         for k in plan.upstream:
             g = self.captured[k]
             if g is None or k == plan.head:
                 continue
-            factor = scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+            factor = per_row(self.tape, *self.slots[k][:1], scale, g).to(g.dtype)
             in_place = last and g.untyped_storage().data_ptr() not in shared
             out[k] = g.mul_(factor) if in_place else g * factor
         out[plan.head] = g_head
         if last:
             self._release(plan.upstream)
         return out
+
+    def _as_output(self, k: int, g):
+        call, j = self.slots[k]
+        return call.as_output(j, g)
 
     def _row_factors(self, g_loss, g_head):
         return _row_factors(g_loss, g_head)

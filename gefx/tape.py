@@ -1,10 +1,15 @@
-"""`gefx.trace`: record the forward calls of a model's parameterised modules.
+"""`gefx.trace`: record the forward calls of the modules whose rules cover the counted parameters.
 
-While the context is open, every call of a module that directly owns a counted parameter is
-recorded as a :class:`Call` (the module, its inputs, its tensor outputs). Nothing is copied: the
-tape keeps references to tensors the autograd graph holds anyway. Output gradients are obtained
-later with ``torch.autograd.grad`` on the recorded outputs (gefx.dots), which never touches
-``.grad`` and keeps the graph for the caller's own backward.
+While the context is open, every call of such a module (see ``gefx.rules``: by default a module
+that directly owns a counted parameter) is recorded as a :class:`Call`: the module, its inputs,
+its tensor outputs and the autograd edges they had when the module produced them. Nothing is
+copied: the tape keeps references to tensors the autograd graph holds anyway. gefx's hooks run
+before any other forward hook of the module (a hook that rewrites the output acts downstream of
+what gefx records), and output gradients are taken at the recorded edges, i.e. with respect to
+the values the module produced even if they are changed in place later. Before anything is
+contracted, ``gefx.soundness`` proves on the autograd graph that the losses reach the counted
+parameters only through recorded calls whose rules account for them, and checks the per-sample
+contract.
 """
 from __future__ import annotations
 
@@ -14,30 +19,60 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
 from .dist import check_supported
+from .rules import Refused, Rule, rule_for
+from .soundness import Graph
 
 
-@dataclass
+@dataclass(eq=False)
 class Call:
     """One forward call of a recorded module."""
 
     module: nn.Module
+    name: str                              # the module's path in the model
     args: tuple
     kwargs: dict
     outputs: list[torch.Tensor]            # flattened tensor outputs that require grad
     output_index: list[int]                # their positions in the flattened output
-    versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # input in-place guard
+    edges: list                            # their autograd edges when the module returned them
+    out_versions: list[int]                # their version counters then
+    versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # inputs, for the in-place guard
+    input_nodes: set = field(default_factory=set)   # autograd nodes of the inputs that require grad
     broadcast: bool = False                # output was [1, ...] and expanded to the model's batch
+    batch: int = 0                         # batch size of the model forward the call ran in
+    rng: dict = field(default_factory=dict)         # RNG states before the call ("cpu", cuda devices)
+    autocast: list = field(default_factory=list)    # [(device type, dtype)] autocast active at the call
+    bases: list = field(default_factory=list)       # per output: (base edge, size, stride, offset) of a view
+    # set per loss by gefx.dots.pieces_from before a rule runs:
+    samples: int = 0                       # how many samples the batch rows group into (1: summed)
+    batch_dim: int = 0
+    extra: list = field(default_factory=list)       # (local, canonical) parameters a generic rule adds
+    memo: dict = field(default_factory=dict)        # per-call values shared by the losses of a trace
+
+    def targets(self) -> list:
+        """The autograd edges at which each output's gradient is taken now: the output's own edge,
+        or, for a view output changed in place since (autograd then drops the view's node), the
+        edge its base had when the module returned it (see :meth:`as_output`)."""
+        return [b[0] if b is not None and o._version != v else e
+                for o, v, e, b in zip(self.outputs, self.out_versions, self.edges, self.bases)]
+
+    def as_output(self, k: int, g: torch.Tensor | None) -> torch.Tensor | None:
+        """The gradient taken at ``targets()[k]`` as the gradient of output k as recorded."""
+        b = self.bases[k]
+        if g is None or b is None or self.outputs[k]._version == self.out_versions[k]:
+            return g
+        _, size, stride, offset = b
+        return g.contiguous().as_strided(size, stride, offset)
 
     def check_unmodified(self) -> None:
         for t, v in self.versions:
             if t._version != v:
-                raise RuntimeError(
-                    f"an input of {type(self.module).__name__} was modified in place after the "
-                    "traced forward; gefx needs the activations as they were (avoid in-place ops "
-                    "on layer inputs, or clone them)")
+                raise Refused(f"an input of {self.name} ({type(self.module).__name__}) was modified in place "
+                              "after the traced forward; gefx needs the activations as they were (avoid "
+                              "in-place ops on layer inputs, or clone them)")
 
 
 def _counted(model: nn.Module, params) -> dict[int, nn.Parameter]:
@@ -64,12 +99,57 @@ def _counted(model: nn.Module, params) -> dict[int, nn.Parameter]:
     return out
 
 
+def _claims(model: nn.Module, names: dict[int, str]):
+    """module -> [(local name, canonical name)] of the counted parameters its rule covers, and
+    module -> rule. A parameter covered by an ancestor's rule (e.g. nn.MultiheadAttention's
+    out_proj) is not claimed again below it; one shared by separate modules (tied embeddings) is
+    claimed by each."""
+    parent: dict[nn.Module, nn.Module] = {}
+    for m in model.modules():
+        for child in m.children():
+            parent.setdefault(child, m)
+
+    def ancestor(a, m):
+        while m in parent:
+            m = parent[m]
+            if m is a:
+                return True
+        return False
+
+    claimed: dict[int, list[nn.Module]] = {}
+    owned, rules = {}, {}
+    for m in model.modules():
+        rule = rule_for(m)
+        mine = []
+        for local in rule.covers(m):
+            p = m.get_parameter(local)
+            if id(p) not in names or any(ancestor(a, m) for a in claimed.get(id(p), ())):
+                continue
+            mine.append((local, names[id(p)]))
+            claimed.setdefault(id(p), []).append(m)
+        if mine:
+            owned[m], rules[m] = mine, rule
+    return owned, rules
+
+
+def _base(o: torch.Tensor):
+    """(edge, size, stride, offset) of a view output's contiguous base, to take the output's
+    gradient from if the view is changed in place later; None for a non-view."""
+    base = o._base
+    if base is None or not base.requires_grad or not base.is_contiguous():
+        return None
+    return get_gradient_edge(base), o.size(), o.stride(), o.storage_offset() - base.storage_offset()
+
+
 class Tape:
     """What :func:`trace` returns: the recorded calls plus the parameter bookkeeping."""
 
-    def __init__(self, model: nn.Module, params: Iterable | None = None):
+    def __init__(self, model: nn.Module, params: Iterable | None = None, check: str = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"gefx.trace needs a torch.nn.Module, got {type(model).__name__}")
+        if check not in ("auto", "full"):
+            raise ValueError(f"check={check!r}: use 'auto' (the per-sample probe once per graph "
+                             "structure) or 'full' (on every loss)")
         if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
             raise ValueError("gradient checkpointing re-runs the forward inside backward, which "
                              "gefx does not trace; disable it while measuring")
@@ -77,6 +157,7 @@ class Tape:
             raise ValueError(f"no parameterised module found in {type(model).__name__}")
         check_supported(model)
         self.model = model
+        self.check = check
         counted = _counted(model, params)
         # canonical names in model order; a shared parameter gets the first name it appears under
         self.names: dict[int, str] = {}
@@ -84,31 +165,36 @@ class Tape:
             if id(p) in counted and id(p) not in self.names:
                 self.names[id(p)] = name
         self.params: dict[str, nn.Parameter] = {n: counted[i] for i, n in self.names.items()}
-        # module -> [(local attribute name, canonical parameter name)] of its counted direct params
-        self.owned: dict[nn.Module, list[tuple[str, str]]] = {}
-        for module in model.modules():
-            mine = [(local, self.names[id(p)]) for local, p in module.named_parameters(recurse=False)
-                    if id(p) in self.names]
-            if mine:
-                self.owned[module] = mine
+        self.owned, self.rules = _claims(model, self.names)  # module -> [(local, canonical)], module -> Rule
         if not self.owned:
             raise ValueError(f"no parameterised module found in {type(model).__name__}")
         self.module_names = {m: n for n, m in model.named_modules(remove_duplicate=False) if m in self.owned}
         self.calls: list[Call] = []
+        self.graph = Graph(self)
         self._handles: list = []
         self._open = False
         self._closed = False
         self._paused = 0
         self._batch: list[int] = []  # batch size of each model forward in progress
+        self._before: dict[nn.Module, dict] = {}  # RNG state captured by the pre-hook
 
     # -- context protocol -------------------------------------------------------------------
     def __enter__(self) -> "Tape":
         if self._closed:
             raise RuntimeError("this gefx.trace was closed; open a new one")
+        if getattr(nn.modules.module, "_global_forward_hooks", None):
+            raise Refused("a global forward hook is registered (torch.nn.modules.module."
+                          "register_module_forward_hook); it runs before gefx's hooks and may rewrite "
+                          "the outputs gefx records; remove it while measuring")
+        # torch.compile'd regions run the hooks eagerly (a graph break) instead of tracing them
+        rng, record = torch.compiler.disable(self._rng), torch.compiler.disable(self._record)
         for module in self.owned:
-            self._handles.append(module.register_forward_hook(self._record, with_kwargs=True))
-        self._handles.append(self.model.register_forward_pre_hook(self._enter_forward, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._leave_forward, always_call=True))
+            self._handles.append(module.register_forward_pre_hook(rng, prepend=True))
+            self._handles.append(module.register_forward_hook(record, with_kwargs=True, prepend=True))
+        self._handles.append(self.model.register_forward_pre_hook(
+            torch.compiler.disable(self._enter_forward), with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(
+            torch.compiler.disable(self._leave_forward), always_call=True))
         self._open = True
         return self
 
@@ -117,6 +203,7 @@ class Tape:
             h.remove()
         self._handles.clear()
         self.calls.clear()
+        self._before.clear()
         self._open = False
         self._closed = True
 
@@ -134,9 +221,8 @@ class Tape:
         finally:
             self._paused -= 1
 
-    def clear(self) -> None:
-        """Forget the calls recorded so far (frees their activations for the next batch)."""
-        self.calls.clear()
+    def rule(self, module: nn.Module) -> Rule:
+        return self.rules[module]
 
     # -- recording ---------------------------------------------------------------------------
     def _enter_forward(self, model, args, kwargs) -> None:
@@ -147,9 +233,22 @@ class Tape:
         if self._batch:
             self._batch.pop()
 
+    def _rng(self, module: nn.Module, args) -> None:
+        """The RNG state before the forward, so that a rule re-running the module draws the same
+        random numbers (dropout masks)."""
+        if self._paused or not torch.is_grad_enabled():
+            return None
+        state = {"cpu": torch.get_rng_state()}
+        p = next(module.parameters(), None)
+        if p is not None and p.device.type == "cuda":
+            state[p.device] = torch.cuda.get_rng_state(p.device)
+        self._before[module] = state
+        return None
+
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         if self._paused or not torch.is_grad_enabled():
             return None
+        rng = self._before.pop(module, None) or {"cpu": torch.get_rng_state()}
         batch = self._batch[-1] if self._batch else 0
         broadcast = (isinstance(output, torch.Tensor) and output.dim() >= 2 and output.shape[0] == 1
                      and batch > 1 and output.requires_grad)
@@ -162,24 +261,34 @@ class Tape:
         index = [k for k, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not index:
             return None
-        versions = [(t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        self.calls.append(Call(module, args, kwargs, [flat[k] for k in index], index, versions, broadcast))
+        outs = [flat[k] for k in index]
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        self.calls.append(Call(
+            module, self.module_names.get(module, type(module).__name__), args, kwargs, outs, index,
+            [get_gradient_edge(o) for o in outs], [o._version for o in outs],
+            [(t, t._version) for t in inputs], {get_gradient_edge(t).node for t in inputs if t.requires_grad},
+            broadcast, batch, rng, autocast, [None if broadcast else _base(o) for o in outs]))
         return output if broadcast else None
 
 
-def trace(model: nn.Module, params: Iterable | None = None) -> Tape:
+def trace(model: nn.Module, params: Iterable | None = None, *, check: str = "auto") -> Tape:
     """Record the forward calls of `model` while the returned context is open.
 
     Args:
         model: any ``nn.Module`` (plain PyTorch or Hugging Face). Batch is dimension 0 of every
-            recorded input and output.
+            recorded input and output (``nn.MultiheadAttention`` with ``batch_first=False``: 1), one
+            row per sample or consecutive groups of rows per sample ([B*T, H] in OPT and MoE blocks).
         params: the parameters whose gradients count: an iterable of parameters, a list of param
             groups, or an optimizer (its ``param_groups``; e.g. LoRA or RMU-style partial
             training). Default: every parameter with ``requires_grad``. A parameter shared by
             several modules (tied embeddings) counts once, with the gradient of all its uses.
+        check: how often the per-sample contract is probed (``gefx.soundness``): "auto" (default)
+            the first time a loss's autograd graph has a given structure in this process, "full"
+            for every loss. The coverage proof on the autograd graph runs for every loss either way.
 
     Use :func:`gefx.grad_dots` and :func:`gefx.g_effect` inside the block; the tape is emptied
     and its hooks removed when the block ends. Forwards run under ``torch.no_grad`` are not
     recorded. Gradient checkpointing is not supported.
     """
-    return Tape(model, params)
+    return Tape(model, params, check)
