@@ -29,7 +29,7 @@ from . import dist, ops
 from .backends import dispatch
 from .groups import resolve
 from .pieces import Factored, PerSample, Piece, acc_dtype, contract, dense, masked, merge
-from .rules import checked_rule
+from .rules import Refused, checked_rule
 from .soundness import sample_view
 from .tape import Tape
 
@@ -121,12 +121,66 @@ def pieces_from(tape: Tape, loss: torch.Tensor, grads, *, per_sample: bool, what
             expand = lambda x: x.expand(b, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1 else x  # noqa: E731
             view = replace(view, args=tree_map(expand, call.args), kwargs=tree_map(expand, call.kwargs))
         rule = checked_rule(tape, view)
+        gs = _direct(call, gs)
         gs = [torch.zeros_like(o) if g is None else g for o, g in zip(call.outputs, gs)]
         owned = dict(tape.owned[call.module]) | dict(call.extra)
         for local, piece in rule.pieces(tape, view, gs).items():
             if local in owned:
                 pieces.setdefault(owned[local], []).append(piece)
     return Grads({n: merge(ps) for n, ps in pieces.items()}, samples)
+
+
+def _downstream(call) -> list[list[int]]:
+    """For each output j of a call, the outputs computed from it inside the call (e.g. a router's
+    scores from its logits); walked once per call."""
+    memo = call.memo.get("downstream")
+    if memo is None:
+        nodes = [e.node for e in call.targets()]
+        memo = []
+        for j in range(len(nodes)):
+            memo.append([k for k in range(len(nodes)) if k != j and nodes[j] in _upstream_of(nodes[k], call)])
+        call.memo["downstream"] = memo
+    return memo
+
+
+def _upstream_of(node, call) -> set:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen or n in call.input_nodes:
+            continue
+        seen.add(n)
+        todo.extend(m for m, _ in n.next_functions if m is not None)
+    return seen
+
+
+def _direct(call, gs: list) -> list:
+    """Output gradients as rules read them: the loss's gradient through each output's own uses.
+    Autograd's gradient at an output also holds what reaches it through the call's other outputs
+    computed from it; that part is taken out (downstream outputs first), or a rule would count
+    it twice."""
+    if len(gs) < 2:
+        return gs
+    down = _downstream(call)
+    if not any(down):
+        return gs
+    targets = call.targets()
+    if any(t is not e for t, e in zip(targets, call.edges)):
+        raise Refused(f"{call.name}: an output computed from another of its outputs was changed in place "
+                      "after the forward; gefx cannot separate their gradients")
+    done, out = set(), list(gs)
+    while len(done) < len(gs):
+        for j in range(len(gs)):
+            if j in done or any(k not in done for k in down[j]):
+                continue
+            users = [k for k in down[j] if out[k] is not None]
+            if out[j] is not None and users:
+                (via,) = torch.autograd.grad([targets[k] for k in users], [targets[j]],
+                                             [out[k] for k in users], retain_graph=True, allow_unused=True)
+                if via is not None:
+                    out[j] = out[j] - via
+            done.add(j)
+    return out
 
 
 # -- products between pieces --------------------------------------------------------------------

@@ -225,6 +225,30 @@ def test_compiled_submodule_and_compiled_model():
     assert_exact(torch.compile(make(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)))))
 
 
+def test_module_whose_outputs_feed_each_other():
+    """A router-like module returns logits and scores computed from them; the loss uses both."""
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, h):
+            logits = F.linear(h, self.weight)
+            scores, _ = torch.topk(torch.softmax(logits, -1), 2)
+            scores /= scores.sum(-1, keepdim=True)  # in place, inside the forward (as HF's routers)
+            return logits, scores
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router, self.out = Router(), nn.Linear(4, 8)
+
+        def forward(self, h):
+            logits, scores = self.router(h)
+            return self.out(torch.tanh(logits) * scores[..., :1] + logits.exp())
+    assert_exact(make(Body()))
+
+
 # -- modules that re-run, norms ---------------------------------------------------------------
 class OffsetRMSNorm(nn.Module):
     """Gemma's RMSNorm: y = x / rms(x) * (1 + w), computed in float32 (`upcast`) or in x's dtype."""
