@@ -219,7 +219,7 @@ def _effect_result(eff):
 
 
 class ReferenceProcedure:
-    """The reference G-effect code (PAPER.md §4), one micro-batch: separate forward+backward for
+    """The reference G-effect code (docs/METHOD.md §4), one micro-batch: separate forward+backward for
     NLL(forget), the objective and NLL(retain), each full gradient copied to host memory, a
     0.6/0.4 moving average per gradient kept on the host (the first call initialises it), a fourth
     forward+backward on a zero loss, then per-parameter dot products summed per group.

@@ -16,8 +16,9 @@ from .groups import PRESETS as GROUP_PRESETS
 from .rules import Refused, register_rule
 from . import soundness
 from .tape import Tape, trace
+from .check import check
 from . import integrations  # noqa: E402  (after the engine: it builds on it)
 
 __version__ = "0.1.0"
 __all__ = ["trace", "grad_dots", "g_effect", "ops", "losses", "backends", "integrations", "register_rule", "Tape",
-           "Dots", "GEffect", "RiskEffect", "GROUP_PRESETS", "Refused", "soundness"]
+           "Dots", "GEffect", "RiskEffect", "GROUP_PRESETS", "Refused", "soundness", "check"]

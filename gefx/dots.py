@@ -120,13 +120,18 @@ def pieces_from(tape: Tape, loss: torch.Tensor, grads, *, per_sample: bool, what
             b = call.outputs[0].shape[0]
             expand = lambda x: x.expand(b, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1 else x  # noqa: E731
             view = replace(view, args=tree_map(expand, call.args), kwargs=tree_map(expand, call.kwargs))
-        rule = checked_rule(tape, view)
-        gs = _direct(call, gs)
-        gs = [torch.zeros_like(o) if g is None else g for o, g in zip(call.outputs, gs)]
         owned = dict(tape.owned[call.module]) | dict(call.extra)
-        for local, piece in rule.pieces(tape, view, gs).items():
+        try:
+            rule = checked_rule(tape, view)
+            gs = _direct(call, gs)
+            gs = [torch.zeros_like(o) if g is None else g for o, g in zip(call.outputs, gs)]
+            got = rule.pieces(tape, view, gs)
+        except Refused as exc:
+            exc.names = exc.names or list(owned.values())
+            raise
+        for local, piece in got.items():
             if local in owned:
-                pieces.setdefault(owned[local], []).append(piece)
+                pieces.setdefault(owned[local], []).extend(piece if isinstance(piece, list) else [piece])
     return Grads({n: merge(ps) for n, ps in pieces.items()}, samples)
 
 
@@ -188,7 +193,7 @@ def _factored_vs_dense(p: Factored, grads: torch.Tensor) -> torch.Tensor:
     """[Bp, J]: <sum_t left_t (x) right_t, grads[j]> for explicit gradients grads [J, D0, D1]."""
     dt = acc_dtype(p.right, grads)
     right = masked(p.right, p.mask, dt)
-    g = grads.to(dt)
+    g = (grads if p.block is None else grads[:, p.block]).to(dt)
     if p.ids:
         return torch.einsum("jbtd,btd->bj", g[:, p.left], right)
     return torch.einsum("btl,jlr,btr->bj", p.left.to(dt), g, right)
@@ -203,6 +208,8 @@ def _pp(p: Piece, q: Piece) -> torch.Tensor:
         return _pp(q, p).T
     if isinstance(q, PerSample):
         return _factored_vs_dense(p, q.grad)
+    if p.block != q.block:  # different experts' slices of a stacked parameter
+        return torch.zeros(p.batch, q.batch, dtype=acc_dtype(p.right, q.right), device=p.right.device)
     if p.ids and q.ids:
         return ops.embedding_pairwise(p.left, p.right, q.left, q.right, p.mask, q.mask)
     if p.ids:
@@ -215,7 +222,7 @@ def _pp(p: Piece, q: Piece) -> torch.Tensor:
 def _sample(p: Piece, i: int) -> Piece:
     if isinstance(p, PerSample):
         return PerSample(p.grad[i:i + 1])
-    return Factored(p.left[i:i + 1], p.right[i:i + 1], None if p.mask is None else p.mask[i:i + 1])
+    return Factored(p.left[i:i + 1], p.right[i:i + 1], None if p.mask is None else p.mask[i:i + 1], p.block)
 
 
 def _self(p: Piece) -> torch.Tensor:

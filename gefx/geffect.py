@@ -9,7 +9,7 @@ r (R = sum_i r_i):
     per_group[g]               = <grad_g R, grad_g L>          restricted to the group's parameters
     total                      = <grad R, grad L> = sum(per_instance) = sum(per_group)
 
-Reading (PAPER.md §1): one SGD step theta -= lr * grad L changes R by about -lr * e, so a
+Reading (docs/METHOD.md §1): one SGD step theta -= lr * grad L changes R by about -lr * e, so a
 negative unlearning G-effect (risk = NLL on the forget data) means removal, a negative retaining
 G-effect means damage. No learning rate, sign or normalisation is applied.
 

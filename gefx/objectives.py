@@ -1,4 +1,4 @@
-"""Unlearning objectives as per-sample vectors (PAPER.md §2), with the weights the paper discusses.
+"""Unlearning objectives as per-sample vectors (docs/METHOD.md §2), with the weights the paper discusses.
 
 Every objective returns an :class:`ObjectiveOutput` whose ``parts`` are per-sample vectors; their
 sums add up to the batch objective (the loss that is minimised), with exactly the normalisation of

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every engine op: the oracle for the kernels and the fallback everywhere.
 
-Notation (DESIGN.md §1). One *set* of samples is given by two factor tensors of the same batch and
+Notation (docs/METHOD.md §5). One *set* of samples is given by two factor tensors of the same batch and
 token count: ``a`` [B, T, Da] and ``g`` [B, T, Dg]. Sample i's gradient of a matrix parameter is
 ``G_i^T A_i = sum_t g_it (x) a_it`` (for nn.Linear: a = input activations, g = output gradients).
 Every op returns inner products of such gradients without forming them:

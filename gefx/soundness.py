@@ -1,4 +1,4 @@
-"""What gefx proves about a loss and the model before it contracts anything (docs/METHOD.md §3).
+"""What gefx proves about a loss and the model before it contracts anything (docs/METHOD.md §6).
 
 The per-sample gradient of a loss splits exactly into the pieces of the recorded calls iff
 
@@ -90,7 +90,8 @@ def sample_view(tape, call, x: torch.Tensor, samples: int, what: str = "the loss
                   f"batch dimension ({dim}) where {what} has {samples} entries: its rows are not the "
                   "samples (a module that gathers tokens across the batch, e.g. an expert loop, needs a "
                   "rule of its own or the generic rule on the block around it: "
-                  "gefx.register_rule(cls, gefx.rules.GENERIC, covers='all'))")
+                  "gefx.register_rule(cls, gefx.rules.GENERIC, covers='all'))",
+                  [canon for _, canon in tape.owned[call.module]])
 
 
 def per_row(tape, call, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -151,13 +152,15 @@ class Graph:
                     loose.setdefault(name, parent)
                 continue
             todo.extend((n, node, direct) for n, _ in node.next_functions if n is not None)
-        problems = [_loose_message(name, parent) for name, parent in loose.items()]
+        problems = [(name, _loose_message(name, parent)) for name, parent in loose.items()]
         for call, region in reached.items():
             call.check_unmodified()  # (b): the recorded inputs are what the forward used
             problems += self._uncovered(call, region, reached)
         if problems:
+            lines = [text for _, text in problems]
             raise Refused(f"{what}: gefx cannot account for every counted parameter it reaches:\n  - "
-                          + "\n  - ".join(problems[:6]) + (f"\n  ... and {len(problems) - 6} more" if len(problems) > 6 else ""))
+                          + "\n  - ".join(lines[:6]) + (f"\n  ... and {len(lines) - 6} more" if len(lines) > 6 else ""),
+                          [name for name, _ in problems])
         order = {c: k for k, c in enumerate(tape.calls)}
         return Reach(sorted(reached, key=order.__getitem__), heads, hash(tuple(sig)))
 
@@ -187,8 +190,8 @@ class Graph:
         region = self._regions[call] = Region(params, exits, hash(tuple(sig)))
         return region
 
-    def _uncovered(self, call, region: Region, reached: dict) -> list[str]:
-        """Problems with the parameters used inside a call's region but not covered by its rule;
+    def _uncovered(self, call, region: Region, reached: dict) -> list[tuple[str, str]]:
+        """(parameter, problem) for the parameters used inside a call's region but not covered by its rule;
         the generic rule takes in those of its module's submodules that no nested recorded call
         covers (set on ``call.extra``)."""
         tape, m = self.tape, call.module
@@ -209,10 +212,10 @@ class Graph:
             fix = _PARAMETRIZATION if "parametrizations." in canon else (
                 f"register a rule covering it (gefx.register_rule({type(m).__name__}, gefx.rules.GENERIC, "
                 "covers='all') uses the exact generic rule), or leave it out of `params`")
-            out.append(f"`{canon}` is used inside the forward of `{call.name}` ({type(m).__name__}), whose "
-                       f"rule ({rule.name}) does not account for it"
-                       + (" (the parameter of a submodule used functionally)" if canon in local else "")
-                       + f": {fix}")
+            out.append((canon, f"`{canon}` is used inside the forward of `{call.name}` ({type(m).__name__}), "
+                        f"whose rule ({rule.name}) does not account for it"
+                        + (" (the parameter of a submodule used functionally)" if canon in local else "")
+                        + f": {fix}"))
         return out
 
     # -- (c) the per-sample probe -----------------------------------------------------------------

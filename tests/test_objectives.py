@@ -1,5 +1,5 @@
 """Objective formulas against independent loop computations in float64, and gradient weights
-against their closed forms (PAPER.md §2)."""
+against their closed forms (docs/METHOD.md §2)."""
 import math
 
 import pytest

@@ -44,7 +44,7 @@ def _metric(metrics, objective, key):
     return [m[key] for m in sorted(metrics, key=lambda m: m["step"]) if m["objective"] == objective and key in m]
 
 
-# ------------------------------------------------------------------ sanity (PAPER.md §3)
+# ------------------------------------------------------------------ sanity (docs/METHOD.md §3)
 def test_default_model_memorised_the_forget_answers(default, run):
     _, _, _, meta = default
     assert meta["forget_answer_accuracy"] >= models.DEFAULT_TRAIN["target_accuracy"]

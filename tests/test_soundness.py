@@ -389,3 +389,49 @@ def test_multihead_attention(batch_first):
             y, _ = self.attn(x, x, x, need_weights=False)
             return y if batch_first else y.transpose(0, 1)
     assert_exact(make(Body()))
+
+
+# -- measuring changes nothing ----------------------------------------------------------------
+def test_measuring_changes_nothing():
+    """Buffers, the RNG state, training flags, hooks and .grad are as before a measurement (a model
+    in train mode with dropout, a BatchNorm left in eval, norms and generic modules that re-run)."""
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn, self.norm = nn.Linear(8, 8), nn.BatchNorm1d(8), OffsetRMSNorm(8, upcast=False)
+            self.drop, self.w = nn.Dropout(0.3), nn.Parameter(torch.randn(8))
+            self.register_buffer("calls", torch.zeros(()))  # updated by every forward of the block
+
+        def forward(self, h):
+            self.calls += 1
+            b, t, d = h.shape
+            h = self.bn(self.lin(h).reshape(b * t, d)).reshape(b, t, d)
+            return self.norm(self.drop(h)) * self.w
+
+    model = make(Body()).train()
+    model.body.bn.eval()
+    model.body.lin.register_forward_hook(lambda m, a, out: None)
+
+    def state():
+        return ({k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state(),
+                {n: m.training for n, m in model.named_modules()},
+                {n: (list(m._forward_hooks), list(m._forward_pre_hooks), list(m._backward_hooks))
+                 for n, m in model.named_modules()},
+                [p.grad for p in model.parameters()])
+
+    def same(x, y):
+        assert all(torch.equal(x[0][k], y[0][k]) for k in x[0]) and torch.equal(x[1], y[1])
+        assert x[2:] == y[2:]
+
+    before = state()
+    with gefx.trace(model) as tape:
+        a, b = lm_losses(model)
+        during = state()
+        gefx.grad_dots(tape, a, b)
+        gefx.grad_dots(tape, a)
+        gefx.g_effect(tape, -a, {"a": a, "b": b})
+        same(during, state())
+    after = state()
+    assert after[0]["body.calls"] == before[0]["body.calls"] + 2  # the two forwards, no re-run
+    before[0]["body.calls"] += 2
+    same((before[0], after[1], *before[2:]), after)  # the forwards drew the dropout masks

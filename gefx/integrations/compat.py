@@ -1,4 +1,4 @@
-"""Reference-compatible mode: the numbers the reference G-effect code prints (PAPER.md §4).
+"""Reference-compatible mode: the numbers the reference G-effect code prints (docs/METHOD.md §4).
 
 The reference code runs, per micro-batch, one forward+backward for each of NLL(forget), the
 objective and NLL(retain), copies each full gradient to host memory, keeps a moving average
