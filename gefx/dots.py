@@ -30,7 +30,7 @@ from .backends import dispatch
 from .groups import resolve
 from .pieces import Factored, PerSample, Piece, acc_dtype, contract, dense, masked, merge
 from .rules import Refused, checked_rule
-from .soundness import sample_view
+from .soundness import batch_dim, sample_view
 from .tape import Tape
 
 
@@ -43,11 +43,13 @@ class Grads:
 
 
 # -- collecting output gradients ----------------------------------------------------------------
-def check_graph(tape: Tape, loss: torch.Tensor, what: str) -> None:
+def check_graph(tape: Tape, loss: torch.Tensor, what: str):
     """Coverage and the per-sample probe for a per-sample loss, without keeping its gradients
-    (the online mode checks its losses before the step's backward touches ``.grad``)."""
+    (the online mode checks its losses before the step's backward touches ``.grad``). Returns the
+    loss's :class:`gefx.soundness.Reach`."""
     reach = tape.graph.reach(loss, what)
     tape.graph.probe(loss, reach, reach.slots(), None, what)
+    return reach
 
 
 def _check_loss(loss, what: str, per_sample: bool) -> torch.Tensor:
@@ -96,31 +98,35 @@ def collect(tape: Tape, loss: torch.Tensor, *, per_sample: bool, what: str = "lo
         tape.graph.probe(loss, reach, slots, got, what)
     at = {(id(c), k): g for (c, k, _), g in zip(slots, got)}
     grads = [at.get((id(c), k)) for c in tape.calls for k in range(len(c.edges))]
-    return pieces_from(tape, loss, grads, per_sample=per_sample, what=what)
+    return pieces_from(tape, loss, grads, per_sample=per_sample, what=what, users=reach.calls)
 
 
-def pieces_from(tape: Tape, loss: torch.Tensor, grads, *, per_sample: bool, what: str = "loss") -> Grads:
+def pieces_from(tape: Tape, loss: torch.Tensor, grads, *, per_sample: bool, what: str = "loss",
+                users=None) -> Grads:
     """Gradient pieces from the output gradients `grads` of `loss` (one entry, or None where the
-    loss does not reach, per recorded output edge in tape order)."""
+    loss does not reach, per recorded output edge in tape order), for the calls in `users` (those
+    whose forwards use the counted parameters the loss reaches, ``Reach.calls``; None: all)."""
     samples = loss.shape[0] if per_sample else 1
     pieces: dict[str, list[Piece]] = {}
+    users = None if users is None else set(users)
     k = 0
     for call in tape.calls:
         gs = grads[k:k + len(call.edges)]
         k += len(call.edges)
-        if all(g is None for g in gs):
+        if all(g is None for g in gs) or (users is not None and call not in users):
             continue
         if per_sample:
             for g in gs:
                 if g is not None:
                     sample_view(tape, call, g, samples, what)  # the rows are the loss's samples, or refused
         call.check_unmodified()
-        view = replace(call, samples=samples, batch_dim=tape.rules[call.module].batch_dim(call.module))
+        first = next(g for g in gs if g is not None)
+        view = replace(call, samples=samples, batch_dim=batch_dim(tape, call, first, samples) if per_sample else 0)
         if call.broadcast:  # its inputs are shared by all rows too: expand them like the output
             b = call.outputs[0].shape[0]
             expand = lambda x: x.expand(b, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1 else x  # noqa: E731
             view = replace(view, args=tree_map(expand, call.args), kwargs=tree_map(expand, call.kwargs))
-        owned = dict(tape.owned[call.module]) | dict(call.extra)
+        owned = dict(tape.owned[call.module])
         try:
             rule = checked_rule(tape, view)
             gs = _direct(call, gs)

@@ -181,20 +181,20 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, groups, group) -> GEf
     if dist.group_size(group) > 1:
         dist.check_supported(tape.model)
     tape.check_open()
-    if vector:  # per-sample pieces of the objective come from the step: check its graph first
-        check_graph(tape, objective, "objective")
-    for name, risk in risks.items():
-        check_graph(tape, risk, f"risk {name!r}")
+    # every graph is checked before the step's backward touches .grad
+    obj_reach = check_graph(tape, objective, "objective") if vector else None
+    reaches = {name: check_graph(tape, risk, f"risk {name!r}") for name, risk in risks.items()}
     with StepBackward(tape, objective, risks) as step:
         if not step.grads:
             raise ValueError("the objective's backward reached none of the counted parameters")
-        g_obj = pieces_from(tape, objective, step.captured, per_sample=True, what="objective") if vector else None
+        g_obj = pieces_from(tape, objective, step.captured, per_sample=True, what="objective",
+                            users=obj_reach.calls) if vector else None
 
         def risk_pieces(name, risk, what):
             grads = step.risk_grads(name, risk, what)
             if grads is None:
                 return collect(tape, risk, per_sample=True, what=what, probe=False)
-            return pieces_from(tape, risk, grads, per_sample=True, what=what)
+            return pieces_from(tape, risk, grads, per_sample=True, what=what, users=reaches[name].calls)
 
         return _against(tape, dense_gradients(tape, step.grads), risks, groups, group, g_obj, risk_pieces)
 

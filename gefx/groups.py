@@ -84,7 +84,7 @@ def _structural(tape, preset: str) -> dict[str, str]:
 
 def resolve(tape, spec: str | Callable[[str], str]) -> tuple[dict[str, str], list[str]]:
     """(parameter name -> group, groups in order) for the tape's counted parameters."""
-    cache = tape.__dict__.setdefault("_groups", {})
+    cache = tape.group_cache
     if isinstance(spec, str) and spec in cache:
         return cache[spec]
     if callable(spec):

@@ -62,7 +62,7 @@ class Rule:
     name: str
     pieces: Callable             # (tape, call, grads) -> {local parameter name: Piece}
     covers: Callable[[nn.Module], list[str]]
-    batch_dim: Callable[[nn.Module], int] = lambda m: 0
+    batch_dim: Callable[[nn.Module], int] | None = None   # None: found per call (gefx.soundness.batch_dim)
     exact: bool = False          # exact by construction (autograd of the module itself): not verified
 
 
@@ -85,7 +85,7 @@ def all_params(m: nn.Module) -> list[str]:
 
 def register_rule(predicate: Callable[[nn.Module], bool] | type, rule: Callable | Rule, *,
                   covers: Callable[[nn.Module], list[str]] | str = "own",
-                  batch_dim: Callable[[nn.Module], int] | int = 0) -> None:
+                  batch_dim: Callable[[nn.Module], int] | int | None = None) -> None:
     """Register `rule(tape, call, grads) -> {local parameter name: Piece or [Piece, ...]}` for
     modules accepted by `predicate` (a callable, or a class matched with isinstance).
 
@@ -94,7 +94,7 @@ def register_rule(predicate: Callable[[nn.Module], bool] | type, rule: Callable 
     `covers` names the parameters the rule accounts for: "own" (the module's own and its
     parameter containers'), "all" (every parameter below the module: its submodules are then not
     recorded separately) or a callable module -> local names. `batch_dim` is the dimension of the
-    module's inputs and outputs that holds the batch. The rule is verified against autograd on
+    module's inputs and outputs that holds the batch (default: found per call, 0 or 1). The rule is verified against autograd on
     the first call of each module; if it does not fit, the generic rule is used for that module.
     """
     pred = (lambda m, cls=predicate: isinstance(m, cls)) if isinstance(predicate, type) else predicate
@@ -162,14 +162,20 @@ def recompute(tape, call, params: dict[str, torch.Tensor], args=None, kwargs=Non
     """Re-run ``call.module.forward`` (not its hooks: the recorded inputs are those after its
     pre-hooks and the recorded outputs those before its other forward hooks) on copies of the
     recorded inputs, with `params` substituted, on copies of the module's buffers (a forward that
-    updates statistics or its inputs in place leaves the model's untouched), under the recorded
-    RNG and autocast state, with gefx's hooks paused."""
+    updates statistics or its inputs in place leaves the model's untouched), with its plain
+    tensor attributes as the call saw them (a recurrent state it rebinds), under the recorded RNG
+    and autocast state, with gefx's hooks paused."""
     m = call.module
     args = _copied(call.args) if args is None else args
     kwargs = _copied(call.kwargs) if kwargs is None else kwargs
     buffers = {n: b.clone() for n, b in m.named_buffers()}
-    with tape.paused(), torch.enable_grad(), _replay(call, seen), _reparametrize_module(m, {**buffers, **params}):
-        return m.forward(*args, **kwargs)
+    now = {k: v for k, v in vars(m).items() if k in call.state}
+    vars(m).update(call.state)  # plain attributes as the call saw them (a recurrent state)
+    try:
+        with tape.paused(), torch.enable_grad(), _replay(call, seen), _reparametrize_module(m, {**buffers, **params}):
+            return m.forward(*args, **kwargs)
+    finally:
+        vars(m).update(now)
 
 
 def _outputs(call, out) -> list[torch.Tensor]:
@@ -221,8 +227,11 @@ def embedding_pieces(tape, call, grads):
     g = rows(call, grads[0], m.embedding_dim)
     scale = getattr(m, "embed_scale", None) if type(m).forward is not nn.Embedding.forward else None
     if scale is not None:  # e.g. Gemma's scaled word embedding: y = W[ids] * embed_scale
-        g = g * torch.as_tensor(scale, device=g.device).to(g.dtype)
-    mask = None if m.padding_idx is None else ids != m.padding_idx
+        g = g * (scale.to(device=g.device, dtype=g.dtype) if isinstance(scale, torch.Tensor) else float(scale))
+    mask = None
+    if m.padding_idx is not None:  # no gradient reaches the padding row (its output gradient may even be NaN)
+        mask = ids != m.padding_idx
+        g = torch.where(mask.unsqueeze(-1), g, 0)
     return {"weight": Factored(ids, g, mask)}
 
 
@@ -410,7 +419,7 @@ def generic_pieces(tape, call, grads):
     then one vector-Jacobian product per sample, batched (``is_grads_batched``), with the output
     gradients of the other samples' rows zeroed. Forms [samples, *shape] per parameter."""
     m = call.module
-    local = [loc for loc, _ in tape.owned[m]] + [loc for loc, _ in call.extra]
+    local = [loc for loc, _ in tape.owned[m]]
     params = {loc: m.get_parameter(loc) for loc in local}
     size = call.samples * sum(p.numel() for p in params.values()) * 8
     if size > GENERIC_MB * 2**20:
@@ -420,7 +429,14 @@ def generic_pieces(tape, call, grads):
                       "or leave its parameters out of `params`")
     leaves = {loc: full(p.detach()).requires_grad_(True) for loc, p in params.items()}
     seen: dict = {}
-    outs = _outputs(call, recompute(tape, call, leaves, seen=seen))
+    try:
+        outs = _outputs(call, recompute(tape, call, leaves, seen=seen))
+    except Refused:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a forward that cannot be re-run on its recorded inputs
+        raise Refused(f"re-running {call.name} ({type(m).__name__}) on its recorded inputs failed "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); gefx cannot differentiate "
+                      "it per sample. Register a rule for it (gefx.register_rule)") from exc
     _check_replay(call, outs, drew=seen["drew"])
     want = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
     if not want:

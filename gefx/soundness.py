@@ -34,12 +34,14 @@ structure, is caught only by "full".
 """
 from __future__ import annotations
 
+import bisect
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from . import dist
 from .rules import CHECKED, GENERIC, Refused
 
 #: model -> structures (hashes) of loss graphs whose per-sample contract was probed in this process
@@ -55,15 +57,9 @@ def forget() -> None:
 
 
 @dataclass
-class Region:
-    params: set[str]                 # counted parameters whose accumulator lies in the region
-    exits: list                      # nodes where it ends: the call's inputs, other calls' outputs
-    signature: int
-
-
-@dataclass
 class Reach:
-    """The recorded calls a loss reaches (in tape order), the ones it reaches first (its heads)
+    """The recorded calls whose forwards use the counted parameters the loss reaches (in tape
+    order: only their output gradients are needed), the calls the loss reaches first (its heads)
     and the structure of its graph."""
 
     calls: list
@@ -75,29 +71,55 @@ class Reach:
         return [(c, k, e) for c in self.calls for k, e in enumerate(c.targets())]
 
 
+def batch_dim(tape, call, x: torch.Tensor, samples: int) -> int:
+    """The dimension of a recorded tensor that holds the samples: the rule's, else 0 when its size
+    is the number of samples or a multiple of it in a model forward of that batch (rows grouped
+    per sample), else 1 when dimension 1 is (time-major models such as XLNet), else 0 (refused by
+    sample_view). A wrong guess cannot pass the per-sample probe."""
+    fixed = tape.rules[call.module].batch_dim
+    if fixed is not None:
+        return fixed(call.module)
+    n = x.shape[0] if x.dim() else 0
+    if n == samples or _grouped(call, n, samples):
+        return 0
+    return 1 if x.dim() > 1 and x.shape[1] == samples else 0
+
+
+def _grouped(call, n: int, samples: int) -> bool:
+    """n rows are the model forward's [samples, T] tokens flattened (OPT, MoE blocks); any other
+    layout is lifted to an enclosing call (Graph._lift) or refused."""
+    return call.batch == samples and n == samples * call.length > 0
+
+
 def sample_view(tape, call, x: torch.Tensor, samples: int, what: str = "the loss") -> torch.Tensor:
-    """x [.., rows on the module's batch dimension, ..] as [samples, -1]: one row per sample, or
-    consecutive groups of rows per sample when the module sees the batch flattened ([B*T, H]) in
-    a model forward of batch `samples`. Anything else is refused."""
-    dim = tape.rules[call.module].batch_dim(call.module)
+    """x [.., rows on the batch dimension, ..] as [samples, -1]: one row per sample, or consecutive
+    groups of rows per sample when the module sees the batch flattened ([B*T, H]) in a model
+    forward of batch `samples`. Anything else is refused."""
+    dim = batch_dim(tape, call, x, samples)
     n = x.shape[dim] if x.dim() > dim else None
-    if n == samples or (dim == 0 and n and n % samples == 0 and call.batch == samples):
+    if n == samples or (dim == 0 and _grouped(call, n, samples)):
         return (x.movedim(dim, 0) if dim else x).reshape(samples, -1)
     if call.batch and call.batch != samples:
         raise Refused(f"{what} has {samples} entries but the traced forward it depends on has batch size "
                       f"{call.batch} (module {call.name}); a per-sample loss needs one entry per batch row")
-    raise Refused(f"{call.name} ({type(call.module).__name__}) sees {n if n is not None else 'no'} rows on its "
-                  f"batch dimension ({dim}) where {what} has {samples} entries: its rows are not the "
-                  "samples (a module that gathers tokens across the batch, e.g. an expert loop, needs a "
-                  "rule of its own or the generic rule on the block around it: "
-                  "gefx.register_rule(cls, gefx.rules.GENERIC, covers='all'))",
-                  [canon for _, canon in tape.owned[call.module]])
+    shared = x.dim() >= 1 and call.batch == samples and n != samples
+    raise Refused(f"{call.name} ({type(call.module).__name__}) has an output of shape {tuple(x.shape)} where "
+                  f"{what} has {samples} entries: "
+                  + ("it has no batch dimension (one tensor shared by every sample, e.g. position "
+                     "embeddings computed from the sequence length), so its gradient is the sum over the "
+                     "samples and has no per-sample split; give the module per-sample inputs (e.g. "
+                     "position_ids of shape [B, T]) or leave its parameters out of `params`"
+                     if shared and n is not None and samples % max(n, 1) != 0 and n % samples != 0 else
+                     "its rows are not the samples (a module that gathers tokens across the batch needs a "
+                     "rule of its own or the generic rule on the block around it: "
+                     "gefx.register_rule(cls, gefx.rules.GENERIC, covers='all'))"),
+                  [canon for _, canon in tape.owned.get(call.module, ())])
 
 
 def per_row(tape, call, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-sample `values` [samples] laid out to broadcast against `like` (a recorded output or
     its gradient) along the module's batch dimension, one per row or per group of rows."""
-    dim = tape.rules[call.module].batch_dim(call.module)
+    dim = batch_dim(tape, call, like, values.shape[0])
     n = like.shape[dim]
     shape = [1] * like.dim()
     shape[dim] = n
@@ -109,7 +131,8 @@ class Graph:
 
     def __init__(self, tape):
         self.tape = tape
-        self._regions: dict = {}    # call -> Region
+        self._spans = None          # the recorded calls' node-number spans, for attribution
+        self._lifted: dict = {}     # module whose rows are not samples -> the enclosing module answering for it
 
     def _stop_nodes(self) -> dict:
         stops: dict = {}
@@ -123,100 +146,151 @@ class Graph:
         """Walk the loss's graph; raise :class:`Refused` for any counted parameter it reaches
         where no recorded call's rule accounts for it. Returns the calls it reaches."""
         tape, stops = self.tape, self._stop_nodes()
-        reached: dict = {}
         heads: set = set()
-        loose: dict[str, str] = {}       # parameter -> the node it was reached from
+        uses: dict = {}                  # parameter -> the nodes that consume it
         sig: list = []
         seen: set = set()
-        todo = [(loss.grad_fn, None, True)]
+        todo = [(loss.grad_fn, True)]
         while todo:
-            node, parent, direct = todo.pop()
-            if node is None or node in seen:
+            node, direct = todo.pop()
+            if node in seen:
                 continue
             seen.add(node)
+            sig.append(node.name())
             calls = stops.get(node)
             if calls:
                 for call in calls:
                     if direct:
                         heads.add(call)
-                    if call not in reached:
-                        region = reached[call] = self._region(call, stops)
-                        sig.append((id(call.module), call.module.training, region.signature))
-                        todo.extend((n, None, False) for n in region.exits)
-                continue
-            sig.append(node.name())
-            var = getattr(node, "variable", None)
-            if var is not None:
-                name = tape.names.get(id(var))
-                if name is not None:
-                    loose.setdefault(name, parent)
-                continue
-            todo.extend((n, node, direct) for n, _ in node.next_functions if n is not None)
-        problems = [(name, _loose_message(name, parent)) for name, parent in loose.items()]
-        for call, region in reached.items():
+                direct = False
+            for n, _ in node.next_functions:
+                if n is None or n in seen:
+                    continue
+                var = getattr(n, "variable", None)
+                if var is not None:  # an accumulator: a leaf's gradient ends here
+                    name = tape.canonical(var)
+                    if name is not None:
+                        uses.setdefault(name, []).append(node)
+                    continue
+                todo.append((n, direct))
+        problems, users = self._attribute(uses, loss.shape[0] if loss.dim() == 1 else None)
+        for call in users:
+            if not any(e.node in seen for e in call.targets()):
+                problems.append((next(iter(uses)), f"`{call.name}` uses counted parameters in its forward, but the "
+                                 "loss reaches them other than through its outputs (a side channel gefx cannot "
+                                 "follow); measure without it or leave its parameters out of `params`"))
             call.check_unmodified()  # (b): the recorded inputs are what the forward used
-            problems += self._uncovered(call, region, reached)
         if problems:
             lines = [text for _, text in problems]
             raise Refused(f"{what}: gefx cannot account for every counted parameter it reaches:\n  - "
                           + "\n  - ".join(lines[:6]) + (f"\n  ... and {len(lines) - 6} more" if len(lines) > 6 else ""),
                           [name for name, _ in problems])
         order = {c: k for k, c in enumerate(tape.calls)}
-        return Reach(sorted(reached, key=order.__getitem__), heads, hash(tuple(sig)))
+        sig += sorted((order[c], id(c.module), c.module.training) for c in users)
+        return Reach(sorted(users, key=order.__getitem__), heads, hash(tuple(sig)))
 
-    def _region(self, call, stops) -> Region:
-        region = self._regions.get(call)
-        if region is not None:
-            return region
-        starts = {e.node for e in call.targets()}
-        params, exits, sig, seen = set(), [], [], set()
-        todo = list(starts)
-        while todo:
-            node = todo.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            if node in call.input_nodes or (node in stops and node not in starts):
-                exits.append(node)
-                continue
-            sig.append(node.name())
-            var = getattr(node, "variable", None)
-            if var is not None:
-                name = self.tape.names.get(id(var))
-                if name is not None:
-                    params.add(name)
-                continue
-            todo.extend(n for n, _ in node.next_functions if n is not None)
-        region = self._regions[call] = Region(params, exits, hash(tuple(sig)))
-        return region
+    def _innermost(self, seq: int):
+        """The innermost recorded or host call whose forward created autograd node number `seq`."""
+        tape = self.tape
+        key = (len(tape.calls), len(tape.hosts))
+        if self._spans is None or self._spans[0] != key:
+            every = list({id(c): c for c in [*tape.calls, *tape.hosts]}.values())
+            # by start, the outer of two calls with the same start first (equal spans: by entry order)
+            spans = sorted(((c.span[0], c.span[1], c) for c in every), key=lambda x: (x[0], -x[1], x[2].span[2]))
+            parent, stack = [], []
+            for k, (a, b, _) in enumerate(spans):
+                while stack and spans[stack[-1]][1] <= a:
+                    stack.pop()
+                parent.append(stack[-1] if stack else None)
+                stack.append(k)
+            self._spans = (key, spans, [a for a, _, _ in spans], parent)
+        _, spans, starts, parent = self._spans
+        k = bisect.bisect_right(starts, seq) - 1
+        while k is not None and k >= 0:
+            a, b, call = spans[k]
+            if a <= seq < b:
+                return call
+            k = parent[k]
+        return None
 
-    def _uncovered(self, call, region: Region, reached: dict) -> list[tuple[str, str]]:
-        """(parameter, problem) for the parameters used inside a call's region but not covered by its rule;
-        the generic rule takes in those of its module's submodules that no nested recorded call
-        covers (set on ``call.extra``)."""
-        tape, m = self.tape, call.module
-        covered = {canon for _, canon in tape.owned[m]} | {canon for _, canon in call.extra}
-        missing = region.params - covered
-        if not missing:
-            return []
-        rule = tape.rules[m]
-        local = {tape.names[id(p)]: n for n, p in m.named_parameters(remove_duplicate=False) if id(p) in tape.names}
-        exits = set(region.exits)
-        nested = {canon for c in reached if c is not call and any(e.node in exits for e in c.targets())
-                  for _, canon in tape.owned[c.module]}
-        out = []
-        for canon in sorted(missing):
-            if rule.pieces is GENERIC.pieces and canon in local and canon not in nested:
-                call.extra.append((local[canon], canon))
-                continue
-            fix = _PARAMETRIZATION if "parametrizations." in canon else (
-                f"register a rule covering it (gefx.register_rule({type(m).__name__}, gefx.rules.GENERIC, "
-                "covers='all') uses the exact generic rule), or leave it out of `params`")
-            out.append((canon, f"`{canon}` is used inside the forward of `{call.name}` ({type(m).__name__}), "
-                        f"whose rule ({rule.name}) does not account for it"
-                        + (" (the parameter of a submodule used functionally)" if canon in local else "")
-                        + f": {fix}"))
-        return out
+    def _per_sample(self, call, samples: int) -> bool:
+        """Every output of the call has the loss's samples as rows (one or a group each)."""
+        for o in call.outputs:
+            d = batch_dim(self.tape, call, o, samples) if call.module in self.tape.rules else 0
+            n = o.shape[d] if o.dim() > d else None
+            if not (n == samples or (d == 0 and n is not None and _grouped(call, n, samples))):
+                return False
+        return True
+
+    def _lift(self, call, samples: int | None):
+        """The call that answers for `call`'s parameter uses: itself, or, when its module's rows
+        are not the samples (an expert loop over gathered tokens, a norm over [B*T*heads, d] rows),
+        the innermost enclosing call of the host or generic module found for it, whose rows are
+        (its generic rule then covers the parameters; `call`'s module is left out, for every loss
+        of the trace, so that no parameter is counted by both)."""
+        tape = self.tape
+        outer_module = self._lifted.get(call.module)
+        if outer_module is None:
+            if samples is None or samples < 2 or self._per_sample(call, samples):
+                return call
+            outer = [c for c in [*tape.calls, *tape.hosts] if c is not call and c.module is not tape.model
+                     and c.span[0] <= call.span[0] and call.span[1] <= c.span[1] and c.span[2] < call.span[2]
+                     and (c not in tape.calls or tape.rules[c.module].pieces is GENERIC.pieces)
+                     and self._per_sample(c, samples)]
+            if not outer:
+                return call  # refused by sample_view, naming it
+            outer_module = self._lifted[call.module] = max(outer, key=lambda c: c.span[2]).module
+        enclosing = [c for c in [*tape.calls, *tape.hosts] if c.module is outer_module
+                     and c.span[0] <= call.span[0] and call.span[1] <= c.span[1]]
+        return enclosing[0] if enclosing else call
+
+    def _attribute(self, uses: dict, samples: int | None = None) -> tuple[list[tuple[str, str]], set]:
+        """(parameter, problem) for every use of a counted parameter not accounted for, and the
+        calls the uses belong to (only their output gradients are needed). Each use
+        (an autograd node consuming the parameter) belongs to the innermost module call whose
+        forward created it. A recorded call's rule must cover the parameter, except that the
+        generic rule, and a *host* (a module without parameters of its own, e.g. an SSM mixer
+        using its conv child's weight functionally), take in their submodules' parameters used
+        directly in their forward, unless a call nested inside also uses it (it would count twice).
+        A use in the traced model's own forward is refused."""
+        tape = self.tape
+        out, users = [], set()
+        for name, nodes in uses.items():
+            where: dict = {}
+            for node in nodes:
+                call = self._innermost(node._sequence_nr())
+                where.setdefault(call if call is None else self._lift(call, samples), node)
+            for call, node in where.items():
+                host = call is not None and call not in tape.calls
+                if call is None or (host and call.module is tape.model):
+                    out.append((name, _loose_message(name, node)))
+                    break
+                m = call.module
+                if name in {c for _, c in tape.owned.get(m, ())}:
+                    tape.promote(call)  # a host whose module a use in another of its calls claimed
+                    users.add(call)
+                    continue
+                local = next((n for n, p in m.named_parameters(remove_duplicate=False)
+                              if tape.canonical(p) == name), None)
+                nested = [c for c in where if c is not None and c is not call
+                          and call.span[0] <= c.span[0] < call.span[1]]
+                generic = host or tape.rules[m].pieces is GENERIC.pieces
+                if generic and local is not None and not nested and "parametrizations." not in name:
+                    tape.claim(call, local, name)
+                    users.add(call)
+                    continue
+                rule = "none: it owns no parameter" if host else tape.rules[m].name
+                fix = _PARAMETRIZATION if "parametrizations." in name else (
+                    f"register a rule covering it (gefx.register_rule({type(m).__name__}, gefx.rules.GENERIC, "
+                    "covers='all') uses the exact generic rule), or leave it out of `params`")
+                out.append((name, f"`{name}` is used inside the forward of `{call.name}` ({type(m).__name__}), "
+                                  f"whose rule ({rule}) does not account for it"
+                                  + (" (the parameter of a submodule, used functionally)" if local else "")
+                                  + (", and also inside a call nested in it, where it would count twice"
+                                     if nested else "")
+                                  + f": {fix}"))
+                break
+        return out, users
 
     # -- (c) the per-sample probe -----------------------------------------------------------------
     def probe(self, loss: torch.Tensor, reach: Reach, slots: list, grads: list | None, what: str) -> None:
@@ -224,14 +298,19 @@ class Graph:
         output. `slots` are ``reach.slots()`` and `grads` the gradient of ``loss.sum()`` at each
         output (None: computed here)."""
         samples = loss.shape[0]
-        if samples < 2 or not slots:
-            return
         done = PROBED.setdefault(self.tape.model, set())
-        if self.tape.check == "auto" and reach.signature in done:
+        want = self.tape.check == "full" or reach.signature not in done
+        if dist.group_size() > 1:
+            # the backward passes below run FSDP's hooks (collectives): every rank probes or none
+            want = bool(dist.all_reduce_sum(torch.tensor([float(want)], device=loss.device)) > 0)
+        elif samples < 2 or not slots:
+            return
+        if not want:
             return
         gen = torch.Generator(device="cpu").manual_seed(samples)
         s = torch.rand(samples, generator=gen) < 0.5
-        s[0], s[-1] = True, False  # both parts non-empty
+        s[0] = True
+        s[-1] = samples < 2  # both parts non-empty (one sample: only S)
         s = s.to(loss.device)
         targets = [e for *_, e in slots]
 
@@ -254,13 +333,11 @@ class Graph:
             ra = None if a is None else sample_view(self.tape, call, a, samples, what).to(wide)
             rb = None if b is None else sample_view(self.tape, call, b, samples, what).to(wide)
             full = ra if rb is None else (rb if ra is None else ra + rb)
-            scale = float(torch.linalg.vector_norm(full, dim=1).max())
-            leak = 0.0
-            if ra is not None:
-                leak = float(torch.linalg.vector_norm(ra[~s], dim=1).max())
+            scale = _largest_row(full)
+            leak = 0.0 if ra is None else _largest_row(ra[~s])
             if rb is not None:
                 tol_b = torch.finfo(like.dtype).eps / torch.finfo(wide).eps if grads is not None else 1.0
-                leak = max(leak, float(torch.linalg.vector_norm(rb[s], dim=1).max()) / tol_b)
+                leak = max(leak, _largest_row(rb[s]) / tol_b)
             if leak > _LEAK_ROUNDOFFS * torch.finfo(wide).eps * scale:
                 leaks.append((call, leak / max(scale, 1e-300)))
         if leaks:
@@ -272,19 +349,22 @@ _PARAMETRIZATION = ("it belongs to a parametrization (torch.nn.utils.parametrize
                     "(parametrize.remove_parametrizations) or leave the parameter out of `params`")
 
 
+def _largest_row(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x, dim=1).max()) if x.shape[0] else 0.0
+
+
 def _loose_message(name: str, parent) -> str:
-    how = "" if parent is None else parent.name()
+    how = parent.name()
     if "parametrizations." in name:
         fix = _PARAMETRIZATION
     elif "CompiledFunction" in how:
         fix = ("it is used inside a torch.compile'd region, which gefx cannot look into; measure the "
                "uncompiled module (e.g. the `_orig_mod` of the compiled one)")
     else:
-        fix = ("it is used outside the forward of any module gefx records (e.g. F.linear(h, emb.weight) "
-               "in another module's forward); call the module that owns it (for a tied head, an "
-               "nn.Linear whose weight is the embedding's), register a rule for the module whose "
-               "forward uses it (gefx.register_rule(cls, rule, covers='all')), or leave it out of `params`")
-    return f"`{name}` reaches the loss" + (f" through {how}" if how else "") + f" where no recorded call accounts for it: {fix}"
+        fix = ("it is used in the traced model's own forward, outside its submodules' calls (e.g. "
+               "F.linear(h, emb.weight)); call the module that owns it (for a tied head, an nn.Linear "
+               "whose weight is the embedding's), move the use into a submodule, or leave it out of `params`")
+    return f"`{name}` reaches the loss through {how} where no recorded call accounts for it: {fix}"
 
 
 def _leak_message(what: str, leaks: list, heads: set) -> str:

@@ -23,7 +23,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
 from .dist import check_supported
-from .rules import Refused, Rule, rule_for
+from .rules import GENERIC, Refused, Rule, own_params, rule_for
 from .soundness import Graph
 
 
@@ -43,13 +43,16 @@ class Call:
     input_nodes: set = field(default_factory=set)   # autograd nodes of the inputs that require grad
     broadcast: bool = False                # output was [1, ...] and expanded to the model's batch
     batch: int = 0                         # batch size of the model forward the call ran in
+    length: int = 0                        # its sequence length (dimension 1 of its first input)
     rng: dict = field(default_factory=dict)         # RNG states before the call ("cpu", cuda devices)
     autocast: list = field(default_factory=list)    # [(device type, dtype)] autocast active at the call
     bases: list = field(default_factory=list)       # per output: (base edge, size, stride, offset) of a view
+    state: dict = field(default_factory=dict)       # plain tensor (or None) attributes before the call
+    span: tuple = (0, 0, 0)                # autograd node numbers created during the call [start, end),
+                                           # and the call's entry order (inner calls after outer ones)
     # set per loss by gefx.dots.pieces_from before a rule runs:
     samples: int = 0                       # how many samples the batch rows group into (1: summed)
     batch_dim: int = 0
-    extra: list = field(default_factory=list)       # (local, canonical) parameters a generic rule adds
     memo: dict = field(default_factory=dict)        # per-call values shared by the losses of a trace
 
     def targets(self) -> list:
@@ -101,9 +104,10 @@ def _counted(model: nn.Module, params) -> dict[int, nn.Parameter]:
 
 def _claims(model: nn.Module, names: dict[int, str]):
     """module -> [(local name, canonical name)] of the counted parameters its rule covers, and
-    module -> rule. A parameter covered by an ancestor's rule (e.g. nn.MultiheadAttention's
-    out_proj) is not claimed again below it; one shared by separate modules (tied embeddings) is
-    claimed by each."""
+    module -> rule. A parameter an ancestor's rule covers as a submodule's (nn.MultiheadAttention's
+    out_proj) is not claimed again below it; one an ancestor holds itself and a submodule holds too
+    (a tied bias, BERT's decoder.bias = bias) is claimed by the submodule, whose forward uses it;
+    one shared by separate modules (tied embeddings) is claimed by each."""
     parent: dict[nn.Module, nn.Module] = {}
     for m in model.modules():
         for child in m.children():
@@ -116,20 +120,36 @@ def _claims(model: nn.Module, names: dict[int, str]):
                 return True
         return False
 
-    claimed: dict[int, list[nn.Module]] = {}
-    owned, rules = {}, {}
+    holders: dict[int, list[tuple]] = {}  # parameter id -> [(module, local, held by the module itself)]
+    claims: dict[nn.Module, list[tuple[str, str]]] = {}
     for m in model.modules():
+        if isinstance(m, (nn.ParameterDict, nn.ParameterList)):  # no forward: its parent claims them
+            continue
         rule = rule_for(m)
-        mine = []
+        own = set(own_params(m))
         for local in rule.covers(m):
             p = m.get_parameter(local)
-            if id(p) not in names or any(ancestor(a, m) for a in claimed.get(id(p), ())):
+            if id(p) not in names:
                 continue
-            mine.append((local, names[id(p)]))
-            claimed.setdefault(id(p), []).append(m)
-        if mine:
-            owned[m], rules[m] = mine, rule
-    return owned, rules
+            above = [h for h in holders.get(id(p), ()) if ancestor(h[0], m)]
+            if any(not itself for _, _, itself in above):
+                continue
+            for h in above:  # tied: the inner module uses it
+                claims[h[0]].remove((h[1], names[id(p)]))
+                holders[id(p)].remove(h)
+            claims.setdefault(m, []).append((local, names[id(p)]))
+            holders.setdefault(id(p), []).append((m, local, local in own))
+    owned = {m: c for m, c in claims.items() if c}
+    return owned, {m: rule_for(m) for m in owned}
+
+
+def _node_number() -> int:
+    """The number the next autograd node created in this thread gets (nodes are numbered in
+    creation order): the span of a module's forward tells which nodes its forward created."""
+    peek = getattr(torch._C._autograd, "_get_sequence_nr", None)
+    if peek is not None:
+        return peek()
+    return (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr() + 1
 
 
 def _base(o: torch.Tensor):
@@ -165,18 +185,34 @@ class Tape:
             if id(p) in counted and id(p) not in self.names:
                 self.names[id(p)] = name
         self.params: dict[str, nn.Parameter] = {n: counted[i] for i, n in self.names.items()}
+        # parameter path -> canonical name, and the tensors a forward uses in their place (FSDP2
+        # swaps in unsharded copies during the forward): id -> canonical name, see canonical()
+        self._paths = {path: self.names[id(p)] for path, p in model.named_parameters(remove_duplicate=False)
+                       if id(p) in self.names}
+        self._aliases: dict[int, str] = {}
         self.owned, self.rules = _claims(model, self.names)  # module -> [(local, canonical)], module -> Rule
         if not self.owned:
             raise ValueError(f"no parameterised module found in {type(model).__name__}")
-        self.module_names = {m: n for n, m in model.named_modules(remove_duplicate=False) if m in self.owned}
+        counted_ids = set(self.names)
+        # hosts: modules with counted parameters below them and no claim of their own; their calls
+        # are recorded too, so that a parameter a host's forward uses functionally (a child's conv
+        # weight in an SSM mixer) can be attributed to it (gefx.soundness) and handled there
+        self.hosts_of = [m for m in model.modules() if m not in self.owned
+                         and not isinstance(m, (nn.ParameterDict, nn.ParameterList))
+                         and any(id(p) in counted_ids for p in m.parameters())]
+        self.module_names = {m: n for n, m in model.named_modules(remove_duplicate=False)
+                             if m in self.owned or m in self.hosts_of}
         self.calls: list[Call] = []
+        self.group_cache: dict = {}  # groups preset -> resolved groups (gefx.groups.resolve)
+        self.hosts: list[Call] = []  # calls of host modules (promoted into calls when needed)
         self.graph = Graph(self)
         self._handles: list = []
         self._open = False
         self._closed = False
         self._paused = 0
-        self._batch: list[int] = []  # batch size of each model forward in progress
-        self._before: dict[nn.Module, dict] = {}  # RNG state captured by the pre-hook
+        self._batch: list[tuple] = []  # (batch, length) of each model forward in progress
+        self._before: dict[nn.Module, tuple] = {}  # RNG state, node number and entry order at the pre-hook
+        self._entered = 0
 
     # -- context protocol -------------------------------------------------------------------
     def __enter__(self) -> "Tape":
@@ -188,7 +224,7 @@ class Tape:
                           "the outputs gefx records; remove it while measuring")
         # torch.compile'd regions run the hooks eagerly (a graph break) instead of tracing them
         rng, record = torch.compiler.disable(self._rng), torch.compiler.disable(self._record)
-        for module in self.owned:
+        for module in [*self.owned, *self.hosts_of]:
             self._handles.append(module.register_forward_pre_hook(rng, prepend=True))
             self._handles.append(module.register_forward_hook(record, with_kwargs=True, prepend=True))
         self._handles.append(self.model.register_forward_pre_hook(
@@ -203,6 +239,8 @@ class Tape:
             h.remove()
         self._handles.clear()
         self.calls.clear()
+        self.hosts.clear()
+        self._aliases.clear()
         self._before.clear()
         self._open = False
         self._closed = True
@@ -224,10 +262,29 @@ class Tape:
     def rule(self, module: nn.Module) -> Rule:
         return self.rules[module]
 
+    def canonical(self, tensor) -> str | None:
+        """The canonical name of a counted parameter, or of the tensor a forward used in its place
+        (FSDP2's unsharded parameters, seen by the recorded calls); None for anything else."""
+        return self.names.get(id(tensor)) or self._aliases.get(id(tensor))
+
+    def promote(self, call: Call) -> None:
+        """A host's call becomes a recorded call, handled by the generic rule."""
+        if call not in self.calls:
+            self.calls.append(call)
+            self.rules.setdefault(call.module, GENERIC)
+            self.owned.setdefault(call.module, [])
+
+    def claim(self, call: Call, local: str, name: str) -> None:
+        """Let the generic rule of `call`'s module cover parameter `name` (`local` below the module),
+        which gefx.soundness found used functionally in its forward."""
+        self.promote(call)
+        self.owned[call.module].append((local, name))
+        self.group_cache.clear()
+
     # -- recording ---------------------------------------------------------------------------
     def _enter_forward(self, model, args, kwargs) -> None:
         first = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
-        self._batch.append(first.shape[0] if first is not None else 0)
+        self._batch.append(tuple(first.shape[:2]) if first is not None else (0, 0))
 
     def _leave_forward(self, model, args, output) -> None:
         if self._batch:
@@ -242,18 +299,22 @@ class Tape:
         p = next(module.parameters(), None)
         if p is not None and p.device.type == "cuda":
             state[p.device] = torch.cuda.get_rng_state(p.device)
-        self._before[module] = state
+        self._entered += 1
+        # attributes a stateful forward rebinds (e.g. a recurrent state), so that a re-run sees them
+        # as this call did
+        attrs = {k: v for k, v in vars(module).items() if v is None or isinstance(v, torch.Tensor)}
+        self._before[module] = (state, _node_number(), self._entered, attrs)
         return None
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         if self._paused or not torch.is_grad_enabled():
             return None
-        rng = self._before.pop(module, None) or {"cpu": torch.get_rng_state()}
-        batch = self._batch[-1] if self._batch else 0
-        broadcast = (isinstance(output, torch.Tensor) and output.dim() >= 2 and output.shape[0] == 1
-                     and batch > 1 and output.requires_grad)
+        rng, start, order, attrs = self._before.pop(module, None) or ({"cpu": torch.get_rng_state()}, _node_number(), 0, {})
+        batch, length = self._batch[-1] if self._batch else (0, 0)
+        broadcast = (isinstance(module, nn.Embedding) and isinstance(output, torch.Tensor) and output.dim() == 3
+                     and output.shape[:2] == (1, length) and batch > 1 and output.requires_grad)
         if broadcast:
-            # An output shared by every row of the batch (e.g. GPT-2's position embeddings, computed
+            # An embedding looked up once for the whole batch (e.g. GPT-2's position embeddings, computed
             # for positions [1, T]): expand it, a value-identical view, so that its gradient keeps
             # one row per sample instead of their sum.
             output = output.expand(batch, *output.shape[1:])
@@ -262,13 +323,20 @@ class Tape:
         if not index:
             return None
         outs = [flat[k] for k in index]
+        prefix = self.module_names.get(module, "")
+        for local, p in module.named_parameters(remove_duplicate=False):
+            if id(p) not in self.names:  # a stand-in for a counted parameter during this forward
+                canon = self._paths.get(f"{prefix}.{local}" if prefix else local)
+                if canon is not None:
+                    self._aliases[id(p)] = canon
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
-        self.calls.append(Call(
+        (self.calls if module in self.owned else self.hosts).append(Call(
             module, self.module_names.get(module, type(module).__name__), args, kwargs, outs, index,
             [get_gradient_edge(o) for o in outs], [o._version for o in outs],
             [(t, t._version) for t in inputs], {get_gradient_edge(t).node for t in inputs if t.requires_grad},
-            broadcast, batch, rng, autocast, [None if broadcast else _base(o) for o in outs]))
+            broadcast, batch, length, rng, autocast, [None if broadcast else _base(o) for o in outs],
+            attrs, (start, _node_number(), order)))
         return output if broadcast else None
 
 
