@@ -8,8 +8,9 @@ on a model's first measurement (rule verification, the first probes).
 Method: the plain forget+retain step, gefx's online mode (g_effect(..., backward=True)) and
 g_effect before the step, each with the default checks, with check="full", and with the checks
 switched off (reach and probe replaced by no-ops, for this measurement only), run in interleaved
-rounds on one workload; medians. The default checks' cost is (default - off) / plain step. The
-first measurement of a fresh process (soundness.forget(): rules unverified, no structure probed)
+rounds on one workload; medians. The default checks' cost is (default - off) / plain step, and,
+free of the machine's run-to-run noise, the time spent inside the checks (Graph.reach and
+Graph.probe, timed in place) per call over the plain step. The first measurement of a fresh process (soundness.forget(): rules unverified, no structure probed)
 is timed separately. Results go to stdout and --out (JSON).
 """
 from __future__ import annotations
@@ -31,6 +32,29 @@ import e2e_providers as E  # noqa: E402
 import gefx  # noqa: E402
 from gefx import soundness  # noqa: E402
 from gefx.losses import sequence_nll  # noqa: E402
+
+
+class Clock:
+    """Seconds spent inside the checks (Graph.reach and Graph.probe) while enabled."""
+
+    def __init__(self):
+        self.spent, self.on = 0.0, False
+        for name in ("reach", "probe"):
+            setattr(soundness.Graph, name, self._timed(getattr(soundness.Graph, name)))
+
+    def _timed(self, fn):
+        def run(*a, **k):
+            if not self.on:
+                return fn(*a, **k)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.spent += time.perf_counter() - t
+        return run
+
+
+CLOCK = Clock()
 
 
 @contextmanager
@@ -102,6 +126,13 @@ def main(argv=None):
             times[k].append(timed(providers[k]))
     med = {k: statistics.median(v) for k, v in times.items()}
     st = med["step"]
+    inside = {}
+    for m, fn in (("online", providers["online"]), ("geffect", providers["geffect"])):
+        CLOCK.spent, CLOCK.on = 0.0, True
+        for _ in range(args.rounds):
+            fn()
+        CLOCK.on = False
+        inside[m] = CLOCK.spent / args.rounds
     res = {
         "machine": {"cpu": _cpu(), "threads": torch.get_num_threads(), "device": args.device,
                     "torch": torch.__version__, "python": platform.python_version(),
@@ -112,6 +143,8 @@ def main(argv=None):
         "default_check_cost_of_step": {m: (med[m] - med[m + "_off"]) / st for m in ("online", "geffect")},
         "full_check_cost_of_step": {m: (med[m + "_full"] - med[m + "_off"]) / st for m in ("online", "geffect")},
         "first_call_extra_of_step": (first - med["online"]) / st,
+        "time_inside_default_checks_s": inside,
+        "time_inside_default_checks_of_step": {m: v / st for m, v in inside.items()},
     }
     print(f"{args.model} B={args.batch} T={args.seq} GA, {args.device} ({res['machine']['cpu']}), "
           f"{res['machine']['threads']} threads, attention {args.attn}, {args.rounds} rounds, medians")
@@ -120,6 +153,9 @@ def main(argv=None):
         print(f"  {m:8s} checks off {med[m + '_off'] * 1e3:7.1f} ms | default {med[m] * 1e3:7.1f} ms "
               f"({res['default_check_cost_of_step'][m]:+.1%} of the step) | full {med[m + '_full'] * 1e3:7.1f} ms "
               f"({res['full_check_cost_of_step'][m]:+.1%})")
+    for m in ("online", "geffect"):
+        print(f"  {m:8s} time inside the default checks (reach + probe, timed in place): "
+              f"{inside[m] * 1e3:.2f} ms per call = {inside[m] / st:.2%} of the step")
     print(f"  first measurement of a fresh process: {first * 1e3:.1f} ms "
           f"({res['first_call_extra_of_step']:+.1%} of the step over a steady online call)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

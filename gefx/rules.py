@@ -84,26 +84,31 @@ def all_params(m: nn.Module) -> list[str]:
 
 
 def register_rule(predicate: Callable[[nn.Module], bool] | type, rule: Callable | Rule, *,
-                  covers: Callable[[nn.Module], list[str]] | str = "own",
+                  covers: Callable[[nn.Module], list[str]] | str | None = None,
                   batch_dim: Callable[[nn.Module], int] | int | None = None) -> None:
     """Register `rule(tape, call, grads) -> {local parameter name: Piece or [Piece, ...]}` for
     modules accepted by `predicate` (a callable, or a class matched with isinstance).
 
     `grads` aligns with ``call.outputs`` (zeros where a loss does not reach an output); the rows
     of every recorded tensor group into ``call.samples`` samples (use ``rows(call, x, d)``).
-    `covers` names the parameters the rule accounts for: "own" (the module's own and its
-    parameter containers'), "all" (every parameter below the module: its submodules are then not
-    recorded separately) or a callable module -> local names. `batch_dim` is the dimension of the
-    module's inputs and outputs that holds the batch (default: found per call, 0 or 1). The rule is verified against autograd on
-    the first call of each module; if it does not fit, the generic rule is used for that module.
+    `covers` names the parameters the rule accounts for: "own" (the default: the module's own and
+    its parameter containers'), "all" (every parameter below the module: its submodules are then not
+    recorded separately, e.g. ``register_rule(MyBlock, gefx.rules.GENERIC, covers="all")``) or a
+    callable module -> local names. `batch_dim` is the dimension of the module's inputs and outputs
+    that holds the batch (default: found per call, 0 or 1). A rule other than GENERIC is verified
+    against autograd on the first call of each module; if it does not fit, the generic rule is
+    used for that module. `rule` may also be a :class:`Rule` (covers and batch_dim then override
+    its own when given).
     """
     pred = (lambda m, cls=predicate: isinstance(m, cls)) if isinstance(predicate, type) else predicate
-    if not isinstance(rule, Rule):
-        cov = {"own": own_params, "all": all_params}.get(covers, covers) if isinstance(covers, str) else covers
-        if not callable(cov):
-            raise ValueError(f"covers must be 'own', 'all' or a callable, got {covers!r}")
-        dim = (lambda m, d=batch_dim: d) if isinstance(batch_dim, int) else batch_dim
-        rule = Rule(getattr(rule, "__name__", "custom"), rule, cov, dim)
+    cov = {"own": own_params, "all": all_params}.get(covers, covers) if isinstance(covers, str) else covers
+    if cov is not None and not callable(cov):
+        raise ValueError(f"covers must be 'own', 'all' or a callable, got {covers!r}")
+    dim = (lambda m, d=batch_dim: d) if isinstance(batch_dim, int) else batch_dim
+    if isinstance(rule, Rule):
+        rule = replace(rule, covers=cov or rule.covers, batch_dim=dim if dim is not None else rule.batch_dim)
+    else:
+        rule = Rule(getattr(rule, "__name__", "custom"), rule, cov or own_params, dim)
     _RULES.insert(0, (pred, rule))
 
 
@@ -458,7 +463,7 @@ def generic_pieces(tape, call, grads):
                                            retain_graph=True, allow_unused=True) for i in range(call.samples)]
                 got = [None if per[0][k] is None else torch.stack([p[k] for p in per]) for k in range(len(targets))]
     out = {}
-    for loc, x in zip(local, got):
+    for loc, x in zip(leaves, got):
         p = params[loc]
         out[loc] = PerSample(torch.zeros((call.samples, *p.shape), dtype=_acc(p), device=p.device)
                              if x is None else x.to(_acc(p)))
@@ -512,7 +517,7 @@ def _verify(tape, call, rule: Rule) -> Verdict:
     except Exception:  # noqa: BLE001 - the rule does not apply to this module: generic instead
         return Verdict(False)
     worst = 0.0
-    for loc, r in zip(local, ref):
+    for loc, r in zip(leaves, ref):
         p = pieces.get(loc)
         got = torch.zeros_like(leaves[loc]) if not p else dense(merge(p if isinstance(p, list) else [p]),
                                                                  leaves[loc].shape)

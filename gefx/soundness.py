@@ -7,13 +7,18 @@ The per-sample gradient of a loss splits exactly into the pieces of the recorded
   (c) row k of every recorded output depends only on sample k, and loss entry k only on row k.
 
 (a) *Coverage*, for every loss (:meth:`Graph.reach`): the autograd graph is walked from the loss.
-A recorded output's node opens the *region* of its call, which ends at the call's inputs and at
-other calls' outputs (nested or upstream calls, walked as regions of their own). A counted
-parameter whose gradient accumulator lies inside a region must be covered by that call's rule (the
-generic rule takes in the parameters of submodules its module uses functionally, e.g.
-``nn.MultiheadAttention.out_proj``); one found outside every region reaches the loss where no rule
-sees it (a functional use in another module's forward, a parametrization, a compiled region) and
-is refused by name. Each region is walked once per trace, the rest once per loss.
+Every use of a counted parameter (an autograd node consuming it) belongs to the innermost module
+call whose forward created that node: autograd numbers nodes in creation order, and every hooked
+call records the span of numbers its forward used. The rule of that call must cover the
+parameter. The generic rule, and *hosts* (modules with counted parameters below them and none of
+their own, recorded too), take in their submodules' parameters used directly in their forward
+(``nn.MultiheadAttention.out_proj``, an SSM mixer's conv weight), unless a call nested in it uses
+the same parameter (it would count twice). A use in the traced model's own forward, outside its
+submodules (``F.linear(h, emb.weight)``), a parametrization or a compiled region gefx cannot see
+into is refused by name. A module whose rows are not the samples (an expert loop over gathered
+tokens, a norm over [B*T*heads, d] rows) is *lifted*: the innermost enclosing host or generic
+module whose rows are answers for its parameters. Only the calls the uses belong to are probed
+and contracted. The walk is a few milliseconds per loss (bench/RESULTS.md).
 
 (b) Output gradients are taken at the autograd edges the outputs had when their module returned
 them (``gefx.tape``), so a later in-place change (``ReLU(inplace=True)``) or a forward hook that
@@ -73,9 +78,9 @@ class Reach:
 
 def batch_dim(tape, call, x: torch.Tensor, samples: int) -> int:
     """The dimension of a recorded tensor that holds the samples: the rule's, else 0 when its size
-    is the number of samples or a multiple of it in a model forward of that batch (rows grouped
-    per sample), else 1 when dimension 1 is (time-major models such as XLNet), else 0 (refused by
-    sample_view). A wrong guess cannot pass the per-sample probe."""
+    is the number of samples or the model forward's [samples, T] tokens flattened, else 1 when
+    dimension 1 is (time-major models such as XLNet), else 0 (refused by sample_view). A wrong
+    guess cannot pass the per-sample probe."""
     fixed = tape.rules[call.module].batch_dim
     if fixed is not None:
         return fixed(call.module)
@@ -102,17 +107,16 @@ def sample_view(tape, call, x: torch.Tensor, samples: int, what: str = "the loss
     if call.batch and call.batch != samples:
         raise Refused(f"{what} has {samples} entries but the traced forward it depends on has batch size "
                       f"{call.batch} (module {call.name}); a per-sample loss needs one entry per batch row")
-    shared = x.dim() >= 1 and call.batch == samples and n != samples
+    shared = n is not None and n == call.length and x.dim() >= 1
     raise Refused(f"{call.name} ({type(call.module).__name__}) has an output of shape {tuple(x.shape)} where "
                   f"{what} has {samples} entries: "
                   + ("it has no batch dimension (one tensor shared by every sample, e.g. position "
                      "embeddings computed from the sequence length), so its gradient is the sum over the "
                      "samples and has no per-sample split; give the module per-sample inputs (e.g. "
-                     "position_ids of shape [B, T]) or leave its parameters out of `params`"
-                     if shared and n is not None and samples % max(n, 1) != 0 and n % samples != 0 else
-                     "its rows are not the samples (a module that gathers tokens across the batch needs a "
-                     "rule of its own or the generic rule on the block around it: "
-                     "gefx.register_rule(cls, gefx.rules.GENERIC, covers='all'))"),
+                     "position_ids of shape [B, T]) or leave its parameters out of `params`" if shared else
+                     "its rows are not the samples and no enclosing module's are (register a rule for "
+                     "it, or the generic rule on the block around it: gefx.register_rule(cls, "
+                     "gefx.rules.GENERIC, covers='all'))"),
                   [canon for _, canon in tape.owned.get(call.module, ())])
 
 
@@ -130,9 +134,13 @@ class Graph:
     """The soundness checks of one trace (see the module docstring)."""
 
     def __init__(self, tape):
-        self.tape = tape
+        self._tape = weakref.ref(tape)  # no reference cycle: a closed trace frees its graph at once
         self._spans = None          # the recorded calls' node-number spans, for attribution
         self._lifted: dict = {}     # module whose rows are not samples -> the enclosing module answering for it
+
+    @property
+    def tape(self):
+        return self._tape()
 
     def _stop_nodes(self) -> dict:
         stops: dict = {}
@@ -176,9 +184,10 @@ class Graph:
         problems, users = self._attribute(uses, loss.shape[0] if loss.dim() == 1 else None)
         for call in users:
             if not any(e.node in seen for e in call.targets()):
-                problems.append((next(iter(uses)), f"`{call.name}` uses counted parameters in its forward, but the "
-                                 "loss reaches them other than through its outputs (a side channel gefx cannot "
-                                 "follow); measure without it or leave its parameters out of `params`"))
+                for _, name in tape.owned.get(call.module, ()):
+                    problems.append((name, f"`{name}` is used in the forward of `{call.name}`, but the loss reaches "
+                                     "that use other than through the call's outputs (a side channel gefx "
+                                     "cannot follow); measure without it or leave the parameter out of `params`"))
             call.check_unmodified()  # (b): the recorded inputs are what the forward used
         if problems:
             lines = [text for _, text in problems]

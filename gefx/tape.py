@@ -140,7 +140,23 @@ def _claims(model: nn.Module, names: dict[int, str]):
             claims.setdefault(m, []).append((local, names[id(p)]))
             holders.setdefault(id(p), []).append((m, local, local in own))
     owned = {m: c for m, c in claims.items() if c}
-    return owned, {m: rule_for(m) for m in owned}
+    # modules below a rule that covers its submodules' parameters ("all"): neither claimants nor hosts
+    absorbed = {d for m in owned if any(not itself for h in holders.values() for mm, _, itself in h if mm is m)
+                for d in m.modules() if d is not m}
+    return owned, {m: rule_for(m) for m in owned}, absorbed
+
+
+def _tensors(obj):
+    """The tensors in nested tuples, lists and dicts (a call's inputs; faster than a pytree
+    flatten of the objects HF passes along, such as caches, which hold no input)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
 
 
 def _node_number() -> int:
@@ -190,14 +206,14 @@ class Tape:
         self._paths = {path: self.names[id(p)] for path, p in model.named_parameters(remove_duplicate=False)
                        if id(p) in self.names}
         self._aliases: dict[int, str] = {}
-        self.owned, self.rules = _claims(model, self.names)  # module -> [(local, canonical)], module -> Rule
+        self.owned, self.rules, absorbed = _claims(model, self.names)  # module -> [(local, canonical)] / Rule
         if not self.owned:
             raise ValueError(f"no parameterised module found in {type(model).__name__}")
         counted_ids = set(self.names)
         # hosts: modules with counted parameters below them and no claim of their own; their calls
         # are recorded too, so that a parameter a host's forward uses functionally (a child's conv
         # weight in an SSM mixer) can be attributed to it (gefx.soundness) and handled there
-        self.hosts_of = [m for m in model.modules() if m not in self.owned
+        self.hosts_of = [m for m in model.modules() if m not in self.owned and m not in absorbed
                          and not isinstance(m, (nn.ParameterDict, nn.ParameterList))
                          and any(id(p) in counted_ids for p in m.parameters())]
         self.module_names = {m: n for n, m in model.named_modules(remove_duplicate=False)
@@ -241,6 +257,7 @@ class Tape:
         self.calls.clear()
         self.hosts.clear()
         self._aliases.clear()
+        self.graph = Graph(self)  # drops what the checks held of this trace's calls
         self._before.clear()
         self._open = False
         self._closed = True
@@ -290,6 +307,23 @@ class Tape:
         if self._batch:
             self._batch.pop()
 
+    def _note_stand_ins(self, module: nn.Module) -> None:
+        """Map the tensors a wrapper put in place of counted parameters for this forward (FSDP2's
+        unsharded parameters) to their canonical names: a claimed module's own parameters always,
+        a host's whole subtree once a stand-in has been seen."""
+        prefix = self.module_names.get(module, "")
+        if module in self.owned:
+            items = [(local, module.get_parameter(local)) for local, _ in self.owned[module]]
+        elif self._aliases:
+            items = module.named_parameters(remove_duplicate=False)
+        else:
+            return
+        for local, p in items:
+            if id(p) not in self.names:
+                canon = self._paths.get(f"{prefix}.{local}" if prefix else local)
+                if canon is not None:
+                    self._aliases[id(p)] = canon
+
     def _rng(self, module: nn.Module, args) -> None:
         """The RNG state before the forward, so that a rule re-running the module draws the same
         random numbers (dropout masks)."""
@@ -323,13 +357,8 @@ class Tape:
         if not index:
             return None
         outs = [flat[k] for k in index]
-        prefix = self.module_names.get(module, "")
-        for local, p in module.named_parameters(remove_duplicate=False):
-            if id(p) not in self.names:  # a stand-in for a counted parameter during this forward
-                canon = self._paths.get(f"{prefix}.{local}" if prefix else local)
-                if canon is not None:
-                    self._aliases[id(p)] = canon
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        self._note_stand_ins(module)
+        inputs = list(_tensors((args, kwargs)))
         autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
         (self.calls if module in self.owned else self.hosts).append(Call(
             module, self.module_names.get(module, type(module).__name__), args, kwargs, outs, index,

@@ -187,18 +187,6 @@ def test_functional_use_of_a_child_inside_a_generic_module_is_exact():
     assert_exact(make(Block()))
 
 
-def test_child_called_and_used_functionally_is_refused():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.scale = nn.Parameter(torch.ones(8))
-            self.proj = nn.Linear(8, 8)
-
-        def forward(self, h):
-            return self.proj(h) * self.scale + F.linear(h, self.proj.weight)
-    refused(make(Block()), r"`body.proj.weight` is used inside the forward of `body`")
-
-
 def test_weight_norm_parametrization_is_refused_by_name():
     body = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
     refused(make(body), r"body.parametrizations.weight.original0.*parametrization")
@@ -435,3 +423,24 @@ def test_measuring_changes_nothing():
     assert after[0]["body.calls"] == before[0]["body.calls"] + 2  # the two forwards, no re-run
     before[0]["body.calls"] += 2
     same((before[0], after[1], *before[2:]), after)  # the forwards drew the dropout masks
+
+
+def test_registered_generic_rule_over_a_block_makes_a_double_use_exact():
+    """A parameter used both through its module's call and functionally by the parent is refused
+    by default, and exact once the parent is given the generic rule over all its parameters."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(8))
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, h):
+            return self.proj(h) * self.scale + F.linear(h, self.proj.weight)
+
+    refused(make(Block()), r"`body.proj.weight` is used inside the forward of `body`")
+    n = len(gefx.rules._RULES)
+    gefx.register_rule(Block, gefx.rules.GENERIC, covers="all")
+    try:
+        assert_exact(make(Block()))
+    finally:
+        del gefx.rules._RULES[:len(gefx.rules._RULES) - n]
