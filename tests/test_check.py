@@ -10,6 +10,7 @@ from torch import nn
 import gefx
 from gefx import pieces
 from gefx.check import tolerance
+import zoo
 from helpers import tiny_model
 
 
@@ -65,12 +66,13 @@ def test_a_wrong_number_is_reported(monkeypatch):
         assert "NOT OK" in str(report)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_within_the_derived_tolerance_and_a_dropped_group_is_not(dtype, monkeypatch):
-    """16-bit models measured in their own dtype: every entry within tol = 4 u_model + 64 u_f32 of
-    S = sum |x y| (gefx.check's docstring gives the derivation); the same check fails when one
-    parameter group's contribution is dropped."""
-    model = tiny_model("llama", torch.float32).to(dtype)
+def test_half_precision_within_the_derived_tolerance_and_a_dropped_group_is_not(dtype, family, monkeypatch):
+    """16-bit models measured in their own dtype (Gemma: offset norms x * (1 + w)): every entry
+    within tol = 4 u_model + 64 u_f32 of S = sum |x y| (gefx.check's docstring gives the
+    derivation); the same check fails when one parameter group's contribution is dropped."""
+    model = (tiny_model("llama", torch.float32) if family == "llama" else zoo.build("gemma", dtype=torch.float32)).to(dtype)
     report = gefx.check(model, modes=("eval",), float64=False)
     assert report.dtype == dtype and report.tol == tolerance(dtype)
     assert report.ok and all(r.status == "exact" for r in report.rows)
