@@ -11,7 +11,7 @@ Importing gefx queries no device, compiles nothing and does not import transform
 """
 from . import backends, losses, ops
 from .dots import Dots, grad_dots
-from .geffect import GEffect, RiskEffect, g_effect
+from .geffect import GEffect, Prepared, RiskEffect, g_effect, prepare
 from .groups import PRESETS as GROUP_PRESETS
 from .rules import Refused, register_rule
 from . import soundness
@@ -20,5 +20,5 @@ from .check import check
 from . import integrations  # noqa: E402  (after the engine: it builds on it)
 
 __version__ = "0.1.0"
-__all__ = ["trace", "grad_dots", "g_effect", "ops", "losses", "backends", "integrations", "register_rule", "Tape",
+__all__ = ["trace", "grad_dots", "g_effect", "prepare", "Prepared", "ops", "losses", "backends", "integrations", "register_rule", "Tape",
            "Dots", "GEffect", "RiskEffect", "GROUP_PRESETS", "Refused", "soundness", "check"]

@@ -160,6 +160,32 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *,
     return result
 
 
+class Prepared:
+    """Risks' per-sample gradient pieces, collected before a backward gefx does not run, to be
+    contracted with that backward's ``.grad`` afterwards: the online mode for training loops that
+    own their backward (a Hugging Face Trainer's ``accelerator.backward``). See :func:`prepare`."""
+
+    def __init__(self, tape: Tape, risks: Mapping[str, torch.Tensor], groups, process_group):
+        if not isinstance(risks, Mapping) or not risks:
+            raise TypeError("risks must be a non-empty dict name -> per-sample risk vector")
+        self.tape, self.groups, self.process_group = tape, groups, process_group
+        self.pieces = {name: collect(tape, risk, per_sample=True, what=f"risk {name!r}") for name, risk in risks.items()}
+
+    def against(self, grads: Mapping) -> GEffect:
+        """The G-effects of the objective whose gradient `grads` is ({parameter or name: tensor},
+        e.g. ``{p: p.grad for p in model.parameters()}`` after the step's backward)."""
+        return _against(self.tape, dense_gradients(self.tape, grads), self.pieces, self.groups,
+                        self.process_group, risk_pieces=lambda name, risk, what: self.pieces[name])
+
+
+def prepare(tape: Tape, risks: Mapping[str, torch.Tensor], *, groups="block", process_group=None) -> Prepared:
+    """Collect the risks' pieces now (inside the trace, before the step's backward frees the graph);
+    ``.against(grads)`` gives the G-effects against the step's own gradient later, the trace closed
+    or not. One partial backward per risk, none for the objective (as ``backward=True`` without the
+    reuse), and the step's backward untouched: what the Trainer mixin uses."""
+    return Prepared(tape, risks, groups, process_group)
+
+
 def _global_dense(tape: Tape, grads, group) -> dict[str, torch.Tensor]:
     """Per counted parameter (same order on every rank): the aggregated gradient summed over ranks."""
     out = {}

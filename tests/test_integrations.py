@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import gefx
-from gefx.integrations import GEffectMixin, Recorder
+from gefx.integrations import GEffectMixin, Recorder, measured
 from gefx.losses import sequence_nll, token_mean_nll
 from helpers import batch, full_grad, rel_err, tiny_model
 
@@ -92,23 +92,94 @@ def test_trainer_training_unchanged_and_measured(trainer_cls, tmp_path):
     assert set(first) == {"forget", "retain"} and first.groups[0] == "embed"
     logged = [k for entry in measured.state.log_history for k in entry if k.startswith("gefx/")]
     assert "gefx/forget/total" in logged and "gefx/retain/shallow" in logged
+    assert all("loss" in entry for entry in measured.state.log_history if "gefx/forget/total" in entry)
     measured.gefx_save(tmp_path / "out")
     rows = json.loads((tmp_path / "out" / "g_effects.json").read_text())["g_effects"]
     assert len(rows) == 3 * 2 * (len(first.groups) + 1)
     assert (tmp_path / "out" / "g_effects.png").stat().st_size > 10_000
 
+    assert measured.gefx_mode == "online"
     # step 0 against brute force on the initial weights (the only batch is the whole data set)
+    expected = brute_force(trainer_cls, base, collate(Pairs(2).items), extra)
+    for name in ("forget", "retain"):
+        assert rel_err(torch.tensor(first[name].total, dtype=torch.float64), expected[name]) < 1e-4
+
+
+def brute_force(trainer_cls, base, b, extra, risk=token_mean_nll):
+    """<grad risk, grad loss> in float64 for compute_loss's loss on batch b, per risk."""
     model = copy.deepcopy(base).double().train()
     params = list(model.parameters())
-    b = collate(Pairs(2).items)
     inner = trainer_cls.compute_loss(
         type("T", (), {"ref_model": extra.get("ref_model") and extra["ref_model"].double(), "beta": 0.5})(),
         model, b) if trainer_cls is NPO else trainer_cls.compute_loss(None, model, b)
     g_obj = full_grad(inner, params)
+    out = {}
     for name in ("forget", "retain"):
         s = b[name]
-        risk = sequence_nll(model(input_ids=s["input_ids"], attention_mask=s["attention_mask"]).logits, s["labels"])
-        assert rel_err(torch.tensor(first[name].total, dtype=torch.float64), full_grad(risk.sum(), params) @ g_obj) < 1e-4
+        r = risk(model(input_ids=s["input_ids"], attention_mask=s["attention_mask"]).logits, s["labels"])
+        out[name] = full_grad(r.sum(), params) @ g_obj
+    return out
+
+
+def test_wrong_order_and_missing_compute_loss_fail_at_class_creation():
+    with pytest.raises(TypeError, match=r"GEffectMixin must come before NPO.*class Bad\(GEffectMixin, NPO\)"):
+        type("Bad", (NPO, GEffectMixin), {})
+    with pytest.raises(TypeError, match="must implement the unlearning method in compute_loss"):
+        type("Plain", (GEffectMixin, transformers.Trainer), {})
+    with pytest.raises(TypeError, match="unknown options"):
+        measured(NPO, evry=3)
+    assert measured(every=2)(NPO).gefx_every == 2 and measured(NPO).__name__ == "MeasuredNPO"
+
+
+def test_open_unlearning_registry_recipe(tmp_path):
+    """open-unlearning builds trainers by name from TRAINER_REGISTRY (src/trainer/__init__.py:
+    _register_trainer, then the Hydra config's `handler`, with `method_args` as keywords). Its
+    source is not on the package index, so this is a faithful stand-in of that registry with the
+    contract's trainers; the recipe is the README's one line."""
+    registry = {}
+
+    def _register_trainer(trainer_class):
+        registry[trainer_class.__name__] = trainer_class
+
+    for cls in (GradAscent, GradDiff, NPO):
+        _register_trainer(cls)
+    for name in list(registry):  # the recipe
+        _register_trainer(measured(registry[name]))
+    assert {"MeasuredGradAscent", "MeasuredGradDiff", "MeasuredNPO"} <= set(registry)
+
+    base = tiny_model("llama", torch.float32)
+    cfg = {"handler": "MeasuredNPO", "method_args": {"beta": 0.5, "gefx_every": 2, "gefx_risk": "sequence"}}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2, report_to=[],
+        logging_steps=1, save_strategy="no", use_cpu=True, remove_unused_columns=False, seed=0)
+    trainer = registry[cfg["handler"]](model=copy.deepcopy(base).train(), args=args, train_dataset=Pairs(2),
+                                       data_collator=collate, ref_model=copy.deepcopy(base).eval(),
+                                       **cfg["method_args"])
+    trainer.train()
+    assert trainer.gefx_every == 2 and trainer.gefx_risk == "sequence" and trainer.beta == 0.5
+    lines = (tmp_path / "gefx" / "g_effects.csv").read_text().splitlines()
+    assert lines[0] == "objective,step,risk,group,value"
+    assert {line.split(",")[:2][0] for line in lines[1:]} == {"NPO"}
+    assert sorted({int(line.split(",")[1]) for line in lines[1:]}) == [0, 2]
+    # the sequence risk, against brute force at step 0
+    expected = brute_force(NPO, base, collate(Pairs(2).items), {"ref_model": copy.deepcopy(base).eval()},
+                           risk=sequence_nll)
+    first = trainer.gefx_records[0][1]
+    assert rel_err(torch.tensor(first["forget"].total, dtype=torch.float64), expected["forget"]) < 1e-4
+
+
+def test_online_with_accumulation_is_the_backpropagated_share(tmp_path):
+    """With k accumulated micro-batches the Trainer backpropagates loss / k: the online value is
+    that share, the before-the-step value (gefx_online=False) the loss's; the risk may be a callable."""
+    base = tiny_model("llama", torch.float32)
+    risk = lambda model, b: token_mean_nll(model(input_ids=b["input_ids"]).logits, b["labels"])  # noqa: E731
+    on, m_on = run(GradDiff, base, tmp_path, measured=True, accumulation=2, gefx_risk=risk)
+    off, m_off = run(GradDiff, base, tmp_path, measured=True, accumulation=2, gefx_risk=risk, gefx_online=False)
+    assert on.gefx_mode == "online" and off.gefx_mode == "before the step (gefx_online=False)"
+    for name in ("forget", "retain"):
+        a, b = on.gefx_records[0][1][name].total, off.gefx_records[0][1][name].total
+        assert abs(2 * a - b) <= 1e-4 * abs(b)
+    assert all(torch.equal(p, q) for p, q in zip(m_on.parameters(), m_off.parameters()))
 
 
 def test_trainer_with_gradient_accumulation_and_probes(tmp_path):

@@ -234,3 +234,24 @@ def test_two_risks_on_one_head(reuse_log):
     for k in risks:
         assert rel_err(eff[k].per_instance, expected[k]) < 1e-10, k
     assert reuse_log == [True, True]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prepare_then_against_the_loops_own_backward(family):
+    """gefx.prepare: pieces collected inside the trace, contracted after a backward gefx did not run
+    (and after the trace closed), against the per-sample float64 oracle; .grad as backward leaves it."""
+    base = tiny_model(family, torch.float64)
+    ref = copy.deepcopy(base)
+    params = list(ref.parameters())
+    f, r, obj = _losses(ref, "token_weighted")
+    Gf, Gr, g_obj = per_sample_grads(f, params), per_sample_grads(r, params), full_grad(obj.sum(), params)
+    model = copy.deepcopy(base)
+    with gefx.trace(model) as tape:
+        f, r, obj = _losses(model, "token_weighted")
+        prepared = gefx.prepare(tape, {"forget": f, "retain": r}, groups="param")
+        obj.sum().backward()
+    eff = prepared.against({p: p.grad for p in model.parameters()})
+    assert rel_err(eff["forget"].per_instance, Gf @ g_obj) < 1e-9
+    assert rel_err(eff["retain"].per_instance, Gr @ g_obj) < 1e-9
+    with pytest.raises(TypeError, match="non-empty dict"):
+        gefx.prepare(tape, {})

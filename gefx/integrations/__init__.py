@@ -1,7 +1,8 @@
 """Drop-in use of gefx in existing training code: Hugging Face Trainer subclasses (open-unlearning
-contract), plain loops (Recorder), and the reference code's G-effect printout (ReferenceCompat)."""
+contract: GEffectMixin, measured), plain loops (Recorder), and the reference code's G-effect
+printout (ReferenceCompat)."""
 from .compat import ReferenceCompat
-from .hf import GEffectMixin, preserved_rng
+from .hf import GEffectMixin, measured, preserved_rng, risk_of
 from .records import Recorder, save_records
 
-__all__ = ["GEffectMixin", "Recorder", "ReferenceCompat", "save_records", "preserved_rng"]
+__all__ = ["GEffectMixin", "measured", "Recorder", "ReferenceCompat", "save_records", "preserved_rng", "risk_of"]

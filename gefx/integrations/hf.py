@@ -1,41 +1,46 @@
 """G-effects inside a Hugging Face Trainer, for open-unlearning-style trainers.
 
-The contract (open-unlearning's): ``compute_loss(model, inputs, ...)`` implements the unlearning
-method and returns its loss; ``inputs`` holds "forget" and "retain" sub-batches, each a dict with
-input_ids, attention_mask and labels (-100 on question and padding tokens). Add measurement with
-the mixin, placed before the trainer class:
+The contract (open-unlearning's): ``compute_loss(model, inputs, return_outputs=False,
+num_items_in_batch=None)`` implements the unlearning method and returns its loss; ``inputs``
+holds "forget" and "retain" sub-batches, each a dict with input_ids, attention_mask and labels
+(-100 on question and padding tokens). Turn any such trainer into a measured one:
 
-    class MeasuredNPO(gefx.integrations.GEffectMixin, NPO):
-        gefx_every = 5                      # measure every 5 optimizer steps
-    trainer = MeasuredNPO(model=..., args=..., ...)   # as before
-    trainer.train(); trainer.gefx_save("runs/npo")   # CSV, JSON and plots
+    NPO = gefx.integrations.measured(NPO, every=5)        # or: class M(GEffectMixin, NPO): ...
+    trainer = NPO(model=..., args=..., ...)               # as before (gefx_* keywords accepted too)
+    trainer.train()                                       # records written to <output_dir>/gefx
 
-On a measured step, the first micro-batch's compute_loss runs inside ``gefx.trace`` with the
-optimizer's parameters as the counted ones; the risks (``sequence_nll`` of the forget and retain
-sub-batches, plus any ``gefx_probes``) come from one extra forward each; and ``gefx.g_effect`` of
-the returned loss is recorded and logged (``gefx/<risk>/<group>`` scalars through
-``Trainer.log``). Training is unchanged: the loss, its graph, ``.grad`` and the random number
-state are left as they were, so parameters after each step are identical with and without gefx.
+On a measured step (every ``gefx_every`` optimizer steps, the window's first micro-batch),
+compute_loss runs inside ``gefx.trace`` with the optimizer's parameters as the counted ones, the
+risks (``gefx_risk`` of the forget and retain sub-batches, plus ``gefx_probes``) come from one
+extra forward each and their per-sample gradient pieces are collected; after the Trainer's own
+backward the pieces are contracted with the step's ``.grad`` (online mode: no backward of the
+objective is added, and the step's backward is the Trainer's). Where that gradient is not the
+loss's plain gradient (fp16 loss scaling, DeepSpeed, DataParallel, gradients already accumulated)
+the mixin measures before the step instead (``g_effect`` of the loss compute_loss returns) and
+says why (``gefx_mode``). Training is unchanged either way: the loss, its graph, ``.grad`` and the
+random number state are left as they were (tested bit for bit).
 
-What is measured: the G-effect of *the micro-batch's loss as compute_loss returns it*. With
-gradient accumulation over k micro-batches the optimizer step follows the mean of k such
-gradients; the recorded value is that of the first micro-batch (an unbiased one-micro-batch
-estimate of the step's G-effect times k / the loss scale the Trainer applies). Gradient clipping
-rescales the update by a factor c <= 1 after the fact: the effect of the clipped step is c times
-the recorded value (the direction, hence the sign, is unchanged). AdamW's preconditioning is not
-part of the G-effect, as in the paper.
+What is measured. Online: the G-effect of the step's gradient from that micro-batch, i.e. of the
+loss the Trainer backpropagates (compute_loss's loss divided by the number of accumulated
+micro-batches k, unless the trainer scales it itself). Before the step: of compute_loss's loss
+(k times the online value). Gradient clipping rescales the update by a factor c <= 1 afterwards:
+the effect of the clipped step is c times the recorded value (the sign is unchanged). AdamW's
+preconditioning is not part of the G-effect, as in the paper.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
 import torch
 
-from ..geffect import GEffect, g_effect
-from ..losses import sequence_nll
+from ..geffect import GEffect, g_effect, prepare
+from ..losses import sequence_nll, token_mean_nll
 from ..tape import trace
-from .records import save_records
+from .records import Recorder
+
+RISKS = {"token_mean": token_mean_nll, "sequence": sequence_nll}
 
 
 @contextlib.contextmanager
@@ -52,63 +57,180 @@ def preserved_rng():
             torch.cuda.set_rng_state_all(cuda)
 
 
-def risk_of(model, batch: dict) -> torch.Tensor:
-    """Per-sample answer NLL of one sub-batch (input_ids, attention_mask, labels)."""
+def risk_of(model, batch: dict, risk="token_mean") -> torch.Tensor:
+    """The per-sample risk vector [B] of one sub-batch (input_ids, attention_mask, labels):
+    "token_mean" (the paper's and open-unlearning's NLL: each sample's summed answer-token NLL over
+    the batch's answer tokens, so the vector sums to the token-mean NLL), "sequence" (each
+    sample's mean answer NLL) or a callable (model, batch) -> [B]."""
+    if callable(risk):
+        return risk(model, batch)
+    if risk not in RISKS:
+        raise ValueError(f"risk {risk!r}: use 'token_mean', 'sequence' or a callable (model, batch) -> [B]")
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    return sequence_nll(out.logits, batch["labels"])
+    return RISKS[risk](out.logits, batch["labels"])
+
+
+_OPTIONS = ("every", "groups", "risk", "risks", "probes", "name", "online", "out")
 
 
 class GEffectMixin:
-    """Adds G-effect measurement to a Trainer subclass whose compute_loss follows the contract.
+    """Adds G-effect measurement to a Trainer subclass whose compute_loss follows the contract;
+    put it first among the bases (``class M(GEffectMixin, NPO)``) or use :func:`measured`.
 
-    Class attributes (override in the subclass or set on the instance):
-        gefx_every: measure every N optimizer steps (step 0 included).
-        gefx_groups: a gefx.groups preset or callable.
-        gefx_risks: which sub-batches of ``inputs`` are risks ("forget", "retain").
-        gefx_probes: optional name -> fixed batch dict measured as extra risks each time.
-    Results: ``self.gefx_records`` (list of (step, GEffect)), ``self.gefx_rows()``,
-    ``self.gefx_save(folder)``.
+    Options (class attributes, or ``gefx_<option>=...`` keywords of the constructor: open-unlearning
+    passes a trainer's ``method_args`` there):
+        gefx_every: measure every N optimizer steps (step 0 included). Default 5.
+        gefx_groups: a gefx.groups preset or callable. Default "paper" (embed, shallow, middle,
+            deep, final_norm, lm_head: the paper's figures).
+        gefx_risk: "token_mean" (default), "sequence" or a callable (model, batch) -> [B].
+        gefx_risks: the sub-batches of ``inputs`` that are risks. Default ("forget", "retain").
+        gefx_probes: optional name -> fixed batch dict, measured as extra risks each time.
+        gefx_name: the objective name in the records. Default: the trainer class's name.
+        gefx_online: contract with the step's own gradient where it allows (default True).
+        gefx_out: folder, relative to ``args.output_dir``, written at the end of ``train()``
+            (g_effects.csv/.json, per_instance.json, g_effects.png); None: not written.
+    Results: ``self.gefx_recorder`` (a :class:`gefx.integrations.Recorder`), ``self.gefx_records``
+    ((step, GEffect) pairs), ``self.gefx_rows()``, ``self.gefx_save(folder)``; each measurement is
+    merged into the Trainer's next log entry as ``gefx/<risk>/<group>``; ``self.gefx_mode`` says
+    how the last measurement was taken.
     """
 
     gefx_every: int = 5
     gefx_groups = "paper"
+    gefx_risk = "token_mean"
     gefx_risks: tuple[str, ...] = ("forget", "retain")
     gefx_probes: dict | None = None
+    gefx_name: str | None = None
+    gefx_online: bool = True
+    gefx_out: str | None = "gefx"
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        first = next(c for c in mro if "compute_loss" in vars(c) or c is GEffectMixin)
+        if first is not GEffectMixin:
+            raise TypeError(f"{cls.__name__}: GEffectMixin must come before {first.__name__} among the bases "
+                            f"(it defines compute_loss, which the mixin wraps): class {cls.__name__}(GEffectMixin, "
+                            f"{first.__name__}), or gefx.integrations.measured({first.__name__})")
+        below = [c for c in mro[mro.index(GEffectMixin) + 1:] if "compute_loss" in vars(c)]
+        if not below or below[0].__module__.startswith("transformers."):
+            raise TypeError(f"{cls.__name__}: the trainer must implement the unlearning method in compute_loss(model, "
+                            "inputs, return_outputs=False, num_items_in_batch=None) (open-unlearning's contract); "
+                            + ("transformers.Trainer's own compute_loss is a plain LM loss" if below else
+                               "none of its bases has a compute_loss"))
+
+    def __init__(self, *args, **kwargs):
+        for option in _OPTIONS:
+            if f"gefx_{option}" in kwargs:
+                setattr(self, f"gefx_{option}", kwargs.pop(f"gefx_{option}"))
+        super().__init__(*args, **kwargs)
+        self.gefx_recorder = Recorder()
+        self.gefx_mode = None
+        self._gefx_pending = None
+        self._gefx_log: dict = {}
+        self._gefx_last_step = None
+
+    # -- measuring ----------------------------------------------------------------------------
     def _gefx_due(self) -> bool:
         step = self.state.global_step
-        last = getattr(self, "_gefx_last_step", None)
-        return self.model.training and step % max(1, self.gefx_every) == 0 and step != last
+        return self.model.training and step % max(1, self.gefx_every) == 0 and step != self._gefx_last_step
+
+    def _gefx_online_blocker(self, model) -> str | None:
+        """Why the step's .grad is not the loss's plain gradient here (None: it is)."""
+        if not self.gefx_online:
+            return "gefx_online=False"
+        accelerator = getattr(self, "accelerator", None)
+        if getattr(accelerator, "scaler", None) is not None:
+            return "fp16 loss scaling (.grad holds the scaled gradient)"
+        if "DEEPSPEED" in str(getattr(accelerator, "distributed_type", "")):
+            return "DeepSpeed owns the gradients"
+        if getattr(self.args, "n_gpu", 1) > 1:
+            return "DataParallel averages the replicas' losses"
+        if any(p.grad is not None for p in model.parameters()):
+            return "gradients were already accumulated in .grad"
+        return None
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         if not self._gefx_due():
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         self._gefx_last_step = self.state.global_step
-        params = self.optimizer if self.optimizer is not None else None
-        with trace(model, params=params) as tape:
+        blocker = self._gefx_online_blocker(model)
+        with trace(model, params=self.optimizer) as tape:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
             loss = result[0] if isinstance(result, tuple) else result
             with preserved_rng():
                 batches = {name: inputs[name] for name in self.gefx_risks if name in inputs}
-                batches.update({name: self._gefx_to_device(b, loss.device) for name, b in (self.gefx_probes or {}).items()})
-                risks = {name: risk_of(model, b) for name, b in batches.items()}
-                effects = g_effect(tape, loss, risks, groups=self.gefx_groups)
-        self.gefx_records = getattr(self, "gefx_records", [])
-        self.gefx_records.append((self.state.global_step, effects))
-        self.log({f"gefx/{r}/{g}": v for r in effects for g, v in [*effects[r].per_group.items(), ("total", effects[r].total)]})
+                batches.update({name: _to(b, loss.device) for name, b in (self.gefx_probes or {}).items()})
+                risks = {name: risk_of(model, b, self.gefx_risk) for name, b in batches.items()}
+                if blocker is None:
+                    self._gefx_pending = prepare(tape, risks, groups=self.gefx_groups)
+                else:
+                    self._gefx_record(g_effect(tape, loss, risks, groups=self.gefx_groups),
+                                      f"before the step ({blocker})")
         return result
 
-    @staticmethod
-    def _gefx_to_device(batch: dict, device) -> dict:
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    def training_step(self, model, inputs, *args, **kwargs):
+        out = super().training_step(model, inputs, *args, **kwargs)
+        if self._gefx_pending is not None:  # the step's backward has run: contract with its .grad
+            pending, self._gefx_pending = self._gefx_pending, None
+            self._gefx_record(pending.against({p: p.grad for p in model.parameters() if p.grad is not None}),
+                              "online")
+        return out
+
+    def _gefx_record(self, effects: GEffect, mode: str) -> None:
+        self.gefx_mode = mode
+        self.gefx_recorder.add(self.state.global_step, effects, objective=self.gefx_objective_name())
+        self._gefx_log = {f"gefx/{row['risk']}/{row['group']}": row["value"] for row in effects.rows()}
+
+    def log(self, logs, *args, **kwargs):
+        if self._gefx_log and "loss" in logs:  # merge the measurement into the step's own entry
+            logs = {**logs, **self._gefx_log}
+            self._gefx_log = {}
+        return super().log(logs, *args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        out = super().train(*args, **kwargs)
+        if self.gefx_out and self.gefx_recorder.records:
+            self.gefx_save(os.path.join(self.args.output_dir, self.gefx_out))
+        return out
+
+    # -- results --------------------------------------------------------------------------------
+    def gefx_objective_name(self) -> str:
+        if self.gefx_name:
+            return self.gefx_name
+        mro = type(self).__mro__
+        return next(c for c in mro[mro.index(GEffectMixin) + 1:] if "compute_loss" in vars(c)).__name__
+
+    @property
+    def gefx_records(self) -> list[tuple[int, GEffect]]:
+        return [(step, eff) for step, _, eff in self.gefx_recorder.records]
 
     def gefx_rows(self) -> list[dict]:
-        """Long-format rows (step, risk, group, value) of every measurement so far."""
-        return [row for step, eff in getattr(self, "gefx_records", []) for row in eff.rows(step=step)]
+        """Long-format rows (objective, step, risk, group, value) of every measurement so far."""
+        return self.gefx_recorder.rows()
 
-    def gefx_save(self, folder) -> None:
-        """Write g_effects.csv / g_effects.json (and plots) of the measurements to `folder`."""
-        save_records(folder, [(step, "trainer", eff) for step, eff in getattr(self, "gefx_records", [])])
+    def gefx_save(self, folder):
+        """Write g_effects.csv / g_effects.json, per_instance.json and g_effects.png to `folder`."""
+        return self.gefx_recorder.save(folder)
 
 
-__all__ = ["GEffectMixin", "preserved_rng", "risk_of", "GEffect"]
+def measured(trainer_cls=None, **options):
+    """`trainer_cls` with G-effect measurement: a subclass ``Measured<Name>`` with GEffectMixin
+    first and the given options (``every``, ``groups``, ``risk``, ``risks``, ``probes``, ``name``,
+    ``online``, ``out``: see GEffectMixin). Also a decorator: ``@measured(every=5)``. For
+    open-unlearning, one line registers a measured twin of every trainer (README)."""
+    unknown = set(options) - set(_OPTIONS)
+    if unknown:
+        raise TypeError(f"measured(): unknown options {sorted(unknown)}; use {', '.join(_OPTIONS)}")
+    if trainer_cls is None:
+        return lambda cls: measured(cls, **options)
+    attrs = {f"gefx_{k}": v for k, v in options.items()}
+    attrs["__module__"] = trainer_cls.__module__
+    return type(f"Measured{trainer_cls.__name__}", (GEffectMixin, trainer_cls), attrs)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+__all__ = ["GEffectMixin", "measured", "preserved_rng", "risk_of", "RISKS", "GEffect"]
