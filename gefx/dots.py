@@ -28,7 +28,8 @@ from torch.utils._pytree import tree_map
 from . import dist, ops
 from .backends import dispatch
 from .groups import resolve
-from .pieces import Factored, PerSample, Piece, acc_dtype, contract, dense, masked, merge
+from .pieces import Factored, PerSample, Piece, contract, dense, masked, merge
+from .precision import acc_dtype
 from .rules import Refused, checked_rule
 from .soundness import batch_dim, sample_view
 from .tape import Tape
@@ -317,7 +318,7 @@ def group_sums(tape: Tape, per_param: dict[str, torch.Tensor], groups, shape) ->
     """Sum per-parameter values into groups (every group present, zeros where nothing reached)."""
     mapping, order = resolve(tape, groups)
     p0 = next(iter(tape.params.values()))
-    dt = torch.float64 if any(p.dtype == torch.float64 for p in tape.params.values()) else torch.float32
+    dt = acc_dtype(*tape.params.values())
     out = {g: torch.zeros(shape, dtype=dt, device=p0.device) for g in order}
     for name, v in per_param.items():
         out[mapping[name]] += v.to(dt)
@@ -339,6 +340,21 @@ def dense_gradients(tape: Tape, grads: Mapping, what: str = "objective") -> dict
             raise ValueError(f"{what}[{name!r}] has shape {tuple(value.shape)}, the parameter "
                              f"{tuple(tape.params[name].shape)}")
         out[name] = dist.full(value.detach())
+    return out
+
+
+def aggregated(tape: Tape, grads: Grads, group=None, every: bool = False) -> dict[str, torch.Tensor]:
+    """The summed gradient of collected pieces, dense per counted parameter: where the loss
+    reached, or (`every`, and always under torch.distributed with `group` of more than one
+    process: the same parameters on every rank) each counted parameter, zeros where it did not;
+    summed over the ranks of `group`."""
+    many = dist.group_size(group) > 1
+    out = {}
+    for n, p in tape.params.items():
+        P = grads.pieces.get(n)
+        if P or every or many:
+            m = dense(P, p.shape) if P else torch.zeros(p.shape, dtype=acc_dtype(p), device=p.device)
+            out[n] = dist.all_reduce_sum(m, group) if many else m
     return out
 
 

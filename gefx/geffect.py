@@ -25,8 +25,8 @@ from typing import Mapping
 import torch
 
 from . import dist
-from .dots import _check_loss, check_graph, collect, dense_gradients, group_sums, marginals, pieces_from
-from .pieces import contract, dense
+from .dots import _check_loss, aggregated, check_graph, collect, dense_gradients, group_sums, marginals, pieces_from
+from .pieces import contract
 from .step import StepBackward
 from .tape import Tape
 
@@ -141,7 +141,7 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *,
     g_obj = collect(tape, objective, per_sample=vector, what="objective")
     if dist.group_size(process_group) > 1:
         dist.check_supported(tape.model)
-        return _against(tape, _global_dense(tape, g_obj, process_group), risks, groups, process_group,
+        return _against(tape, aggregated(tape, g_obj, process_group), risks, groups, process_group,
                         g_obj if vector else None)
     result = GEffect()
     memo: dict[str, dict] = {}  # the objective's aggregated gradient per parameter, shared by the risks
@@ -184,18 +184,6 @@ def prepare(tape: Tape, risks: Mapping[str, torch.Tensor], *, groups="block", pr
     or not. One partial backward per risk, none for the objective (as ``backward=True`` without the
     reuse), and the step's backward untouched: what the Trainer mixin uses."""
     return Prepared(tape, risks, groups, process_group)
-
-
-def _global_dense(tape: Tape, grads, group) -> dict[str, torch.Tensor]:
-    """Per counted parameter (same order on every rank): the aggregated gradient summed over ranks."""
-    out = {}
-    for n, p in tape.params.items():
-        if n in grads.pieces:
-            m = dense(grads.pieces[n], p.shape)
-        else:
-            m = torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32, device=p.device)
-        out[n] = dist.all_reduce_sum(m, group)
-    return out
 
 
 def _with_step(tape: Tape, objective: torch.Tensor, risks, groups, group) -> GEffect:
@@ -241,8 +229,7 @@ def _against(tape: Tape, m_obj: dict[str, torch.Tensor], risks, groups, group, g
         per_instance = torch.stack([per_group[g] for g in names])
         per_obj = None
         if g_obj is not None:
-            m_risk = _global_dense(tape, g_risk, group) if many else \
-                {n: dense(P, tape.params[n].shape) for n, P in g_risk.pieces.items()}
+            m_risk = aggregated(tape, g_risk, group)
             cols = {n: contract(P, m_risk[n]) for n, P in g_obj.pieces.items() if n in m_risk}
             obj_group = group_sums(tape, cols, groups, (g_obj.batch,))
             per_obj = torch.stack([obj_group[g] for g in names])

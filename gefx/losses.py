@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .precision import acc_dtype
+
 IGNORE_INDEX = -100
 
 
@@ -26,7 +28,7 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     b, t, v = logits.shape
     labels = labels.to(device=logits.device, dtype=torch.long)
     shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1)  # no in-place: vmap-safe
-    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dt = acc_dtype(logits)
     nll = F.cross_entropy(logits.to(dt).reshape(b * t, v), shifted.reshape(-1), reduction="none",
                           ignore_index=IGNORE_INDEX)
     shifted = shifted[:, :-1]
@@ -49,3 +51,8 @@ def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     token-mean NLL (what Hugging Face models return as ``loss``)."""
     nll, mask = token_nll(logits, labels)
     return nll.sum(1) / mask.sum().clamp(min=1)
+
+
+RISKS = {"token_mean": token_mean_nll, "sequence": sequence_nll}
+"""Per-sample risk vectors by name, f(logits, labels) -> [B]: "token_mean" (the paper's and
+open-unlearning's NLL, summing to the batch's token-mean NLL) and "sequence" (each sample's mean)."""

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .losses import IGNORE_INDEX, token_nll
+from .precision import acc_dtype
 
 TNPO_EPS = 1e-5
 
@@ -58,6 +59,17 @@ class Forward:
     logits: torch.Tensor
     labels: torch.Tensor
     hidden_states: tuple | None = None
+
+
+def forward(model, batch: dict, hidden: bool = False) -> Forward:
+    """The model's forward on one batch (input_ids, attention_mask, labels): what every objective
+    and risk is computed from (``gefx profile``, the Trainer mixin's risks)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                **({"output_hidden_states": True} if hidden else {}))
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        raise ValueError(f"the model's forward returns no logits ({type(out).__name__}); a causal LM is needed")
+    return Forward(logits, batch["labels"], out.hidden_states if hidden else None)
 
 
 @dataclass
@@ -101,8 +113,6 @@ class ObjectiveOutput:
 # --------------------------------------------------------------------------------------------
 # formulas on tensors (each returns (per-sample vector, weights))
 # --------------------------------------------------------------------------------------------
-def _dt(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +220,7 @@ def control_vector(dim: int, seed: int = 0, device=None, dtype=torch.float32) ->
 def rmu(hidden: torch.Tensor, labels: torch.Tensor, u: torch.Tensor, c: float = 2.0):
     """RMU: mean over answer positions of mean_d (h - c u)^2 (token mean over the batch)."""
     m = _pos_mask(labels).to(hidden.device)
-    sq = ((hidden.to(_dt(hidden)) - c * u.to(_dt(hidden))) ** 2).mean(-1) * m
+    sq = ((hidden.to(acc_dtype(hidden)) - c * u.to(acc_dtype(hidden))) ** 2).mean(-1) * m
     return sq.sum(1) / _ntok(m), {}
 
 
@@ -218,7 +228,7 @@ def kl(logits, ref_logits, labels):
     """KL(p_o(.|x) || p(.|x)) summed over the vocabulary, token mean over answer positions."""
     lab = labels[:, 1:].to(logits.device)
     m = lab != IGNORE_INDEX
-    lp = torch.log_softmax(logits[:, :-1].to(_dt(logits)), -1)
+    lp = torch.log_softmax(logits[:, :-1].to(acc_dtype(logits)), -1)
     with torch.no_grad():
         lpo = torch.log_softmax(ref_logits[:, :-1].to(lp.dtype), -1)
     k = (lpo.exp() * (lpo - lp)).sum(-1) * m
@@ -228,7 +238,7 @@ def kl(logits, ref_logits, labels):
 def rr(hidden, ref_hidden, labels):
     """RR: ||h_l(x; theta) - h_l(x; theta_o)||_2^2 per answer position, token mean over the batch."""
     m = _pos_mask(labels).to(hidden.device)
-    d = ((hidden.to(_dt(hidden)) - ref_hidden.detach().to(_dt(hidden))) ** 2).sum(-1) * m
+    d = ((hidden.to(acc_dtype(hidden)) - ref_hidden.detach().to(acc_dtype(hidden))) ** 2).sum(-1) * m
     return d.sum(1) / _ntok(m), {}
 
 

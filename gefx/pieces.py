@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
+from .precision import acc_dtype
 
 
 @dataclass
@@ -52,11 +53,6 @@ class PerSample:
 
 
 Piece = Factored | PerSample
-
-
-def acc_dtype(*ts: torch.Tensor) -> torch.dtype:
-    """The accumulation dtype of gefx's products: float64 if any input is, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
 def masked(x: torch.Tensor, mask, dt) -> torch.Tensor:

@@ -12,7 +12,10 @@ Each objective starts from the same fine-tuned weights and sees the same batches
 every --every steps (from step 0) the step runs inside gefx.trace and gefx.g_effect measures, on
 that step's batches and before its update, the G-effect of the objective on the forget risk
 (unlearning) and on the retain risk (retaining), per group of parameters, per risk instance and
-per objective instance (PG-effect). The risks are the reference code's token-mean answer NLL
+per objective instance (PG-effect). It measures in online mode (``backward=True``): the step's own
+backward gives the objective's gradient (in the parameters' dtype), so a measured step costs one
+partial backward per risk the step cannot give at most; records are kept by the Recorder the
+integrations use (gefx.integrations.records). The risks are the reference code's token-mean answer NLL
 (gefx.losses.token_mean_nll: each vector sums to the batch's mean NLL). At the same steps and
 after the last one the forget / retain NLL, greedy extraction and token accuracy of fixed
 evaluation subsets are recorded. Outputs: see gefx.report.
@@ -24,6 +27,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,14 @@ import torch
 
 from . import data as gdata
 from . import objectives as gobj
+from .geffect import g_effect
+from .groups import PRESETS as GROUP_PRESETS
+from .integrations.records import Recorder
+from .losses import token_mean_nll, token_nll
+from .models import default_model, frozen_copy, load_model, parse_dtype
+from .objectives import forward
+from .report import instance_arrays, plot_all, summary_table, write_tables
+from .tape import trace
 
 DEFAULT_OBJECTIVES = "ga,npo,wga,tnpo"
 RISKS = ("forget", "retain")
@@ -134,16 +146,6 @@ class Rows:
         return {k: v[idx, :T].to(self.device) for k, v in self.enc.items()}
 
 
-def _forward(model, batch, hidden: bool) -> gobj.Forward:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                output_hidden_states=hidden)
-    logits = getattr(out, "logits", None)
-    if logits is None:
-        raise ValueError(f"the model's forward returns no logits ({type(out).__name__}); gefx profile needs "
-                         f"a causal LM")
-    return gobj.Forward(logits, batch["labels"], out.hidden_states if hidden else None)
-
-
 @torch.no_grad()
 def evaluate(model, rows: Rows) -> dict:
     """Token-mean answer NLL, teacher-forced token accuracy, and greedy extraction: the mean
@@ -151,10 +153,8 @@ def evaluate(model, rows: Rows) -> dict:
     as an exact prefix. Greedy decoding follows the gold answer exactly as long as every earlier
     token matched, so that prefix is the run of leading answer tokens whose teacher-forced argmax
     equals the label: one forward, no generation (ties aside)."""
-    from .losses import token_nll
-
     b = rows.batch(list(range(rows.n)))
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    logits = forward(model, b).logits
     nll, mask = token_nll(logits, b["labels"])
     hit = (logits[:, :-1].argmax(-1) == b["labels"][:, 1:]) & mask
     miss = mask & ~hit
@@ -170,13 +170,78 @@ def evaluate(model, rows: Rows) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-def run(args) -> dict:
-    import gefx
-    from .losses import token_mean_nll
-    from .report import plot_all, summary_table, write_tables
+@dataclass
+class Plan:
+    """The encoded splits and, per step, the rows each batch takes: the same for every objective
+    (step k's batches do not depend on --steps: separate streams for forget and retain)."""
+    forget: Rows
+    retain: Rows
+    idk: Rows                      # the forget questions with refusal answers (PO, DPO)
+    evals: dict[str, Rows]         # fixed evaluation subsets of both splits
+    forget_idx: list[list[int]]
+    retain_idx: list[list[int]]
 
+    def batches(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
+        return {"forget": self.forget.batch(self.forget_idx[step]), "retain": self.retain.batch(self.retain_idx[step]),
+                "idk": self.idk.batch(self.forget_idx[step])}
+
+
+def make_plan(args, tok, data: gdata.QAData, device) -> Plan:
+    fq, fa = [r["question"] for r in data.forget], [r["answer"] for r in data.forget]
+    rq, ra = [r["question"] for r in data.retain], [r["answer"] for r in data.retain]
+    idk_a = [gdata.refusal_for(i, args.seed) for i in range(len(fq))]
+    rng = random.Random(args.seed)
+    ev_f = sorted(rng.sample(range(len(fq)), min(args.eval_size, len(fq))))
+    ev_r = sorted(rng.sample(range(len(rq)), min(args.eval_size, len(rq))))
+    evals = {"forget": Rows(tok, [fq[i] for i in ev_f], [fa[i] for i in ev_f], args.max_length, device),
+             "retain": Rows(tok, [rq[i] for i in ev_r], [ra[i] for i in ev_r], args.max_length, device)}
+    f_rng, r_rng = np.random.default_rng([args.seed, 0]), np.random.default_rng([args.seed, 1])
+    perm: list[int] = []
+    while len(perm) < args.steps * args.batch_size:
+        perm += f_rng.permutation(len(fq)).tolist()
+    forget_idx = [perm[s * args.batch_size:(s + 1) * args.batch_size] for s in range(args.steps)]
+    retain_idx = [r_rng.choice(len(rq), size=args.batch_size, replace=False).tolist() for _ in range(args.steps)]
+    return Plan(Rows(tok, fq, fa, args.max_length, device), Rows(tok, rq, ra, args.max_length, device),
+                Rows(tok, fq, idk_a, args.max_length, device), evals, forget_idx, retain_idx)
+
+
+@dataclass
+class Session:
+    """What every objective's run shares: the model, its frozen reference, the plan, the outputs."""
+    args: argparse.Namespace
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None
+    plan: Plan
+    risks: list[str]
+    bar: object
+    recorder: Recorder = field(default_factory=Recorder)
+    metrics: list[dict] = field(default_factory=list)
+
+
+def run(args) -> dict:
+    """The main job: validate, load, unlearn with each objective from the same weights, report."""
     t_start = time.time()
-    # validate everything cheap first -----------------------------------------------------------
+    specs, objs, risks = _validate(args)
+    device, progress = _device(args.device), not args.no_progress
+    out_dir = _check_out(args.out)
+    model, tok, data, model_name = _load(args, device, progress)
+    plan = make_plan(args, tok, data, device)
+    # every objective starts from these weights (kept on the host: a 7B model's copy would not fit
+    # beside the model, its frozen reference and the optimizer state on one GPU)
+    init_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    ref_model = frozen_copy(model) if any(o.needs_ref for o in objs) else None
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(objs) * args.steps, desc="gefx profile", disable=not progress, unit="step", file=sys.stderr)
+    session = Session(args, model, ref_model, plan, risks, bar)
+    for obj, label in zip(objs, specs):
+        model.load_state_dict(init_state)
+        unlearn(session, obj, label)
+    bar.close()
+    return _report(session, specs, objs, data, model_name, device, out_dir, time.time() - t_start)
+
+
+def _validate(args) -> tuple[list[str], list, list[str]]:
+    """Everything cheap first: objectives, risks, groups, numbers, the forget split's name."""
     specs = _split_list(args.objectives)
     if not specs:
         raise ValueError("--objectives is empty")
@@ -187,8 +252,8 @@ def run(args) -> dict:
     bad = [r for r in risks if r not in RISKS]
     if bad or not risks:
         raise ValueError(f"unknown risk(s) {', '.join(map(repr, bad)) or '(none given)'}; use forget, retain")
-    if args.groups not in gefx.GROUP_PRESETS:
-        raise ValueError(f"unknown groups {args.groups!r}; use one of {', '.join(gefx.GROUP_PRESETS)}")
+    if args.groups not in GROUP_PRESETS:
+        raise ValueError(f"unknown groups {args.groups!r}; use one of {', '.join(GROUP_PRESETS)}")
     for name, v in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--every", args.every),
                     ("--eval-size", args.eval_size), ("--max-length", args.max_length)):
         if v < 1:
@@ -196,18 +261,20 @@ def run(args) -> dict:
     if not args.lr > 0 or not math.isfinite(args.lr):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     gdata.parse_forget_split(args.forget_split)
-    from .models import default_model, frozen_copy, load_model, parse_dtype
-    dtype = parse_dtype(args.dtype)
-    device = _device(args.device)
-    out_dir = _check_out(args.out)
-    progress = not args.no_progress
+    parse_dtype(args.dtype)
+    return specs, objs, risks
 
-    # model and data ----------------------------------------------------------------------------
+
+def _load(args, device, progress: bool):
+    """(model, tokenizer, data, model description): the default tiny model and its synthetic set,
+    or --model / --data. The model is put in eval mode (no dropout: the G-effect is a property of
+    the deterministic loss) with every parameter trainable."""
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     except Exception:  # noqa: BLE001
         pass
+    dtype = parse_dtype(args.dtype)
     default_data = None
     if args.model is None:
         model, tok, default_data, info = default_model(device=device, dtype=dtype, progress=progress)
@@ -216,135 +283,101 @@ def run(args) -> dict:
     else:
         model, tok = load_model(args.model, device=device, dtype=dtype)
         model_name = args.model
-    if args.data is None and default_data is None:
+    data = _load_data(args, default_data)
+    for split, rows in (("forget", data.forget), ("retain", data.retain)):
+        if args.batch_size > len(rows):
+            raise ValueError(f"--batch-size {args.batch_size} is larger than the {split} split "
+                             f"({getattr(data, split + '_split')}: {len(rows)} rows)")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, tok, data, model_name
+
+
+def _load_data(args, default_data) -> gdata.QAData:
+    if args.data is None and default_data is None:  # a model by name, no data: the synthetic set
         splits = gdata.generate()
         pct = gdata.parse_forget_split(args.forget_split)
         if args.forget_split not in splits:
             raise ValueError(f"the synthetic set has forget01, forget05, forget10; got {args.forget_split!r} "
                              f"(use --data for other splits)")
-        data = gdata.QAData(splits[args.forget_split], splits[f"retain{100 - pct:02d}"], "synthetic",
+        return gdata.QAData(splits[args.forget_split], splits[f"retain{100 - pct:02d}"], "synthetic",
                             args.forget_split, f"retain{100 - pct:02d}")
-    else:
-        data = gdata.load(args.data, args.forget_split, default_folder=str(default_data) if default_data else None)
-    if args.batch_size > len(data.forget):
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the forget split "
-                         f"({data.forget_split}: {len(data.forget)} rows)")
-    if args.batch_size > len(data.retain):
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the retain split "
-                         f"({data.retain_split}: {len(data.retain)} rows)")
-    model.eval()  # no dropout: the G-effect is a property of the deterministic loss
-    for p in model.parameters():
-        p.requires_grad_(True)
+    return gdata.load(args.data, args.forget_split, default_folder=str(default_data) if default_data else None)
 
-    fq, fa = [r["question"] for r in data.forget], [r["answer"] for r in data.forget]
-    rq, ra = [r["question"] for r in data.retain], [r["answer"] for r in data.retain]
-    idk_a = [gdata.refusal_for(i, args.seed) for i in range(len(fq))]
-    forget_rows = Rows(tok, fq, fa, args.max_length, device)
-    retain_rows = Rows(tok, rq, ra, args.max_length, device)
-    idk_rows = Rows(tok, fq, idk_a, args.max_length, device)
-    rng = random.Random(args.seed)
-    ev_f = sorted(rng.sample(range(len(fq)), min(args.eval_size, len(fq))))
-    ev_r = sorted(rng.sample(range(len(rq)), min(args.eval_size, len(rq))))
-    eval_sets = {"forget": Rows(tok, [fq[i] for i in ev_f], [fa[i] for i in ev_f], args.max_length, device),
-                 "retain": Rows(tok, [rq[i] for i in ev_r], [ra[i] for i in ev_r], args.max_length, device)}
-    # the same batches for every objective
-    # (step k's batches do not depend on --steps: separate streams for forget and retain)
-    f_rng, r_rng = np.random.default_rng([args.seed, 0]), np.random.default_rng([args.seed, 1])
-    perm = []
-    while len(perm) < args.steps * args.batch_size:
-        perm += f_rng.permutation(len(fq)).tolist()
-    f_idx = [perm[s * args.batch_size:(s + 1) * args.batch_size] for s in range(args.steps)]
-    r_idx = [r_rng.choice(len(rq), size=args.batch_size, replace=False).tolist() for _ in range(args.steps)]
 
-    # every objective starts from these weights (kept on the host: a 7B model's copy would not fit
-    # beside the model, its frozen reference and the optimizer state on one GPU)
-    init_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    ref_model = frozen_copy(model) if any(o.needs_ref for o in objs) else None
+# --------------------------------------------------------------------------------------------
+def unlearn(session: Session, obj, label: str) -> None:
+    """One objective's run from the current weights: --steps steps, G-effects and metrics at the
+    measured ones, metrics after the last."""
+    args = session.args
+    torch.manual_seed(args.seed)
+    params = [p for p in session.model.parameters() if p.requires_grad]
+    opt = (torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay) if args.optimizer == "adamw"
+           else torch.optim.SGD(params, lr=args.lr, weight_decay=args.weight_decay))
+    session.bar.set_description(f"gefx profile [{label}]")
+    for step in range(args.steps):
+        extra = step_once(session, obj, label, opt, step)
+        if extra is not None:  # a measured step: metrics of the weights it started from
+            session.metrics.append(_eval_row(session, label, step, extra))
+            session.bar.set_postfix({f"e_{r[0]}": f"{extra[f'e_{r}']:.3g}" for r in session.risks}, refresh=False)
+        opt.step()
+        session.bar.update(1)
+    session.metrics.append(_eval_row(session, label, args.steps))
 
-    rows: list[dict] = []
-    metrics: list[dict] = []
-    arrays: dict[str, np.ndarray] = {}
-    group_names: list[str] = []
-    measured = [s for s in range(args.steps) if s % args.every == 0]
-    total_steps = len(objs) * args.steps
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, desc="gefx profile", disable=not progress, unit="step", file=sys.stderr)
 
-    def eval_row(obj_label, step, extra=None):
-        m = {"objective": obj_label, "step": step}
-        for name, rws in eval_sets.items():
-            e = evaluate(model, rws)
-            m.update({f"{name}_nll": e["nll"], f"{name}_extraction": e["extraction"],
-                      f"{name}_token_acc": e["token_acc"]})
-        if extra:
-            m.update(extra)
-        return m
+def step_once(session: Session, obj, label: str, opt, step: int) -> dict | None:
+    """The step's forwards, objective and backward (``.grad`` set, the update left to the caller).
+    On a measured step the forwards run inside ``gefx.trace`` and ``g_effect(..., backward=True)``
+    runs the backward itself (online mode) and records the G-effects; returns that step's extra
+    metrics (None on other steps). The backward is of ``for_g_effect().sum()`` on every step, so
+    measuring never changes the training."""
+    model, batches = session.model, session.plan.batches(step)
+    ref = None
+    if obj.ref_batches:
+        with torch.no_grad():
+            ref = {b: forward(session.ref_model, batches[b], b in obj.hidden) for b in obj.ref_batches}
+    opt.zero_grad(set_to_none=True)
+    if step % session.args.every:
+        out = obj({b: forward(model, batches[b], b in obj.hidden) for b in obj.batches}, ref)
+        _check_finite(out.loss, label, step)
+        out.for_g_effect().sum().backward()
+        return None
+    with trace(model, params=opt.param_groups) as tape:
+        cur = {b: forward(model, batches[b], b in obj.hidden) for b in set(obj.batches) | set(session.risks)}
+        out = obj(cur, ref)
+        _check_finite(out.loss, label, step)
+        risks = {r: token_mean_nll(cur[r].logits, cur[r].labels) for r in session.risks}
+        effects = g_effect(tape, out.for_g_effect(), risks, groups=session.args.groups, backward=True)
+    session.recorder.add(step, effects, objective=label, data_rows={"forget": session.plan.forget_idx[step],
+                                                                      "retain": session.plan.retain_idx[step]})
+    extra = {f"batch_{r}_nll": float(v.detach().sum()) for r, v in risks.items()}
+    extra.update({f"e_{r}": effects[r].total for r in session.risks}, loss=float(out.loss.detach()))
+    extra.update({f"weight:{k}": v for k, v in out.weight_means().items()})
+    return extra
 
-    for obj, label in zip(objs, specs):
-        model.load_state_dict(init_state)
-        torch.manual_seed(args.seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = (torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay) if args.optimizer == "adamw"
-               else torch.optim.SGD(params, lr=args.lr, weight_decay=args.weight_decay))
-        per: dict[str, list] = {}
-        need = set(obj.batches) | set(risks)
-        bar.set_description(f"gefx profile [{label}]")
-        for step in range(args.steps):
-            batches = {"forget": forget_rows.batch(f_idx[step]), "retain": retain_rows.batch(r_idx[step]),
-                       "idk": idk_rows.batch(f_idx[step])}
-            ref = None
-            if obj.ref_batches:
-                with torch.no_grad():
-                    ref = {b: _forward(ref_model, batches[b], b in obj.hidden) for b in obj.ref_batches}
-            measure = step in measured
-            extra = {}
-            if measure:
-                model.eval()
-                with gefx.trace(model, params=opt.param_groups) as tape:
-                    cur = {b: _forward(model, batches[b], b in obj.hidden) for b in need}
-                    out = obj(cur, ref)
-                    risk_vecs = {r: token_mean_nll(cur[r].logits, cur[r].labels) for r in risks}
-                    res = gefx.g_effect(tape, out.for_g_effect(), risk_vecs, groups=args.groups)
-                    loss = out.loss
-                group_names = group_names or list(res.groups)
-                for r in risks:
-                    eff = res[r]
-                    for g, v in eff.per_group.items():
-                        rows.append({"objective": label, "step": step, "risk": r, "group": g, "value": v})
-                    rows.append({"objective": label, "step": step, "risk": r, "group": "total", "value": eff.total})
-                    per.setdefault(f"{r}__per_instance", []).append(eff.per_instance.detach().double().cpu().numpy())
-                    per.setdefault(f"{r}__per_instance_group", []).append(
-                        eff.per_instance_group.detach().double().cpu().numpy())
-                    poi = eff.per_objective_instance
-                    if poi is not None:
-                        per.setdefault(f"{r}__per_objective_instance", []).append(poi.detach().double().cpu().numpy())
-                    extra[f"batch_{r}_nll"] = float(risk_vecs[r].detach().sum())
-                per.setdefault("steps", []).append(step)
-                per.setdefault("forget_rows", []).append(np.array(f_idx[step]))
-                per.setdefault("retain_rows", []).append(np.array(r_idx[step]))
-                postfix = {f"e_{r[0]}": f"{res[r].total:.3g}" for r in risks}
-            else:
-                cur = {b: _forward(model, batches[b], b in obj.hidden) for b in obj.batches}
-                out = obj(cur, ref)
-                loss = out.loss
-            weights = out.weight_means()
-            if measure:
-                extra["loss"] = float(loss.detach())
-                extra.update({f"weight:{k}": v for k, v in weights.items()})
-                metrics.append(eval_row(label, step, extra))
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"{label}: the objective became {float(loss)} at step {step}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(1)
-            if measure:
-                bar.set_postfix(postfix, refresh=False)
-        metrics.append(eval_row(label, args.steps))
-        for k, v in per.items():
-            arrays[f"{label}__{k}"] = np.stack([np.asarray(x) for x in v])
-    bar.close()
 
+def _check_finite(loss: torch.Tensor, label: str, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{label}: the objective became {float(loss)} at step {step}; lower --lr")
+
+
+def _eval_row(session: Session, label: str, step: int, extra: dict | None = None) -> dict:
+    row = {"objective": label, "step": step}
+    for name, rows in session.plan.evals.items():
+        e = evaluate(session.model, rows)
+        row.update({f"{name}_nll": e["nll"], f"{name}_extraction": e["extraction"], f"{name}_token_acc": e["token_acc"]})
+    row.update({k: v for k, v in (extra or {}).items() if not k.startswith("e_")})
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+def _report(session: Session, specs, objs, data, model_name, device, out_dir: Path, elapsed: float) -> dict:
+    """Write the tables and plots (gefx.report) and print the summary."""
+    args, risks = session.args, session.risks
+    rows = session.recorder.rows()
+    arrays = instance_arrays(session.recorder.records)
+    group_names = session.recorder.records[0][2].groups if session.recorder.records else []
     meta = {"objectives": specs, "steps": args.steps, "lr": args.lr, "optimizer": args.optimizer,
             "weight_decay": args.weight_decay, "batch_size": args.batch_size, "every": args.every,
             "forget_split": data.forget_split, "retain_split": data.retain_split, "risks": risks,
@@ -354,16 +387,11 @@ def run(args) -> dict:
             "n_forget": len(data.forget), "n_retain": len(data.retain),
             "reading": "e < 0 on the forget risk = removal; e < 0 on the retain risk = damage "
                        "(one SGD step changes R by about -lr * e)"}
-    write_tables(out_dir, meta, rows, metrics, arrays)
-    paths = []
-    if not args.no_plots:
-        paths = plot_all(out_dir, rows, metrics, arrays, specs, risks, group_names, MAIN_WEIGHT)
-    main_w = {}
-    for o, label in zip(objs, specs):
-        b = o.base if isinstance(o, gobj.Combined) else o
-        main_w[label] = MAIN_WEIGHT.get(b.name)
-    table = summary_table(rows, metrics, specs, risks, main_w)
-    elapsed = time.time() - t_start
+    write_tables(out_dir, meta, rows, session.metrics, arrays)
+    paths = [] if args.no_plots else plot_all(out_dir, rows, session.metrics, arrays, specs, risks, group_names)
+    main_w = {label: MAIN_WEIGHT.get((o.base if isinstance(o, gobj.Combined) else o).name)
+              for o, label in zip(objs, specs)}
+    table = summary_table(rows, session.metrics, specs, risks, main_w)
     print(f"gefx profile: {model_name}\n  data {data.source} ({data.forget_split}: {len(data.forget)} rows, "
           f"{data.retain_split}: {len(data.retain)} rows); {args.steps} steps, {args.optimizer} lr {args.lr:g}, "
           f"batch {args.batch_size}, G-effects every {args.every} step(s), groups {args.groups!r}, {device}/{args.dtype}")
@@ -371,8 +399,8 @@ def run(args) -> dict:
           "e_r < 0 damages retained knowledge")
     print(table)
     print(f"wrote {out_dir}/g_effects.csv, g_effects.json, metrics.csv, metrics.json, per_instance.npz"
-          + ("".join(f", {p.name}" for p in paths)) + f"  ({elapsed:.0f} s)")
-    return {"rows": rows, "metrics": metrics, "arrays": arrays, "meta": meta, "table": table, "out": out_dir}
+          + "".join(f", {p.name}" for p in paths) + f"  ({elapsed:.0f} s)")
+    return {"rows": rows, "metrics": session.metrics, "arrays": arrays, "meta": meta, "table": table, "out": out_dir}
 
 
 def main(argv: list[str]) -> int:

@@ -28,16 +28,13 @@ import os
 
 import torch
 
+from .precision import acc_dtype
+
 
 def tile_budget() -> int:
     """Elements allowed in one Gram tile (the torch reference keeps two such tiles alive)."""
     mb = float(os.environ.get("GEFX_TILE_MB", "64"))
     return max(1, int(mb * 2**20 / 4))
-
-
-def acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 if any input is float64, else float32 (never accumulate in half precision)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

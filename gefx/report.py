@@ -54,6 +54,25 @@ def write_tables(out: Path, meta: dict, rows: list[dict], metrics: list[dict], a
     np.savez_compressed(out / "per_instance.npz", **{_safe(k): v for k, v in arrays.items()})
 
 
+def instance_arrays(records) -> dict[str, np.ndarray]:
+    """per_instance.npz's arrays from ``gefx.integrations.Record`` s, stacked over each objective's
+    measured steps: ``<objective>__steps``, ``__<risk>__per_instance`` [S, B],
+    ``__<risk>__per_instance_group`` [S, G, B], ``__<risk>__per_objective_instance`` [S, B_obj]
+    (where the objective is a per-sample vector) and ``__<split>_rows`` (the data rows of each batch)."""
+    per: dict[str, list] = {}
+    for r in records:
+        put = lambda key, value: per.setdefault(f"{r.objective}__{key}", []).append(value)  # noqa: E731
+        put("steps", r.step)
+        for name, eff in r.effects.items():
+            put(f"{name}__per_instance", eff.per_instance.detach().double().cpu().numpy())
+            put(f"{name}__per_instance_group", eff.per_instance_group.detach().double().cpu().numpy())
+            if eff.per_objective_instance is not None:
+                put(f"{name}__per_objective_instance", eff.per_objective_instance.detach().double().cpu().numpy())
+        for split, idx in (r.data_rows or {}).items():
+            put(f"{split}_rows", np.asarray(idx))
+    return {k: np.stack([np.asarray(x) for x in v]) for k, v in per.items()}
+
+
 def _series(rows, objective, risk, group):
     pts = sorted((r["step"], r["value"]) for r in rows
                  if r["objective"] == objective and r["risk"] == risk and r["group"] == group)
@@ -113,50 +132,66 @@ def plot_g_effects(out: Path, rows: list[dict], objectives: list[str], risks: li
 
 
 def plot_all(out: Path, rows: list[dict], metrics: list[dict], arrays: dict[str, np.ndarray],
-             objectives: list[str], risks: list[str], groups: list[str], weight_keys: dict[str, str]) -> list[Path]:
+             objectives: list[str], risks: list[str], groups: list[str]) -> list[Path]:
+    """Every PNG of the module docstring; returns their paths."""
+    paths = [plot_g_effects(out, rows, objectives, risks, groups)]
+    if "forget" in risks and "retain" in risks:
+        paths.append(plot_per_instance(out, arrays, objectives))
+    paths += [plot_weights(out, metrics, objectives), plot_metrics(out, metrics, objectives)]
+    return paths
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    return plt
 
-    paths = [plot_g_effects(out, rows, objectives, risks, groups)]
-    colors = plt.get_cmap("tab10")
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_per_instance(out: Path, arrays: dict[str, np.ndarray], objectives: list[str]) -> Path:
+    """per_instance.png: per forget instance, its PG-effect on the forget risk vs the retain risk."""
+    plt = _pyplot()
     n = len(objectives)
+    cols = min(n, 2 if n <= 4 else 3)
+    nrow = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrow, cols, figsize=(4 * cols, 3.6 * nrow), squeeze=False)
+    for i, obj in enumerate(objectives):
+        ax = axes[i // cols][i % cols]
+        xf = arrays.get(f"{obj}__forget__per_objective_instance")
+        yr = arrays.get(f"{obj}__retain__per_objective_instance")
+        steps = arrays.get(f"{obj}__steps")
+        if xf is None or yr is None:
+            ax.text(0.5, 0.5, "combined objective:\nno per-instance split", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8)
+        else:
+            c = np.repeat(steps[:, None], xf.shape[1], axis=1)
+            sc = ax.scatter(xf.ravel(), yr.ravel(), c=c.ravel(), cmap="viridis", s=12, alpha=0.85)
+            fig.colorbar(sc, ax=ax, label="step")
+            ax.axhline(0, color="grey", lw=0.6)
+            ax.axvline(0, color="grey", lw=0.6)
+            _symlog(ax, xf, "x")
+            _symlog(ax, yr, "y")
+        ax.set_title(f"{obj}: PG-effect per forget instance", fontsize=9)
+        ax.set_xlabel("on forget risk (unlearning)", fontsize=8)
+        ax.set_ylabel("on retain risk (retaining)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for k in range(n, nrow * cols):
+        axes[k // cols][k % cols].axis("off")
+    return _save(fig, out / "per_instance.png")
 
-    # per-instance scatter ---------------------------------------------------------------------
-    if "forget" in risks and "retain" in risks:
-        cols = min(n, 2 if n <= 4 else 3)
-        nrow = math.ceil(n / cols)
-        fig, axes = plt.subplots(nrow, cols, figsize=(4 * cols, 3.6 * nrow), squeeze=False)
-        for i, obj in enumerate(objectives):
-            ax = axes[i // cols][i % cols]
-            xf = arrays.get(f"{obj}__forget__per_objective_instance")
-            yr = arrays.get(f"{obj}__retain__per_objective_instance")
-            steps = arrays.get(f"{obj}__steps")
-            if xf is None or yr is None:
-                ax.text(0.5, 0.5, "combined objective:\nno per-instance split", ha="center", va="center",
-                        transform=ax.transAxes, fontsize=8)
-            else:
-                c = np.repeat(steps[:, None], xf.shape[1], axis=1)
-                sc = ax.scatter(xf.ravel(), yr.ravel(), c=c.ravel(), cmap="viridis", s=12, alpha=0.85)
-                fig.colorbar(sc, ax=ax, label="step")
-                ax.axhline(0, color="grey", lw=0.6)
-                ax.axvline(0, color="grey", lw=0.6)
-                _symlog(ax, xf, "x")
-                _symlog(ax, yr, "y")
-            ax.set_title(f"{obj}: PG-effect per forget instance", fontsize=9)
-            ax.set_xlabel("on forget risk (unlearning)", fontsize=8)
-            ax.set_ylabel("on retain risk (retaining)", fontsize=8)
-            ax.tick_params(labelsize=7)
-        for k in range(n, nrow * cols):
-            axes[k // cols][k % cols].axis("off")
-        fig.tight_layout()
-        p = out / "per_instance.png"
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        paths.append(p)
 
-    # weights ----------------------------------------------------------------------------------
+def plot_weights(out: Path, metrics: list[dict], objectives: list[str]) -> Path:
+    """weights.png: each objective's weight means over the steps."""
+    from matplotlib.ticker import MaxNLocator
+    plt = _pyplot()
+    colors = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(6, 3.8))
     plotted = False
     for i, obj in enumerate(objectives):
@@ -174,13 +209,14 @@ def plot_all(out: Path, rows: list[dict], metrics: list[dict], arrays: dict[str,
     ax.set_ylabel("mean weight")
     ax.set_title("objective weights (GA: 1/p on grad p; NPO: instance; WGA/TNPO: token)", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = out / "weights.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    return _save(fig, out / "weights.png")
 
-    # metrics ----------------------------------------------------------------------------------
+
+def plot_metrics(out: Path, metrics: list[dict], objectives: list[str]) -> Path:
+    """metrics.png: forget / retain NLL and extraction over the steps."""
+    from matplotlib.ticker import MaxNLocator
+    plt = _pyplot()
+    colors = plt.get_cmap("tab10")
     keys = [("forget_nll", "forget NLL"), ("retain_nll", "retain NLL"),
             ("forget_extraction", "forget extraction"), ("retain_extraction", "retain extraction")]
     fig, axes = plt.subplots(2, 2, figsize=(9, 6))
@@ -193,12 +229,7 @@ def plot_all(out: Path, rows: list[dict], metrics: list[dict], arrays: dict[str,
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "metrics.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
-    return paths
+    return _save(fig, out / "metrics.png")
 
 
 def _fmt(v) -> str:

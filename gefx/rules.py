@@ -45,7 +45,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from . import ops
 from .dist import full
-from .pieces import Factored, PerSample, acc_dtype, dense, merge
+from .pieces import Factored, PerSample, dense, merge
+from .precision import acc_dtype
 
 
 class Refused(ValueError):
@@ -134,10 +135,6 @@ def rows(call, x: torch.Tensor, d: int | None = None) -> torch.Tensor:
     return x.reshape(call.samples, -1) if d is None else x.reshape(call.samples, -1, d)
 
 
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return acc_dtype(x)
-
-
 def _copied(tree):
     return tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, tree)
 
@@ -203,7 +200,7 @@ def linear_pieces(tape, call, grads):
     g = rows(call, grads[0], m.out_features)
     out = {"weight": Factored(g, a)}
     if m.bias is not None:
-        out["bias"] = PerSample(g.sum(1, dtype=_acc(g)))
+        out["bias"] = PerSample(g.sum(1, dtype=acc_dtype(g)))
     return out
 
 
@@ -219,7 +216,7 @@ def conv1d_pieces(tape, call, grads):
     g = rows(call, grads[0], nf)
     out = {"weight": Factored(a, g)}
     if getattr(m, "bias", None) is not None:
-        out["bias"] = PerSample(g.sum(1, dtype=_acc(g)))
+        out["bias"] = PerSample(g.sum(1, dtype=acc_dtype(g)))
     return out
 
 
@@ -271,7 +268,7 @@ def norm_u(tape, call) -> torch.Tensor:
     accumulation dtype, u = y / w (w without zeros) instead."""
     m = call.module
     x = _input(call)
-    dt = _acc(x)
+    dt = acc_dtype(x)
     w, b = _norm_params(m, dt)
     y = call.outputs[0]
     verdict = CHECKED.get(m, {}).get(("norm", m.training))
@@ -300,7 +297,7 @@ def norm_pieces(tape, call, grads):
     g = rows(call, grads[0], d)
     out = {"weight": PerSample(ops.norm_grad(rows(call, u, d), g))}
     if getattr(m, "bias", None) is not None:
-        out["bias"] = PerSample(g.sum(1, dtype=_acc(g)))
+        out["bias"] = PerSample(g.sum(1, dtype=acc_dtype(g)))
     return out
 
 
@@ -379,8 +376,8 @@ def experts_pieces(tape, call, grads):
         for name, g in ((names[0] + "_bias", g_up), ("down_proj_bias", g_down)):
             if m.has_bias:
                 bias = biases.setdefault(name, torch.zeros(call.samples, *getattr(m, name).shape,
-                                                           dtype=_acc(g), device=g.device))
-                bias[:, e] += g.sum(1, dtype=_acc(g))
+                                                           dtype=acc_dtype(g), device=g.device))
+                bias[:, e] += g.sum(1, dtype=acc_dtype(g))
     return {**result, **{n: PerSample(b) for n, b in biases.items()}}
 
 
@@ -465,8 +462,8 @@ def generic_pieces(tape, call, grads):
     out = {}
     for loc, x in zip(leaves, got):
         p = params[loc]
-        out[loc] = PerSample(torch.zeros((call.samples, *p.shape), dtype=_acc(p), device=p.device)
-                             if x is None else x.to(_acc(p)))
+        out[loc] = PerSample(torch.zeros((call.samples, *p.shape), dtype=acc_dtype(p), device=p.device)
+                             if x is None else x.to(acc_dtype(p)))
     return out
 
 
@@ -501,7 +498,7 @@ def _verify(tape, call, rule: Rule) -> Verdict:
     m = call.module
     local = [loc for loc, _ in tape.owned[m]]
     first = m.get_parameter(local[0])
-    dt = _acc(first)
+    dt = acc_dtype(first)
     leaves = {loc: full(m.get_parameter(loc).detach()).to(dt).requires_grad_(True) for loc in local}
     args, kwargs = _cast(_copied(call.args), dt), _cast(_copied(call.kwargs), dt)
     try:

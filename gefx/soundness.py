@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from . import dist
+from .precision import acc_dtype
 from .rules import CHECKED, GENERIC, Refused
 
 #: model -> structures (hashes) of loss graphs whose per-sample contract was probed in this process
@@ -338,7 +339,7 @@ class Graph:
             if a is None and b is None:
                 continue
             like = a if a is not None else b
-            wide = torch.float64 if like.dtype == torch.float64 else torch.float32
+            wide = acc_dtype(like)
             ra = None if a is None else sample_view(self.tape, call, a, samples, what).to(wide)
             rb = None if b is None else sample_view(self.tape, call, b, samples, what).to(wide)
             full = ra if rb is None else (rb if ra is None else ra + rb)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .precision import acc_dtype
 from .soundness import per_row
 from .tape import Tape
 
@@ -268,7 +269,7 @@ def _row_factors(g_loss: torch.Tensor, g_head: torch.Tensor) -> torch.Tensor | N
     subset of entries (the whole row if that is 0): two norms and one pass per row instead of a
     fitted dot product (a full vecdot is ~3-10x slower than a norm on the CPU). Whatever c_i this
     gives, the residual test is what decides."""
-    dt = torch.float64 if g_head.dtype == torch.float64 else torch.float32
+    dt = acc_dtype(g_head)
     b = g_head.shape[0]
     a = g_loss.reshape(b, -1)
     r = g_head.reshape(b, -1)

@@ -5,7 +5,7 @@ from torch import nn
 
 import gefx
 from gefx.losses import sequence_nll
-from helpers import batch, full_grad, per_sample_grads, rel_err, slices, tiny_model
+from helpers import batch, per_sample_grads, rel_err, slices, tiny_model
 
 
 class Mix(nn.Module):

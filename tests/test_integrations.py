@@ -220,8 +220,8 @@ def test_plain_loop_recipe(tmp_path):
             opt.zero_grad()
         finals.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*finals))
-    assert [r[0] for r in rec.records] == [0, 2]
-    assert rec.records[0][2]["forget"].total < 0  # gradient ascent raises the forget risk
+    assert [r.step for r in rec.records] == [0, 2]
+    assert rec.records[0].effects["forget"].total < 0  # gradient ascent raises the forget risk
     rec.save(tmp_path)
     header = (tmp_path / "g_effects.csv").read_text().splitlines()[0]
     assert header == "objective,step,risk,group,value"

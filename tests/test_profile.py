@@ -126,6 +126,49 @@ def test_plots_metrics_and_table(run, capsys):
     assert lines[0].split()[0] == "objective" and [ln.split()[0] for ln in lines[2:]] == ["ga", "npo", "po"]
 
 
+def test_g_effects_match_per_sample_autograd(default, tmp_path):
+    """The main job's numbers (online mode, float32) against an independent replay: a plain float32
+    loop (same batches, objective, AdamW) gives each measured step's weights; on a float64 copy of
+    them, per-sample risk gradients by autograd one instance at a time and the objective's gradient.
+    (The oracle follows the float32 trajectory: AdamW's first steps move each weight by about
+    lr * sign(grad), so a float64 trajectory differs wherever a gradient is near zero.)"""
+    import copy
+    from gefx import objectives as O
+    model, tok, folder, _ = default
+    args = P.build_parser().parse_args(["--objectives", "ga,npo,gd", "--steps", "3", "--every", "2", "--no-plots",
+                                        "--no-progress", "--out", str(tmp_path)])
+    res = P.run(args)
+    plan = P.make_plan(args, tok, P._load_data(args, folder), "cpu")
+    ref = models.frozen_copy(model)
+    for spec in ("ga", "npo", "gd"):
+        obj, m32 = O.make(spec), copy.deepcopy(model)
+        opt = torch.optim.AdamW(m32.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        for step in range(3):
+            batches = plan.batches(step)
+            if step % 2 == 0:
+                _check_step(res["arrays"], spec, step // 2, obj, copy.deepcopy(m32).double(),
+                            models.frozen_copy(ref).double(), batches)
+            refs = {b: O.forward(ref, batches[b]) for b in obj.ref_batches}
+            opt.zero_grad()
+            obj({b: O.forward(m32, batches[b]) for b in obj.batches}, refs).for_g_effect().sum().backward()
+            opt.step()
+
+
+def _check_step(arrays, spec, k, obj, m64, ref64, batches):
+    from gefx import objectives as O
+    from gefx.losses import token_mean_nll
+    params = list(m64.parameters())
+    cur = {b: O.forward(m64, batches[b]) for b in set(obj.batches) | {"forget", "retain"}}
+    refs = {b: O.forward(ref64, batches[b]) for b in obj.ref_batches}
+    g_obj = torch.autograd.grad(obj(cur, refs).for_g_effect().sum(), params, retain_graph=True)
+    for risk in ("forget", "retain"):
+        vec = token_mean_nll(cur[risk].logits, cur[risk].labels)
+        expected = torch.stack([sum((g * h).sum() for g, h in zip(
+            torch.autograd.grad(vec[i], params, retain_graph=True), g_obj)) for i in range(len(vec))])
+        got = torch.as_tensor(arrays[f"{spec}__{risk}__per_instance"][k])
+        assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), (spec, k, risk, got, expected)
+
+
 def test_extraction_equals_greedy_generation(default):
     model, tok, folder, _ = default
     rows = D.load_folder(folder, "forget10").forget[:8]

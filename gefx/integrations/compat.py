@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from ..dots import collect, dense
+from ..dots import aggregated, collect
 from ..groups import resolve
+from ..precision import acc_dtype
 from ..tape import Tape
 
 
@@ -51,10 +52,8 @@ class ReferenceCompat:
         for key, loss in (("objective", objective), ("forget", forget), ("retain", retain)):
             grads = collect(tape, loss, per_sample=False, what=key)
             state = self.ema[key]
-            for name, p in tape.params.items():
-                pieces = grads.pieces.get(name)
-                dt = self.dtype or (torch.float64 if p.dtype == torch.float64 else torch.float32)
-                g = (dense(pieces, p.shape) if pieces else torch.zeros(p.shape, device=p.device)).to(dt)
+            for name, g in aggregated(tape, grads, every=True).items():
+                g = g.to(self.dtype or acc_dtype(tape.params[name]))
                 state[name] = g if name not in state else self.decay * state[name] + (1 - self.decay) * g
         self.count += 1
         if self.count % self.every != self.phase:

@@ -36,12 +36,10 @@ import random
 import torch
 
 from ..geffect import GEffect, g_effect, prepare
-from ..losses import sequence_nll, token_mean_nll
+from ..losses import RISKS
+from ..objectives import forward
 from ..tape import trace
 from .records import Recorder
-
-RISKS = {"token_mean": token_mean_nll, "sequence": sequence_nll}
-
 
 @contextlib.contextmanager
 def preserved_rng():
@@ -66,8 +64,8 @@ def risk_of(model, batch: dict, risk="token_mean") -> torch.Tensor:
         return risk(model, batch)
     if risk not in RISKS:
         raise ValueError(f"risk {risk!r}: use 'token_mean', 'sequence' or a callable (model, batch) -> [B]")
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    return RISKS[risk](out.logits, batch["labels"])
+    out = forward(model, batch)
+    return RISKS[risk](out.logits, out.labels)
 
 
 _OPTIONS = ("every", "groups", "risk", "risks", "probes", "name", "online", "out")
@@ -203,7 +201,7 @@ class GEffectMixin:
 
     @property
     def gefx_records(self) -> list[tuple[int, GEffect]]:
-        return [(step, eff) for step, _, eff in self.gefx_recorder.records]
+        return [(r.step, r.effects) for r in self.gefx_recorder.records]
 
     def gefx_rows(self) -> list[dict]:
         """Long-format rows (objective, step, risk, group, value) of every measurement so far."""

@@ -1,4 +1,4 @@
-"""Keep G-effects measured over a run and write them out (plain loops and trainers alike).
+"""Keep G-effects measured over a run and write them out (plain loops, trainers and ``gefx profile``).
 
     rec = gefx.integrations.Recorder()
     for step, (forget, retain) in enumerate(loader):
@@ -14,41 +14,57 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from ..geffect import GEffect
 
 
+class Record(NamedTuple):
+    """One measurement: the step, the objective's name, its G-effects and, optionally, which rows
+    of each data split the risks' instances were (risk name -> row indices)."""
+    step: int
+    objective: str
+    effects: GEffect
+    data_rows: dict[str, list[int]] | None = None
+
+
 class Recorder:
-    """An ordered list of (step, objective name, GEffect)."""
+    """An ordered list of :class:`Record`."""
 
     def __init__(self):
-        self.records: list[tuple[int, str, GEffect]] = []
+        self.records: list[Record] = []
 
-    def add(self, step: int, effects: GEffect, objective: str = "objective") -> None:
-        self.records.append((int(step), objective, effects))
+    def add(self, step: int, effects: GEffect, objective: str = "objective",
+            data_rows: dict[str, list[int]] | None = None) -> None:
+        self.records.append(Record(int(step), objective, effects, data_rows))
 
     def rows(self) -> list[dict]:
         """Long format: objective, step, risk, group, value (group "total" for the sum)."""
-        return [row for step, obj, eff in self.records for row in eff.rows(objective=obj, step=step)]
+        return long_rows(self.records)
 
-    def save(self, folder) -> Path:
-        return save_records(folder, self.records)
+    def save(self, folder, plots: bool = True) -> Path:
+        return save_records(folder, self.records, plots)
 
 
-def save_records(folder, records: list[tuple[int, str, GEffect]], plots: bool = True) -> Path:
+def long_rows(records: list[Record]) -> list[dict]:
+    """Every record's ``GEffect.rows`` keyed by objective and step: what g_effects.csv holds."""
+    return [row for r in records for row in r.effects.rows(objective=r.objective, step=r.step)]
+
+
+def save_records(folder, records: list[Record], plots: bool = True) -> Path:
     """g_effects.csv / .json (as ``gefx profile`` writes them), per_instance.json and, with
     `plots`, g_effects.png (G-effect vs step per group, one panel per objective and risk)."""
     from ..report import plot_g_effects, write_g_effects
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [row for step, obj, eff in records for row in eff.rows(objective=obj, step=step)]
+    rows = long_rows(records)
     write_g_effects(out, {"source": "gefx.integrations"}, rows)
-    per_instance = [{"objective": obj, "step": step, **eff.to_dict()} for step, obj, eff in records]
+    per_instance = [{"objective": r.objective, "step": r.step, **r.effects.to_dict()} for r in records]
     (out / "per_instance.json").write_text(json.dumps(per_instance))
     if plots and records:
-        objectives = list(dict.fromkeys(obj for _, obj, _ in records))
-        risks = list(dict.fromkeys(r for _, _, eff in records for r in eff))
-        groups = list(dict.fromkeys(g for _, _, eff in records for g in eff.groups))
+        objectives = list(dict.fromkeys(r.objective for r in records))
+        risks = list(dict.fromkeys(name for r in records for name in r.effects))
+        groups = list(dict.fromkeys(g for r in records for g in r.effects.groups))
         plot_g_effects(out, rows, objectives, risks, groups)
     return out
