@@ -8,10 +8,17 @@ Providers (bench/e2e_providers.py): the plain unlearning step; gefx online (the 
 gives grad L, gefx.grad_dots contracts the risks' per-sample gradients against it) on the best
 backend and on the torch backend; gefx.g_effect; the reference procedure (3 forward+backward passes
 + a zero-loss pass, full-gradient host copies, moving average, per-parameter dots; batch totals
-only); one forward+backward per risk sample; torch.func vmap per-sample gradients; Opacus
-per-sample gradients (optional: skipped with a note when opacus is not importable).
+only); one forward+backward per risk sample; torch.func vmap per-sample gradients (the step on
+sdpa, the vmap on eager attention, which vmap needs: e2e_providers.attention); Opacus per-sample
+gradients (optional: skipped with a note when opacus is not importable). Rows named
+"<provider>_eager" (step_fr_eager, gefx_online_eager) are the same provider with the model switched
+to eager attention: their "x step_fr" is relative to step_fr_eager and their gefx speed-up to
+gefx_online_eager, so the tables show gefx's overhead on both attention implementations.
 
-Method. Every case builds its model and batches once; each provider is first run once and its
+Method. The models run Hugging Face's default attention implementation, sdpa (--attn; what users
+run), in the headline and the sweeps; eager attention only in the "_eager" rows (the same step with
+eager attention, its ratios taken against the eager step and eager gefx) and inside torch.func's
+vmap. Every case builds its model and batches once; each provider is first run once and its
 numbers are checked against gefx online (max |x - gefx| / max |gefx| over per-instance values and
 per-group totals, float32; the run stops if it exceeds --tol); that call is the warm-up. Then
 `rounds` rounds, each running every provider once in a rotated order (interleaved, so all share the
@@ -58,10 +65,11 @@ def grid(args) -> list[dict]:
     """Cases in run order. Each: section, model, B, T, objective, providers, rounds (and op)."""
     m_small, m_big = args.models.split(",") if "," in args.models else (args.models, None)
     R = args.rounds
+    eager = ["step_fr_eager", "gefx_online_eager"]  # the same step with eager attention (an extra column)
     full = ["step_f", "step_fr", "floor", "gefx_online", "gefx_online_grads", "gefx_geffect", "gefx_online_torch", "reference",
-            "per_sample_loop", "torch_func", "opacus"]
-    short = ["step_f", "step_fr", "floor", "gefx_online", "gefx_online_grads", "gefx_geffect", "reference"]
-    sweep = ["step_fr", "gefx_online", "reference"]  # + torch_func in the memory pass (mem_extra)
+            "per_sample_loop", "torch_func", "opacus"] + eager
+    short = ["step_f", "step_fr", "floor", "gefx_online", "gefx_online_grads", "gefx_geffect", "reference"] + eager
+    sweep = ["step_fr", "gefx_online", "reference"] + eager  # + torch_func in the memory pass (mem_extra)
     B, T = args.batch, args.seq
     cases = [dict(section="headline", model=m_small, B=B, T=T, objective="ga", providers=full, rounds=R)]
     for obj in [o for o in args.objectives.split(",") if o in ("npo", "tnpo")]:
@@ -84,6 +92,14 @@ def grid(args) -> list[dict]:
 
 
 def make_provider(name: str, w: E.Workload, op: str | None):
+    if name.endswith("_eager"):
+        # "<base>_eager": the base provider with the model (and the NPO/TNPO reference) on eager attention
+        base = make_provider(name[: -len("_eager")], w, op)
+
+        def eager():
+            with E.attention(w.model, "eager"), E.attention(w.ref, "eager"):
+                return base()
+        return eager
     if name == "step_f":
         return lambda: E.plain_step(w, retain_forward=False)
     if name == "step_fr":
@@ -149,7 +165,7 @@ def floor(w: E.Workload):
 
 
 MEM_SECTIONS = ("headline", "sweep_batch", "sweep_seq", "model_size")
-NO_RESULT = {"step_f", "step_fr", "floor"}
+NO_RESULT = {"step_f", "step_fr", "floor", "step_f_eager", "step_fr_eager", "floor_eager"}
 
 
 def _sync(dev):
@@ -162,7 +178,7 @@ def run_case(case: dict, args, log) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     provs = [p for p in case["providers"] if not (p.startswith("opacus") and OPACUS)]
     w = E.Workload(case["model"], case["B"], case["T"], case["objective"], device=dev, dtype=dtype,
-                   attn=getattr(args, "attn", "eager"))
+                   attn=getattr(args, "attn", "sdpa"))
     op = case.get("op")
     fns = {p: make_provider(p, w, op) for p in provs}
     ref_name = "gefx_op" if op else "gefx_online"
@@ -309,9 +325,11 @@ def summarize(rows: list[dict], info: dict) -> str:
               "| gefx speed-up | peak extra MiB | max rel diff |", "|" + "---|" * 12]
     for key, provs in by_case.items():
         sec, model, b, t, obj, op = key
-        g = provs.get("gefx_op" if op else "gefx_online")
         for p, r in provs.items():
-            fr, f = provs.get("step_fr"), provs.get("step_f")
+            # an "_eager" row is compared with the eager step and eager gefx, the others with sdpa's
+            sfx = "_eager" if p.endswith("_eager") else ""
+            fr, f = provs.get("step_fr" + sfx), provs.get("step_f" + sfx)
+            g = provs.get(("gefx_op" if op else "gefx_online") + sfx)
             if not r["rounds"]:
                 mib = f"{r['peak_mib']:.0f}" if isinstance(r.get("peak_mib"), float) else ""
                 lines.append(f"| {sec} | {model} | {op or obj} | {b} | {t} | {p} | "
@@ -328,7 +346,7 @@ def summarize(rows: list[dict], info: dict) -> str:
     return "\n".join(lines)
 
 
-def plots(rows: list[dict], out: Path):
+def plots(rows: list[dict], out: Path, attn: str = "sdpa"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -341,23 +359,30 @@ def plots(rows: list[dict], out: Path):
         fix = sweep[0][fixed]
         pts = [r for r in pts if r[fixed] == fix and r["model"] == sweep[0]["model"]]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for p in sorted({r["provider"] for r in sweep}):
+        names = sorted({r["provider"] for r in sweep}, key=lambda p: (p.endswith("_eager"), p))
+        bases = list(dict.fromkeys(p.removesuffix("_eager") for p in names))
+        for p in names:
             s = sorted((r for r in pts if r["provider"] == p), key=lambda r: r[xkey])
             xs = [r[xkey] for r in s]
             timed = [r for r in s if r["rounds"]]
+            # "_eager" lines: the sdpa line's colour, dashed, open markers
+            style = dict(color=f"C{bases.index(p.removesuffix('_eager'))}", label=p, marker="o",
+                         linestyle="--" if p.endswith("_eager") else "-",
+                         markerfacecolor="none" if p.endswith("_eager") else None)
             if len(timed) > 1:
-                axes[0].plot([r[xkey] for r in timed], [r["median_s"] for r in timed], "o-", label=p)
+                axes[0].plot([r[xkey] for r in timed], [r["median_s"] for r in timed], **style)
             if all(isinstance(r.get("peak_mib"), float) for r in s):
-                axes[1].plot(xs, [max(r["peak_mib"], 0.1) for r in s], "o-", label=p)
-        axes[1].legend(fontsize=8)
+                axes[1].plot(xs, [max(r["peak_mib"], 0.1) for r in s], **style)
         for ax, yl in zip(axes, ("time per step (s, median)", "peak extra memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel(f"{'batch size B' if xkey == 'B' else 'sequence length T'} ({fixed}={fix})")
             ax.set_ylabel(yl)
             ax.grid(True, which="both", alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{sweep[0]['model']}: GA step + per-instance forget/retain G-effects")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        fig.suptitle(f"{sweep[0]['model']}: GA step + per-instance forget/retain G-effects "
+                     f"({attn} attention; dashed: _eager)")
         fig.tight_layout()
         fig.savefig(out / f"e2e_{sec}.png", dpi=110)
         plt.close(fig)
@@ -389,7 +414,8 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated sections to run")
     ap.add_argument("--providers", default="", help="comma-separated providers to keep (default: all of each case)")
     ap.add_argument("--objectives", default="ga,npo,tnpo", help="headline objectives besides GA (npo, tnpo)")
-    ap.add_argument("--attn", default="eager", help="attention implementation of the models (eager, sdpa)")
+    ap.add_argument("--attn", default="sdpa", help="attention implementation of the models: sdpa (Hugging Face's "
+                    "default, what users run) or eager; the \"_eager\" providers switch to eager either way")
     ap.add_argument("--out", default=str(HERE / "out"))
     ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -455,7 +481,7 @@ def main(argv=None):
         wr.writerows(rows)
     (out / "e2e.json").write_text(json.dumps({"machine": info, "args": {**vars(args), "out": os.path.relpath(args.out)}, "rows": rows}, indent=1, default=str))
     try:
-        plots(rows, out)
+        plots(rows, out, args.attn)
     except Exception as exc:  # noqa: BLE001
         log(f"plots skipped: {exc}")
     md = summarize(rows, info)

@@ -3,9 +3,11 @@
     pytest bench/bench_e2e_pytest.py --benchmark-only --benchmark-json=bench/out/e2e_pytest.json
 
 One group per workload (llama-10m, B=4, T=64; GA step + per-instance forget/retain G-effects, and the
-engine ops pairwise / norms / aggregate); every provider's numbers are asserted equal to gefx's
-(max |x - gefx| / max |gefx| <= 1e-3 in float32) before it is timed. The ratios of record come from
-bench/bench_e2e.py (interleaved rounds); pytest-benchmark runs providers one after the other.
+engine ops pairwise / norms / aggregate), on sdpa attention (Hugging Face's default, what users run;
+torch.func's vmap switches to eager attention, which it needs: e2e_providers.attention); every
+provider's numbers are asserted equal to gefx's (max |x - gefx| / max |gefx| <= 1e-3 in float32)
+before it is timed. The ratios of record come from bench/bench_e2e.py (interleaved rounds);
+pytest-benchmark runs providers one after the other.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ except Exception:  # noqa: BLE001
 
 @pytest.fixture(scope="module")
 def work():
-    w = E.Workload("llama-10m", B, T, "ga")
+    w = E.Workload("llama-10m", B, T, "ga", attn="sdpa")
     return w, E.gefx_online(w), {op: E.gefx_op(w, op) for op in ("pairwise", "norms", "aggregate")}
 
 

@@ -3,7 +3,9 @@
 A *workload* is a Llama-architecture model (random init from a config) plus a forget batch and a
 retain batch of B sequences of T tokens (the first quarter of each sequence is the "question",
 labels -100; no padding) and an unlearning objective (GA, NPO or TNPO as gefx.objectives defines
-them: a per-sample vector whose sum is the objective L).
+them: a per-sample vector whose sum is the objective L). Models use Hugging Face's default attention
+implementation, "sdpa" (what users run), unless told otherwise; ``attention(model, "eager")`` switches
+a model to eager attention for a block (torch.func needs it; bench_e2e.py's "_eager" rows use it).
 
 Every G-effect provider returns the same quantities, computed at the same parameters:
 
@@ -47,7 +49,7 @@ MODELS = {
 }
 
 
-def build_model(name: str, device="cpu", dtype=torch.float32, seed: int = 0, attn="eager"):
+def build_model(name: str, device="cpu", dtype=torch.float32, seed: int = 0, attn="sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -64,11 +66,47 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _set_attn(model, impl: str | None):
+    setter = getattr(model, "set_attn_implementation", None)  # PreTrainedModel method in transformers 5.x
+    if setter is not None and impl is not None:
+        setter(impl)
+    # missing setter, or a model class that cannot switch dynamically (set_attn_implementation then
+    # only warns): set the config's value, which the attention layers read at every forward
+    if getattr(model.config, "_attn_implementation", None) != impl:
+        model.config._attn_implementation = impl
+
+
+@contextmanager
+def attention(model, impl: str):
+    """Run a block with ``model`` (a Hugging Face model; None: do nothing) on attention ``impl``,
+    then restore the implementation it had (``model.config._attn_implementation``).
+
+    Why: the models run Hugging Face's default "sdpa" attention (what users run), but
+    torch.func.vmap needs eager attention: scaled_dot_product_attention's fused kernels have no vmap
+    batching rule (torch 2.13 on the CPU falls back to running them sample by sample, forward and
+    backward, with a "performance drop" warning, so the baseline would time a loop), while eager
+    attention is plain matmul + softmax, which vmap batches. The torch.func providers switch to
+    eager for their vmap only; bench_e2e.py's "<provider>_eager" rows run a whole provider inside
+    this block. Switching costs ~60 us
+    (transformers 5.25: ``set_attn_implementation``, which checks the value and sets the config of
+    the model and its sub-models; the forward reads ``config._attn_implementation`` at every call,
+    for the attention function and the mask)."""
+    prev = getattr(model.config, "_attn_implementation", None) if model is not None else impl
+    if prev == impl:
+        yield
+        return
+    _set_attn(model, impl)
+    try:
+        yield
+    finally:
+        _set_attn(model, prev)
+
+
 class Workload:
     """A model, its frozen reference copy (NPO/TNPO), a forget and a retain batch, an objective."""
 
     def __init__(self, model_name: str, batch: int, seq: int, objective: str = "ga", device="cpu",
-                 dtype=torch.float32, seed: int = 0, model=None, need_ref: bool | None = None, attn: str = "eager"):
+                 dtype=torch.float32, seed: int = 0, model=None, need_ref: bool | None = None, attn: str = "sdpa"):
         self.model_name, self.B, self.T, self.objective = model_name, batch, seq, objective
         self.model = model if model is not None else build_model(model_name, device, dtype, seed, attn)
         self.model.train()
@@ -278,6 +316,8 @@ def per_sample_loop(w: Workload):
 
 
 def _vmap_per_sample_grads(w: Workload, ids, lab, chunk: int | None = None):
+    """{name: [B, *shape]} per-sample gradients of sequence_nll by torch.func vmap(grad), with
+    eager attention (see attention())."""
     from torch.func import functional_call, grad, vmap
 
     params = {n: p.detach() for n, p in w.model.named_parameters()}
@@ -288,12 +328,13 @@ def _vmap_per_sample_grads(w: Workload, ids, lab, chunk: int | None = None):
             logits = logits.logits
         return sequence_nll(logits, y.unsqueeze(0))[0]
 
-    return vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk)(params, ids, lab)
+    with attention(w.model, "eager"):
+        return vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk)(params, ids, lab)
 
 
 def torch_func(w: Workload, chunk: int | None = None):
-    """The step, then torch.func vmap(grad) per-sample gradients of each risk batch and their
-    dot products with grad L."""
+    """The step (on the model's attention), then torch.func vmap(grad) per-sample gradients of each
+    risk batch (eager attention, which vmap needs: see attention()) and their dot products with grad L."""
     plain_step(w, retain_forward=False)
     gl = {n: g.detach() for n, g in _grads(w).items()}
     mapping, order = w.groups()
@@ -313,7 +354,8 @@ def torch_func(w: Workload, chunk: int | None = None):
 
 class OpacusProvider:
     """The step (hooks off), then Opacus GradSampleModule per-sample gradients (p.grad_sample) of
-    each risk batch (sum reduction) and their dot products with grad L."""
+    each risk batch (sum reduction) and their dot products with grad L. Its copy of the model runs
+    the attention implementation the workload's model has at call time."""
 
     def __init__(self, w: Workload):
         from opacus.grad_sample import GradSampleModule
@@ -330,6 +372,10 @@ class OpacusProvider:
         return {n: p.grad_sample for n, p in self.model.named_parameters() if getattr(p, "grad_sample", None) is not None}
 
     def __call__(self, w: Workload, op: str | None = None):
+        with attention(self.model, w.model.config._attn_implementation):
+            return self._call(w, op)
+
+    def _call(self, w: Workload, op: str | None):
         mapping, order = w.groups()
         if op is None:
             plain_step(w, retain_forward=False)
@@ -382,6 +428,7 @@ def gefx_op(w: Workload, op: str, backend_name: str | None = None) -> torch.Tens
 
 
 def torch_func_op(w: Workload, op: str, chunk: int | None = None) -> torch.Tensor:
+    """An engine op from torch.func per-sample gradients (eager attention: see attention())."""
     a = _vmap_per_sample_grads(w, w.f_ids, w.f_lab, chunk)
     b = None if op == "norms" else _vmap_per_sample_grads(w, w.r_ids, w.r_lab, chunk)
     return _ps_op(op, a, b)
