@@ -65,14 +65,14 @@ def collate(items):
             for side in ("forget", "retain")}
 
 
-def run(trainer_cls, base, tmp_path, measured: bool, accumulation=1, **extra):
+def run(trainer_cls, base, tmp_path, measured: bool, accumulation=1, bf16=False, **extra):
     model = copy.deepcopy(base).train()
     cls = type("Measured" + trainer_cls.__name__, (GEffectMixin, trainer_cls), {"gefx_every": 1}) if measured else trainer_cls
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / ("m" if measured else "p")), per_device_train_batch_size=2, max_steps=3,
         learning_rate=1e-2, gradient_accumulation_steps=accumulation, report_to=[], logging_steps=1,
         save_strategy="no", use_cpu=True, remove_unused_columns=False, dataloader_num_workers=0, seed=0,
-        max_grad_norm=1.0)
+        max_grad_norm=1.0, bf16=bf16)
     trainer = cls(model=model, args=args, train_dataset=Pairs(2 * accumulation), data_collator=collate, **extra)
     trainer.train()
     return trainer, model
@@ -240,3 +240,18 @@ def test_token_mean_risk_matches_reference_scaling():
         g_loss, g_risk = full_grad(out.loss, params), full_grad(risk.sum(), params)
     assert rel_err(torch.tensor(eff["forget"].total, dtype=torch.float64), -(g_risk @ g_loss)) < 1e-9
     assert rel_err(g_risk, g_loss) < 1e-6  # the same gradient (HF computes its loss in float32)
+
+
+def test_bf16_mixed_precision_stays_online_and_training_unchanged(tmp_path):
+    """bf16 autocast (accelerate's mixed precision, no loss scaler): .grad is the float32 master
+    gradient of the loss, so the mixin stays online; the value is the before-the-step one (both
+    under the same autocast) to bf16 precision, and training is bit-identical with and without it."""
+    base = tiny_model("llama", torch.float32)
+    plain, m_plain = run(GradDiff, base, tmp_path, measured=False, bf16=True)
+    on, m_on = run(GradDiff, base, tmp_path, measured=True, bf16=True)
+    off, _ = run(GradDiff, base, tmp_path, measured=True, bf16=True, gefx_online=False)
+    assert on.accelerator.mixed_precision == "bf16" and on.gefx_mode == "online"
+    assert all(torch.equal(p, q) for p, q in zip(m_plain.parameters(), m_on.parameters()))
+    for name in ("forget", "retain"):
+        a, b = on.gefx_records[0][1][name].total, off.gefx_records[0][1][name].total
+        assert abs(a - b) <= 2e-2 * abs(b), (name, a, b)
