@@ -170,11 +170,6 @@ def tuned(op: str, key: tuple, candidates: Sequence[dict], launch: Callable[[dic
     return launch(cfg)
 
 
-def tuned_configs() -> dict:
-    """The configs chosen so far: {(op, key, device): config} (for benchmarks and reports)."""
-    return dict(_TUNED)
-
-
 # ---------------------------------------------------------------------------------------------
 # device helpers
 
