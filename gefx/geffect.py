@@ -25,72 +25,19 @@ from typing import Mapping
 import torch
 
 from . import dist
-from .dots import _check_loss, aggregated, check_graph, collect, dense_gradients, group_sums, marginals, pieces_from
-from .pieces import contract
+from .dots import (_check_loss, aggregated, check_graph, collect, dense_gradients, group_sums, marginals,
+                   pieces_from, self_norms)
+from .effects import GEffect, RiskEffect
+from .groups import resolve
+from .pieces import contract, dense
 from .step import StepBackward
 from .tape import Tape
+from .update import update
 
 
-@dataclass
-class RiskEffect:
-    """G-effects of one objective on one risk."""
-
-    risk: str
-    groups: list[str]
-    per_instance_group: torch.Tensor                     # [n_groups, B_risk]
-    per_objective_instance_group: torch.Tensor | None    # [n_groups, B_objective] or None
-
-    @property
-    def per_instance(self) -> torch.Tensor:
-        return self.per_instance_group.sum(0)
-
-    @property
-    def per_objective_instance(self) -> torch.Tensor | None:
-        g = self.per_objective_instance_group
-        return None if g is None else g.sum(0)
-
-    @property
-    def per_group(self) -> dict[str, float]:
-        return {g: float(v) for g, v in zip(self.groups, self.per_instance_group.sum(1))}
-
-    @property
-    def total(self) -> float:
-        return float(self.per_instance_group.sum())
-
-    def to_dict(self) -> dict:
-        poi = self.per_objective_instance
-        return {"risk": self.risk, "total": self.total, "per_group": self.per_group,
-                "per_instance": self.per_instance.tolist(),
-                "per_instance_group": {g: row.tolist() for g, row in zip(self.groups, self.per_instance_group)},
-                "per_objective_instance": None if poi is None else poi.tolist()}
-
-
-class GEffect(dict):
-    """risk name -> :class:`RiskEffect`, in the order the risks were given."""
-
-    @property
-    def groups(self) -> list[str]:
-        return next(iter(self.values())).groups
-
-    def to_dict(self) -> dict:
-        return {name: eff.to_dict() for name, eff in self.items()}
-
-    def rows(self, **keys) -> list[dict]:
-        """Long-format rows {**keys, risk, group, value}, one per risk and group plus group
-        "total" (e.g. ``effects.rows(objective="ga", step=10)``), for CSV files and plots."""
-        out = []
-        for name, eff in self.items():
-            for group, value in [*eff.per_group.items(), ("total", eff.total)]:
-                out.append({**keys, "risk": name, "group": group, "value": value})
-        return out
-
-    def __repr__(self) -> str:
-        body = ", ".join(f"{n}: total={e.total:.6g}" for n, e in self.items())
-        return f"GEffect({body})"
-
-
-def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *,
-             groups="block", process_group=None, backward: bool = False) -> GEffect:
+def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups="block", process_group=None,
+             backward: bool = False, optimizer=None, direction: Mapping | None = None,
+             norms: bool = True) -> GEffect:
     """G-effects of `objective` on each risk in `risks`.
 
     Args:
@@ -118,6 +65,19 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *,
             and, where they are a per-sample multiple of a risk's (GA, NPO, GradDiff terms; see
             ``gefx.step``), as that risk's, which then needs no backward at all. The graph is
             kept (``retain_graph=True``) until the caller drops its tensors.
+        optimizer: the optimizer whose next ``step()`` will apply this gradient: each risk's
+            ``predicted_change`` is then <grad r_i, delta_theta> for exactly the change that step
+            makes (``gefx.update``: SGD, Adam, AdamW in closed form from their state, others by
+            stepping a throw-away copy; the optimizer and the parameters are untouched). With
+            ``backward=True`` the update follows from ``.grad`` after the step's backward; without,
+            from ``.grad`` (earlier micro-batches) plus the objective's gradient, as the caller's
+            ``objective.sum().backward()`` will leave it (single process only: under
+            torch.distributed use ``backward=True``).
+        direction: instead of `optimizer`, any direction {parameter or name: tensor}: each risk's
+            ``predicted_change`` is <grad r_i, direction> (missing parameters count zero).
+        norms: also give ||grad r_i||, ||grad L|| and their cosines per group (``risk_norm``,
+            ``objective_norm``, ``cosine``: see ``gefx.effects``), from the same pieces (no
+            extra backward; a per-sample self product per risk and layer).
 
     Every product is exact (no per-sample gradient of a matrix parameter is formed), in float32
     or better (with ``backward=True``, against ``.grad`` in its dtype). Unless `backward` is set,
@@ -126,25 +86,96 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *,
     """
     if not isinstance(risks, Mapping) or not risks:
         raise TypeError("risks must be a non-empty dict name -> per-sample risk vector")
+    if optimizer is not None and direction is not None:
+        raise ValueError("give optimizer= (its next update) or direction=, not both")
+    if optimizer is not None and not backward and dist.group_size(process_group) > 1:
+        raise ValueError("g_effect(optimizer=...) under torch.distributed needs backward=True: the update "
+                         "follows from .grad as the data-parallel backward leaves it")
+    opts = _Options(groups, process_group, norms, _direction(tape, direction))
     if isinstance(objective, Mapping):
         if backward:
             raise ValueError("backward=True needs the objective as a tensor (the loss to backpropagate), "
                              "not a mapping of gradients")
-        return _against(tape, dense_gradients(tape, objective), risks, groups, process_group)
+        m_obj = dense_gradients(tape, objective)
+        return _against(tape, m_obj, risks, opts.along(_pending_update(tape, optimizer, m_obj)))
     if not isinstance(objective, torch.Tensor) or objective.dim() > 1:
         raise ValueError("objective must be a scalar tensor or a per-sample vector [B]; got "
                          + (f"shape {tuple(objective.shape)}" if isinstance(objective, torch.Tensor)
                             else type(objective).__name__))
     vector = objective.dim() == 1
     if backward:
-        return _with_step(tape, objective, risks, groups, process_group)
+        return _with_step(tape, objective, risks, opts, optimizer)
     g_obj = collect(tape, objective, per_sample=vector, what="objective")
-    if dist.group_size(process_group) > 1:
-        dist.check_supported(tape.model)
-        return _against(tape, aggregated(tape, g_obj, process_group), risks, groups, process_group,
+    if dist.group_size(process_group) > 1 or optimizer is not None:
+        if dist.group_size(process_group) > 1:
+            dist.check_supported(tape.model)
+        m_obj = aggregated(tape, g_obj, process_group)
+        return _against(tape, m_obj, risks, opts.along(_pending_update(tape, optimizer, m_obj)),
                         g_obj if vector else None)
+    return _by_marginals(tape, g_obj, risks, opts, vector)
+
+
+@dataclass
+class _Options:
+    groups: object
+    process_group: object
+    norms: bool
+    direction: dict[str, torch.Tensor] | None
+
+    def along(self, direction) -> "_Options":
+        return self if direction is None else _Options(self.groups, self.process_group, self.norms, direction)
+
+
+def _direction(tape: Tape, direction) -> dict[str, torch.Tensor] | None:
+    if direction is None:
+        return None
+    if not isinstance(direction, Mapping):
+        raise TypeError("direction must be a mapping {parameter or name: tensor of its shape}")
+    out = dense_gradients(tape, direction, what="direction")
+    bad = [n for n, t in out.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"direction has NaN or inf entries for {', '.join(bad[:3])}")
+    return out
+
+
+def _named(tape: Tape, delta: Mapping[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{canonical name: delta} for the counted parameters among an optimizer's updates."""
+    return {tape.names[id(p)]: d for p, d in delta.items() if id(p) in tape.names}
+
+
+def _pending_update(tape: Tape, optimizer, m_obj: dict[str, torch.Tensor]):
+    """The update `optimizer` will make once the caller's backward has added the objective's
+    gradient `m_obj` to ``.grad`` (None without an optimizer)."""
+    if optimizer is None:
+        return None
+    grads = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            add = m_obj.get(tape.names.get(id(p)))
+            g = p.grad if add is None else add.to(p.dtype) if p.grad is None else p.grad + add.to(p.dtype)
+            if g is not None:
+                grads[p] = g
+    return _named(tape, update(optimizer, grads))
+
+
+def _step_update(tape: Tape, optimizer):
+    if optimizer is None:
+        return None
+    return _named(tape, update(optimizer))
+
+
+def _by_marginals(tape: Tape, g_obj, risks, opts: _Options, vector: bool) -> GEffect:
+    """Before the step, one process: each product by the cheaper of the ghost and dense forms,
+    the objective's aggregated gradient formed only where the dense form wins (or for its norm)."""
     result = GEffect()
     memo: dict[str, dict] = {}  # the objective's aggregated gradient per parameter, shared by the risks
+    obj_sq = None
+    if opts.norms:
+        sq = {}
+        for n, Q in g_obj.pieces.items():
+            m = dense(Q, tape.params[n].shape)
+            sq[n] = m.pow(2).sum()
+        obj_sq = group_sums(tape, sq, opts.groups, ())
     for name, risk in risks.items():
         g_risk = collect(tape, risk, per_sample=True, what=f"risk {name!r}")
         rows, cols = {}, {}
@@ -152,12 +183,36 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *,
             if n in g_obj.pieces:
                 rows[n], cols[n] = marginals(P, g_obj.pieces[n], tape.params[n].shape, need_cols=vector,
                                              memo=memo.setdefault(n, {}))
-        per_group = group_sums(tape, rows, groups, (g_risk.batch,))
-        obj_group = group_sums(tape, cols, groups, (g_obj.batch,)) if vector else None
-        names = list(per_group)
-        result[name] = RiskEffect(name, names, torch.stack([per_group[g] for g in names]),
-                                  torch.stack([obj_group[g] for g in names]) if vector else None)
+        result[name] = _effect(tape, name, g_risk, rows, opts, obj_sq, cols if vector else None,
+                               g_obj.batch if vector else None)
     return result
+
+
+def _effect(tape: Tape, name: str, g_risk, rows: dict, opts: _Options, obj_sq, cols=None,
+            obj_batch=None) -> RiskEffect:
+    """One risk's RiskEffect from its per-parameter products with the objective (`rows`, and
+    `cols` for the PG-effect), plus norms and the direction's products from its pieces; per
+    instance values gathered across ranks under torch.distributed."""
+    def per_group(per_param, batch):
+        sums = group_sums(tape, per_param, opts.groups, (batch,))
+        return torch.stack([sums[g] for g in names])
+
+    names = resolve(tape, opts.groups)[1]
+    B = g_risk.batch
+    values = {"per_instance_group": per_group(rows, B),
+              "per_objective_instance_group": None if cols is None else per_group(cols, obj_batch)}
+    if opts.norms:
+        values["risk_norm_group"] = per_group({n: self_norms(P) for n, P in g_risk.pieces.items()}, B)
+    if opts.direction is not None:
+        d = opts.direction
+        values["predicted_change_group"] = per_group({n: contract(P, d[n]) for n, P in g_risk.pieces.items()
+                                                      if n in d}, B)
+    if dist.group_size(opts.process_group) > 1:
+        values = {k: None if v is None else dist.gather_columns(v, opts.process_group) for k, v in values.items()}
+    if "risk_norm_group" in values:
+        values["risk_norm_group"] = values["risk_norm_group"].clamp(min=0).sqrt()
+    obj_norm = None if obj_sq is None else torch.stack([obj_sq[g] for g in names]).clamp(min=0).sqrt()
+    return RiskEffect(name, names, objective_norm_group=obj_norm, **values)
 
 
 class Prepared:
@@ -165,34 +220,41 @@ class Prepared:
     contracted with that backward's ``.grad`` afterwards: the online mode for training loops that
     own their backward (a Hugging Face Trainer's ``accelerator.backward``). See :func:`prepare`."""
 
-    def __init__(self, tape: Tape, risks: Mapping[str, torch.Tensor], groups, process_group):
+    def __init__(self, tape: Tape, risks: Mapping[str, torch.Tensor], groups, process_group, norms: bool):
         if not isinstance(risks, Mapping) or not risks:
             raise TypeError("risks must be a non-empty dict name -> per-sample risk vector")
-        self.tape, self.groups, self.process_group = tape, groups, process_group
+        self.tape, self.opts = tape, _Options(groups, process_group, norms, None)
         self.pieces = {name: collect(tape, risk, per_sample=True, what=f"risk {name!r}") for name, risk in risks.items()}
 
-    def against(self, grads: Mapping) -> GEffect:
+    def against(self, grads: Mapping, *, optimizer=None, direction: Mapping | None = None) -> GEffect:
         """The G-effects of the objective whose gradient `grads` is ({parameter or name: tensor},
-        e.g. ``{p: p.grad for p in model.parameters()}`` after the step's backward)."""
-        return _against(self.tape, dense_gradients(self.tape, grads), self.pieces, self.groups,
-                        self.process_group, risk_pieces=lambda name, risk, what: self.pieces[name])
+        e.g. ``{p: p.grad for p in model.parameters()}`` after the step's backward); with
+        `optimizer`, each risk's predicted change along its next update (from ``.grad``), or along
+        `direction`."""
+        if optimizer is not None and direction is not None:
+            raise ValueError("give optimizer= (its next update) or direction=, not both")
+        opts = self.opts.along(_direction(self.tape, direction) if direction is not None
+                               else _step_update(self.tape, optimizer))
+        return _against(self.tape, dense_gradients(self.tape, grads), self.pieces, opts,
+                        risk_pieces=lambda name, risk, what: self.pieces[name])
 
 
-def prepare(tape: Tape, risks: Mapping[str, torch.Tensor], *, groups="block", process_group=None) -> Prepared:
+def prepare(tape: Tape, risks: Mapping[str, torch.Tensor], *, groups="block", process_group=None,
+            norms: bool = True) -> Prepared:
     """Collect the risks' pieces now (inside the trace, before the step's backward frees the graph);
     ``.against(grads)`` gives the G-effects against the step's own gradient later, the trace closed
     or not. One partial backward per risk, none for the objective (as ``backward=True`` without the
     reuse), and the step's backward untouched: what the Trainer mixin uses."""
-    return Prepared(tape, risks, groups, process_group)
+    return Prepared(tape, risks, groups, process_group, norms)
 
 
-def _with_step(tape: Tape, objective: torch.Tensor, risks, groups, group) -> GEffect:
+def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optimizer) -> GEffect:
     """g_effect with backward=True: the step's backward, then everything against its .grad."""
     vector = objective.dim() == 1
     _check_loss(objective, "objective", per_sample=vector)
     for name, risk in risks.items():  # before the backward: a bad risk leaves .grad untouched
         _check_loss(risk, f"risk {name!r}", per_sample=True)
-    if dist.group_size(group) > 1:
+    if dist.group_size(opts.process_group) > 1:
         dist.check_supported(tape.model)
     tape.check_open()
     # every graph is checked before the step's backward touches .grad
@@ -210,31 +272,24 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, groups, group) -> GEf
                 return collect(tape, risk, per_sample=True, what=what, probe=False)
             return pieces_from(tape, risk, grads, per_sample=True, what=what, users=reaches[name].calls)
 
-        return _against(tape, dense_gradients(tape, step.grads), risks, groups, group, g_obj, risk_pieces)
+        opts = opts.along(_step_update(tape, optimizer))
+        return _against(tape, dense_gradients(tape, step.grads), risks, opts, g_obj, risk_pieces)
 
 
-def _against(tape: Tape, m_obj: dict[str, torch.Tensor], risks, groups, group, g_obj=None,
+def _against(tape: Tape, m_obj: dict[str, torch.Tensor], risks, opts: _Options, g_obj=None,
              risk_pieces=None) -> GEffect:
-    """G-effects against the objective's aggregated gradient given densely (per parameter name),
-    gathering per-instance values across ranks under torch.distributed."""
-    many = dist.group_size(group) > 1
+    """G-effects against the objective's aggregated gradient given densely (per parameter name;
+    under torch.distributed already summed over the ranks)."""
+    obj_sq = group_sums(tape, {n: m.pow(2).sum() for n, m in m_obj.items()}, opts.groups, ()) if opts.norms else None
     result = GEffect()
     for name, risk in risks.items():
         what = f"risk {name!r}"
         g_risk = (risk_pieces(name, risk, what) if risk_pieces is not None
                   else collect(tape, risk, per_sample=True, what=what))
         rows = {n: contract(P, m_obj[n]) for n, P in g_risk.pieces.items() if n in m_obj}
-        per_group = group_sums(tape, rows, groups, (g_risk.batch,))
-        names = list(per_group)
-        per_instance = torch.stack([per_group[g] for g in names])
-        per_obj = None
+        cols = None
         if g_obj is not None:
-            m_risk = aggregated(tape, g_risk, group)
+            m_risk = aggregated(tape, g_risk, opts.process_group)
             cols = {n: contract(P, m_risk[n]) for n, P in g_obj.pieces.items() if n in m_risk}
-            obj_group = group_sums(tape, cols, groups, (g_obj.batch,))
-            per_obj = torch.stack([obj_group[g] for g in names])
-        if many:
-            per_instance = dist.gather_columns(per_instance, group)
-            per_obj = None if per_obj is None else dist.gather_columns(per_obj, group)
-        result[name] = RiskEffect(name, names, per_instance, per_obj)
+        result[name] = _effect(tape, name, g_risk, rows, opts, obj_sq, cols, None if g_obj is None else g_obj.batch)
     return result

@@ -35,14 +35,17 @@ import torch
 
 from . import data as gdata
 from . import objectives as gobj
+from .effects import RiskEffect
 from .geffect import g_effect
 from .groups import PRESETS as GROUP_PRESETS
 from .integrations.records import Recorder
 from .losses import token_mean_nll, token_nll
 from .models import default_model, frozen_copy, load_model, parse_dtype
 from .objectives import forward
-from .report import instance_arrays, plot_all, summary_table, write_tables
+from .report import fidelity, instance_arrays, plot_all, plot_tokens, summary_table, write_tables
 from .tape import trace
+from .forward_ad import jvp
+from .update import update
 
 DEFAULT_OBJECTIVES = "ga,npo,wga,tnpo"
 RISKS = ("forget", "retain")
@@ -80,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(sorted(gobj.REGULARISERS)))
     p.add_argument("--steps", type=int, default=20, help="unlearning steps per objective")
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate")
+    p.add_argument("--lr-sweep", default="", help="comma-separated learning rates: run every objective at each "
+                   "(labels name@lr=x), e.g. 3e-5,3e-4,3e-3 to see where first-order predictions break down")
+    p.add_argument("--retain-eval", type=int, default=0, help="also measure, at each measured step, the retaining "
+                   "G-effect over this many retain rows (the whole-set risk; 0: off)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="AdamW as in the paper, or SGD")
     p.add_argument("--weight-decay", type=float, default=0.01, help="optimizer weight decay")
     p.add_argument("--batch-size", type=int, default=4, help="forget rows per step (and as many retain rows)")
@@ -180,6 +187,7 @@ class Plan:
     evals: dict[str, Rows]         # fixed evaluation subsets of both splits
     forget_idx: list[list[int]]
     retain_idx: list[list[int]]
+    retain_eval: Rows | None = None  # --retain-eval rows of the retain split (the whole-set risk)
 
     def batches(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
         return {"forget": self.forget.batch(self.forget_idx[step]), "retain": self.retain.batch(self.retain_idx[step]),
@@ -201,8 +209,10 @@ def make_plan(args, tok, data: gdata.QAData, device) -> Plan:
         perm += f_rng.permutation(len(fq)).tolist()
     forget_idx = [perm[s * args.batch_size:(s + 1) * args.batch_size] for s in range(args.steps)]
     retain_idx = [r_rng.choice(len(rq), size=args.batch_size, replace=False).tolist() for _ in range(args.steps)]
+    ev_whole = sorted(rng.sample(range(len(rq)), min(args.retain_eval, len(rq))))
+    whole = Rows(tok, [rq[i] for i in ev_whole], [ra[i] for i in ev_whole], args.max_length, device) if ev_whole else None
     return Plan(Rows(tok, fq, fa, args.max_length, device), Rows(tok, rq, ra, args.max_length, device),
-                Rows(tok, fq, idk_a, args.max_length, device), evals, forget_idx, retain_idx)
+                Rows(tok, fq, idk_a, args.max_length, device), evals, forget_idx, retain_idx, whole)
 
 
 @dataclass
@@ -213,15 +223,18 @@ class Session:
     ref_model: torch.nn.Module | None
     plan: Plan
     risks: list[str]
+    lr_of: dict[str, float]        # run label -> learning rate
     bar: object
+    tokenizer: object = None
     recorder: Recorder = field(default_factory=Recorder)
     metrics: list[dict] = field(default_factory=list)
+    tokens: dict[str, np.ndarray] = field(default_factory=dict)  # run label -> per-token predicted change
 
 
 def run(args) -> dict:
     """The main job: validate, load, unlearn with each objective from the same weights, report."""
     t_start = time.time()
-    specs, objs, risks = _validate(args)
+    specs, objs, risks, lr_of = _validate(args)
     device, progress = _device(args.device), not args.no_progress
     out_dir = _check_out(args.out)
     model, tok, data, model_name = _load(args, device, progress)
@@ -232,7 +245,7 @@ def run(args) -> dict:
     ref_model = frozen_copy(model) if any(o.needs_ref for o in objs) else None
     from tqdm.auto import tqdm
     bar = tqdm(total=len(objs) * args.steps, desc="gefx profile", disable=not progress, unit="step", file=sys.stderr)
-    session = Session(args, model, ref_model, plan, risks, bar)
+    session = Session(args, model, ref_model, plan, risks, lr_of, bar, tok)
     for obj, label in zip(objs, specs):
         model.load_state_dict(init_state)
         unlearn(session, obj, label)
@@ -240,14 +253,17 @@ def run(args) -> dict:
     return _report(session, specs, objs, data, model_name, device, out_dir, time.time() - t_start)
 
 
-def _validate(args) -> tuple[list[str], list, list[str]]:
+def _validate(args) -> tuple[list[str], list, list[str], dict[str, float]]:
     """Everything cheap first: objectives, risks, groups, numbers, the forget split's name."""
-    specs = _split_list(args.objectives)
-    if not specs:
+    names = _split_list(args.objectives)
+    if not names:
         raise ValueError("--objectives is empty")
-    objs = [gobj.make(s) for s in specs]
-    if len(set(specs)) != len(specs):
+    if len(set(names)) != len(names):
         raise ValueError("--objectives lists the same objective twice")
+    lrs = [_positive_lr(x) for x in _split_list(args.lr_sweep)] if args.lr_sweep else [args.lr]
+    specs = [f"{n}@lr={lr:g}" if args.lr_sweep else n for lr in lrs for n in names]
+    objs = [gobj.make(n) for lr in lrs for n in names]
+    lr_of = {label: lr for label, lr in zip(specs, [lr for lr in lrs for _ in names])}
     risks = _split_list(args.risks)
     bad = [r for r in risks if r not in RISKS]
     if bad or not risks:
@@ -258,11 +274,22 @@ def _validate(args) -> tuple[list[str], list, list[str]]:
                     ("--eval-size", args.eval_size), ("--max-length", args.max_length)):
         if v < 1:
             raise ValueError(f"{name} must be at least 1, got {v}")
-    if not args.lr > 0 or not math.isfinite(args.lr):
-        raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    _positive_lr(args.lr)
+    if args.retain_eval < 0:
+        raise ValueError(f"--retain-eval must be 0 or more, got {args.retain_eval}")
     gdata.parse_forget_split(args.forget_split)
     parse_dtype(args.dtype)
-    return specs, objs, risks
+    return specs, objs, risks, lr_of
+
+
+def _positive_lr(x) -> float:
+    try:
+        lr = float(x)
+    except ValueError:
+        raise ValueError(f"learning rate {x!r} is not a number") from None
+    if not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"a learning rate must be a positive number, got {x}")
+    return lr
 
 
 def _load(args, device, progress: bool):
@@ -310,28 +337,82 @@ def _load_data(args, default_data) -> gdata.QAData:
 def unlearn(session: Session, obj, label: str) -> None:
     """One objective's run from the current weights: --steps steps, G-effects and metrics at the
     measured ones, metrics after the last."""
-    args = session.args
+    args, lr = session.args, session.lr_of[label]
     torch.manual_seed(args.seed)
     params = [p for p in session.model.parameters() if p.requires_grad]
-    opt = (torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay) if args.optimizer == "adamw"
-           else torch.optim.SGD(params, lr=args.lr, weight_decay=args.weight_decay))
+    opt = (torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay) if args.optimizer == "adamw"
+           else torch.optim.SGD(params, lr=lr, weight_decay=args.weight_decay))
     session.bar.set_description(f"gefx profile [{label}]")
     for step in range(args.steps):
-        extra = step_once(session, obj, label, opt, step)
-        if extra is not None:  # a measured step: metrics of the weights it started from
+        measured = step_once(session, obj, label, opt, step)
+        if measured is not None:  # metrics of the weights the step started from
+            effects, before, extra = measured
+            if args.retain_eval:
+                effects.update(retain_eval(session, effects, opt))
+            if step == 0:
+                session.tokens[label] = token_changes(session, opt)
             session.metrics.append(_eval_row(session, label, step, extra))
-            session.bar.set_postfix({f"e_{r[0]}": f"{extra[f'e_{r}']:.3g}" for r in session.risks}, refresh=False)
         opt.step()
+        if measured is not None:
+            after = risk_values(session, step)
+            session.recorder.add(step, effects, objective=label, actual_change={r: after[r] - before[r] for r in before},
+                                 data_rows={"forget": session.plan.forget_idx[step],
+                                            "retain": session.plan.retain_idx[step]})
+            session.bar.set_postfix({f"e_{r[0]}": f"{effects[r].total:.3g}" for r in session.risks}, refresh=False)
         session.bar.update(1)
     session.metrics.append(_eval_row(session, label, args.steps))
 
 
-def step_once(session: Session, obj, label: str, opt, step: int) -> dict | None:
+def retain_eval(session: Session, effects, opt) -> dict:
+    """{"retain_eval": RiskEffect}: the retaining G-effect of the step's objective over the whole
+    --retain-eval set (risk: the token-mean NLL over all its rows, one instance per row), streamed
+    batch by batch through the per-sample engine against the step's gradient (``.grad`` after its
+    backward), with each row's predicted change along the optimizer's coming update."""
+    from tqdm.auto import tqdm
+
+    rows, model, size = session.plan.retain_eval, session.model, 4 * session.args.batch_size
+    grads = {p: p.grad for p in model.parameters() if p.grad is not None}
+    delta = update(opt)
+    n_tokens = rows.enc["labels"][:, 1:].ne(-100).sum().clamp(min=1)
+    parts = []
+    for start in tqdm(range(0, rows.n, size), desc="retain eval", leave=False, file=sys.stderr,
+                      disable=session.args.no_progress):
+        b = rows.batch(list(range(start, min(rows.n, start + size))))
+        with trace(model, params=opt.param_groups) as tape:
+            nll, _ = token_nll(forward(model, b).logits, b["labels"])
+            eff = g_effect(tape, grads, {"retain_eval": nll.sum(1) / n_tokens}, groups=session.args.groups,
+                           direction=delta)
+        parts.append(eff["retain_eval"])
+    return {"retain_eval": RiskEffect.concat(parts)}
+
+
+TOKEN_ROWS = 3  # forget answers shown in tokens.png
+
+
+def token_changes(session: Session, opt) -> np.ndarray:
+    """[TOKEN_ROWS, T-1]: for the first forget rows of step 0's batch, each answer token's predicted
+    NLL change over the coming update (gefx.jvp of the per-token NLL along it; NaN off the answer):
+    positive = the objective pushes that token down."""
+    b = session.plan.forget.batch(session.plan.forget_idx[0][:TOKEN_ROWS])
+    (_, mask), (deriv, _) = jvp(session.model, lambda m: token_nll(forward(m, b).logits, b["labels"]), update(opt))
+    return torch.where(mask, deriv, torch.nan).double().cpu().numpy()
+
+
+@torch.no_grad()
+def risk_values(session: Session, step: int) -> dict[str, torch.Tensor]:
+    """The step's risk vectors at the current weights (eval mode, no graph)."""
+    batches = session.plan.batches(step)
+    return {r: token_mean_nll(forward(session.model, batches[r]).logits, batches[r]["labels"]).double().cpu()
+            for r in session.risks}
+
+
+def step_once(session: Session, obj, label: str, opt, step: int):
     """The step's forwards, objective and backward (``.grad`` set, the update left to the caller).
-    On a measured step the forwards run inside ``gefx.trace`` and ``g_effect(..., backward=True)``
-    runs the backward itself (online mode) and records the G-effects; returns that step's extra
-    metrics (None on other steps). The backward is of ``for_g_effect().sum()`` on every step, so
-    measuring never changes the training."""
+    On a measured step the forwards run inside ``gefx.trace`` and ``g_effect(..., backward=True,
+    optimizer=opt)`` runs the backward itself (online mode) and gives the G-effects and each risk
+    instance's predicted change over the coming update; returns (effects, the risk vectors before
+    the step, extra metrics), None on other steps. The backward is of ``for_g_effect().sum()`` on
+    every step, so measuring never changes the training."""
     model, batches = session.model, session.plan.batches(step)
     ref = None
     if obj.ref_batches:
@@ -348,13 +429,12 @@ def step_once(session: Session, obj, label: str, opt, step: int) -> dict | None:
         out = obj(cur, ref)
         _check_finite(out.loss, label, step)
         risks = {r: token_mean_nll(cur[r].logits, cur[r].labels) for r in session.risks}
-        effects = g_effect(tape, out.for_g_effect(), risks, groups=session.args.groups, backward=True)
-    session.recorder.add(step, effects, objective=label, data_rows={"forget": session.plan.forget_idx[step],
-                                                                      "retain": session.plan.retain_idx[step]})
+        effects = g_effect(tape, out.for_g_effect(), risks, groups=session.args.groups, backward=True,
+                           optimizer=opt)
     extra = {f"batch_{r}_nll": float(v.detach().sum()) for r, v in risks.items()}
-    extra.update({f"e_{r}": effects[r].total for r in session.risks}, loss=float(out.loss.detach()))
+    extra["loss"] = float(out.loss.detach())
     extra.update({f"weight:{k}": v for k, v in out.weight_means().items()})
-    return extra
+    return effects, {r: v.detach().double().cpu() for r, v in risks.items()}, extra
 
 
 def _check_finite(loss: torch.Tensor, label: str, step: int) -> None:
@@ -367,7 +447,7 @@ def _eval_row(session: Session, label: str, step: int, extra: dict | None = None
     for name, rows in session.plan.evals.items():
         e = evaluate(session.model, rows)
         row.update({f"{name}_nll": e["nll"], f"{name}_extraction": e["extraction"], f"{name}_token_acc": e["token_acc"]})
-    row.update({k: v for k, v in (extra or {}).items() if not k.startswith("e_")})
+    row.update(extra or {})
     return row
 
 
@@ -377,18 +457,25 @@ def _report(session: Session, specs, objs, data, model_name, device, out_dir: Pa
     args, risks = session.args, session.risks
     rows = session.recorder.rows()
     arrays = instance_arrays(session.recorder.records)
+    arrays.update({f"{label}__token_change": v for label, v in session.tokens.items()})
     group_names = session.recorder.records[0][2].groups if session.recorder.records else []
-    meta = {"objectives": specs, "steps": args.steps, "lr": args.lr, "optimizer": args.optimizer,
+    meta = {"objectives": specs, "steps": args.steps, "lr": args.lr, "lr_of": session.lr_of, "optimizer": args.optimizer,
             "weight_decay": args.weight_decay, "batch_size": args.batch_size, "every": args.every,
             "forget_split": data.forget_split, "retain_split": data.retain_split, "risks": risks,
             "risk_definition": "gefx.losses.token_mean_nll (sums to the batch's token-mean answer NLL)",
             "groups": args.groups, "group_names": group_names, "seed": args.seed, "device": str(device),
             "dtype": args.dtype, "model": model_name, "data": data.source,
             "n_forget": len(data.forget), "n_retain": len(data.retain),
+            "retain_eval": args.retain_eval,
+            "fidelity": {label: fidelity(arrays, label, risks) for label in specs},
             "reading": "e < 0 on the forget risk = removal; e < 0 on the retain risk = damage "
-                       "(one SGD step changes R by about -lr * e)"}
+                       "(one SGD step changes R by about -lr * e); predicted_change = <grad r_i, delta theta> "
+                       "for the optimizer's actual update, actual_change = r_i after the step minus before"}
     write_tables(out_dir, meta, rows, session.metrics, arrays)
     paths = [] if args.no_plots else plot_all(out_dir, rows, session.metrics, arrays, specs, risks, group_names)
+    if session.tokens and not args.no_plots:
+        b = session.plan.forget.batch(session.plan.forget_idx[0][:TOKEN_ROWS])
+        paths.append(plot_tokens(out_dir, session.tokens, b["input_ids"], b["labels"], session.tokenizer))
     main_w = {label: MAIN_WEIGHT.get((o.base if isinstance(o, gobj.Combined) else o).name)
               for o, label in zip(objs, specs)}
     table = summary_table(rows, session.metrics, specs, risks, main_w)
@@ -398,6 +485,11 @@ def _report(session: Session, specs, objs, data, model_name, device, out_dir: Pa
     print("  G-effect e = <grad risk, grad objective>: e_f < 0 removes (forget risk rises), "
           "e_r < 0 damages retained knowledge")
     print(table)
+    fid = {label: fidelity(arrays, label, risks) for label in specs}
+    if any(fid.values()):
+        print("  first-order fidelity (predicted <grad r_i, delta theta> vs actual change over each measured step): "
+              + "; ".join(f"{label} r={f['corr']:.3f}, median rel. err {f['median_rel_err']:.2g}"
+                          for label, f in fid.items() if f))
     print(f"wrote {out_dir}/g_effects.csv, g_effects.json, metrics.csv, metrics.json, per_instance.npz"
           + "".join(f", {p.name}" for p in paths) + f"  ({elapsed:.0f} s)")
     return {"rows": rows, "metrics": session.metrics, "arrays": arrays, "meta": meta, "table": table, "out": out_dir}

@@ -14,6 +14,15 @@ Files written to the output folder:
     weights.png       the objectives' weights over steps (GA inverse confidence, NPO instance
                       weight, WGA/TNPO/WTNPO token weights: means over valid entries)
     metrics.png       forget/retain NLL and extraction over steps
+    fidelity.png      first-order fidelity: each risk instance's predicted change over the step
+                      (<grad r_i, delta_theta>, the optimizer's actual update) against its actual
+                      change (r_i re-evaluated after the step), per objective run
+    tokens.png        per-token G-effects: for a few forget answers, how much each objective's first
+                      update is predicted to raise each answer token's NLL (gefx.jvp)
+
+g_effects.csv also has predicted_change (per group and total) and actual_change (on the total
+rows) where they were measured; per_instance.npz the per-instance predicted_change, actual_change,
+risk_norm and cosine.
 """
 from __future__ import annotations
 
@@ -33,9 +42,12 @@ def _safe(name: str) -> str:
 
 
 def write_g_effects(out: Path, meta: dict, rows: list[dict]) -> None:
-    """g_effects.csv and g_effects.json from long-format rows (see ``GEffect.rows``)."""
+    """g_effects.csv and g_effects.json from long-format rows (see ``GEffect.rows``); the columns
+    predicted_change / actual_change appear when some row has them."""
+    fields = ["objective", "step", "risk", "group", "value"]
+    fields += [k for k in ("predicted_change", "actual_change") if any(k in row for row in rows)]
     with open(out / "g_effects.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["objective", "step", "risk", "group", "value"])
+        w = csv.DictWriter(fh, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)
     (out / "g_effects.json").write_text(json.dumps({"meta": meta, "g_effects": rows}, indent=1))
@@ -66,8 +78,12 @@ def instance_arrays(records) -> dict[str, np.ndarray]:
         for name, eff in r.effects.items():
             put(f"{name}__per_instance", eff.per_instance.detach().double().cpu().numpy())
             put(f"{name}__per_instance_group", eff.per_instance_group.detach().double().cpu().numpy())
-            if eff.per_objective_instance is not None:
-                put(f"{name}__per_objective_instance", eff.per_objective_instance.detach().double().cpu().numpy())
+            for key in ("per_objective_instance", "predicted_change", "risk_norm", "cosine"):
+                value = getattr(eff, key)
+                if value is not None:
+                    put(f"{name}__{key}", value.detach().double().cpu().numpy())
+        for name, value in (r.actual_change or {}).items():
+            put(f"{name}__actual_change", value.detach().double().cpu().numpy())
         for split, idx in (r.data_rows or {}).items():
             put(f"{split}_rows", np.asarray(idx))
     return {k: np.stack([np.asarray(x) for x in v]) for k, v in per.items()}
@@ -137,8 +153,9 @@ def plot_all(out: Path, rows: list[dict], metrics: list[dict], arrays: dict[str,
     paths = [plot_g_effects(out, rows, objectives, risks, groups)]
     if "forget" in risks and "retain" in risks:
         paths.append(plot_per_instance(out, arrays, objectives))
-    paths += [plot_weights(out, metrics, objectives), plot_metrics(out, metrics, objectives)]
-    return paths
+    paths += [plot_weights(out, metrics, objectives), plot_metrics(out, metrics, objectives),
+              plot_fidelity(out, arrays, objectives, risks)]
+    return [p for p in paths if p is not None]
 
 
 def _pyplot():
@@ -230,6 +247,80 @@ def plot_metrics(out: Path, metrics: list[dict], objectives: list[str]) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     return _save(fig, out / "metrics.png")
+
+
+def fidelity(arrays: dict[str, np.ndarray], objective: str, risks: list[str]) -> dict | None:
+    """How well first-order predictions held over one objective's run: the Pearson correlation of
+    predicted and actual per-instance changes (all measured steps and risks) and the median
+    relative error |predicted - actual| / |actual|; None where nothing was recorded."""
+    pred = [arrays[f"{objective}__{r}__predicted_change"].ravel() for r in risks
+            if f"{objective}__{r}__actual_change" in arrays]
+    act = [arrays[f"{objective}__{r}__actual_change"].ravel() for r in risks
+           if f"{objective}__{r}__actual_change" in arrays]
+    if not pred:
+        return None
+    p, a = np.concatenate(pred), np.concatenate(act)
+    corr = float(np.corrcoef(p, a)[0, 1]) if p.size > 1 and p.std() > 0 and a.std() > 0 else float("nan")
+    rel = np.abs(p - a) / np.maximum(np.abs(a), 1e-12)
+    return {"corr": corr, "median_rel_err": float(np.median(rel))}
+
+
+def plot_fidelity(out: Path, arrays: dict[str, np.ndarray], objectives: list[str], risks: list[str]) -> Path | None:
+    """fidelity.png: predicted vs actual change of each risk instance, one panel per objective run."""
+    runs = [o for o in objectives if fidelity(arrays, o, risks) is not None]
+    if not runs:
+        return None
+    plt = _pyplot()
+    cols = min(len(runs), 4)
+    nrow = math.ceil(len(runs) / cols)
+    fig, axes = plt.subplots(nrow, cols, figsize=(3.6 * cols, 3.4 * nrow), squeeze=False)
+    for k, obj in enumerate(runs):
+        ax = axes[k // cols][k % cols]
+        lo, hi = np.inf, -np.inf
+        for j, risk in enumerate(risks):
+            p, a = arrays.get(f"{obj}__{risk}__predicted_change"), arrays.get(f"{obj}__{risk}__actual_change")
+            if p is None or a is None:
+                continue
+            ax.scatter(p.ravel(), a.ravel(), s=10, alpha=0.7, marker="os^"[j % 3], label=risk)
+            lo, hi = min(lo, p.min(), a.min()), max(hi, p.max(), a.max())
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+        f = fidelity(arrays, obj, risks)
+        ax.set_title(f"{obj}: r = {f['corr']:.3f}, median rel. err {f['median_rel_err']:.2g}", fontsize=8)
+        ax.set_xlabel("predicted change <grad r_i, delta theta>", fontsize=7)
+        ax.set_ylabel("actual change of r_i", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for k in range(len(runs), nrow * cols):
+        axes[k // cols][k % cols].axis("off")
+    return _save(fig, out / "fidelity.png")
+
+
+def plot_tokens(out: Path, changes: dict[str, np.ndarray], input_ids, labels, tokenizer) -> Path:
+    """tokens.png: one heat-map row per forget answer and objective run, one cell per answer token
+    (labelled with the token), coloured by the predicted change of its NLL over the run's first
+    update (red: pushed down, i.e. NLL rises; blue: pulled up); each row scaled to its own maximum,
+    the maximum printed at the row's end."""
+    plt = _pyplot()
+    from matplotlib.colors import TwoSlopeNorm
+    runs = list(changes)
+    n_rows, width = next(iter(changes.values())).shape
+    answer = [np.flatnonzero(np.isfinite(changes[runs[0]][i])) for i in range(n_rows)]
+    cols = max((len(a) for a in answer), default=1)
+    fig, axes = plt.subplots(n_rows, 1, figsize=(min(24, 1.0 + 0.55 * cols), 0.5 + 0.42 * len(runs) * n_rows + 0.4 * n_rows),
+                             squeeze=False)
+    for i, ax in enumerate(axes[:, 0]):
+        idx = answer[i]
+        grid = np.stack([changes[r][i, idx] / max(np.nanmax(np.abs(changes[r][i, idx])), 1e-30) for r in runs])
+        ax.imshow(grid, cmap="RdBu_r", norm=TwoSlopeNorm(0, -1, 1), aspect="auto")
+        words = [tokenizer.decode([int(t)]) if tokenizer is not None else str(int(t)) for t in labels[i, idx + 1]]
+        ax.set_xticks(range(len(idx)), words, fontsize=7, rotation=60, ha="right")
+        ax.set_yticks(range(len(runs)), runs, fontsize=7)
+        for k, r in enumerate(runs):
+            ax.text(len(idx) - 0.4, k, f" max {np.nanmax(np.abs(changes[r][i, idx])):.2g}", va="center", fontsize=6)
+        ax.set_title(f"forget answer {i + 1}: predicted NLL change per token over the first update "
+                     "(red = pushed down)", fontsize=8)
+    return _save(fig, out / "tokens.png")
 
 
 def _fmt(v) -> str:

@@ -33,12 +33,18 @@ def shard(rank):
     return (fi[f], fm[f], fl[f]), (ri[r], rm[r], rl[r])
 
 
-def measure(model, fb, rb, vector: bool):
+def measure(model, fb, rb, vector: bool, direction=None):
     with gefx.trace(model) as tape:
         nll_f = sequence_nll(model(input_ids=fb[0], attention_mask=fb[1]).logits, fb[2])
         nll_r = sequence_nll(model(input_ids=rb[0], attention_mask=rb[1]).logits, rb[2])
         objective = -nll_f if vector else -nll_f.sum() + 0.3 * nll_r.sum()
-        return gefx.g_effect(tape, objective, {"forget": nll_f, "retain": nll_r}).to_dict()
+        return gefx.g_effect(tape, objective, {"forget": nll_f, "retain": nll_r}, direction=direction).to_dict()
+
+
+def direction_of(model):
+    """The same seeded direction on every rank and in the single process (parameter order)."""
+    g = torch.Generator().manual_seed(3)
+    return {p: torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()}
 
 
 def wrapped(wrap):
@@ -71,7 +77,7 @@ def measure_rank(rank, wrap):
             nll_f = sequence_nll(model(input_ids=fb[0], attention_mask=fb[1]).logits, fb[2])
             nll_r = sequence_nll(model(input_ids=rb[0], attention_mask=rb[1]).logits, rb[2])
             eff = gefx.g_effect(tape, -nll_f.sum() + 0.3 * nll_r.sum(), {"forget": nll_f, "retain": nll_r},
-                                backward=True)
+                                backward=True, direction=direction_of(model))
             assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
             results.append(eff.to_dict())
     return results
@@ -126,6 +132,7 @@ def test_two_processes_equal_one_process(tmp_path, wrap):
     single = tiny_model("llama", torch.float64)
     fb, rb = data()
     expected = [measure(single, fb, rb, vector) for vector in (True, False)]
+    along = measure(single, fb, rb, False, direction_of(single))
     for rank in range(WORLD):
         got = torch.load(f"{out}.{rank}")
         if wrap == "ddp":  # DDP averages gradients: the online result is that of objective / WORLD
@@ -136,6 +143,8 @@ def test_two_processes_equal_one_process(tmp_path, wrap):
                 # online values to float32 roundoff, Llama's RMSNorm computing in float32 (gefx.step)
                 ref = torch.tensor(online[risk]["per_instance"])
                 assert (torch.tensor(step[risk]["per_instance"]) - ref).abs().max() <= 1e-6 * ref.abs().max()
+                pred = torch.tensor(along[risk]["predicted_change"])  # the direction's products, gathered
+                assert (torch.tensor(step[risk]["predicted_change"]) - pred).abs().max() <= 1e-6 * pred.abs().max()
         assert close(got, expected), f"rank {rank} differs from the single-process run"
     assert len(expected[0]["retain"]["per_instance"]) == 3  # uneven shards gathered in rank order
 

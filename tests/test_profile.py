@@ -78,7 +78,7 @@ def test_csv_json_and_group_sums(run):
     out = run["out"]
     with open(out / "g_effects.csv") as fh:
         reader = csv.DictReader(fh)
-        assert reader.fieldnames == ["objective", "step", "risk", "group", "value"]
+        assert reader.fieldnames == ["objective", "step", "risk", "group", "value", "predicted_change", "actual_change"]
         rows = list(reader)
     js = json.loads((out / "g_effects.json").read_text())
     assert len(js["g_effects"]) == len(rows) > 0
@@ -115,7 +115,7 @@ def test_per_instance_arrays_add_up(run):
 
 def test_plots_metrics_and_table(run, capsys):
     out = run["out"]
-    for name in ("g_effects.png", "per_instance.png", "weights.png", "metrics.png"):
+    for name in ("g_effects.png", "per_instance.png", "weights.png", "metrics.png", "fidelity.png", "tokens.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     with open(out / "metrics.csv") as fh:
@@ -145,16 +145,22 @@ def test_g_effects_match_per_sample_autograd(default, tmp_path):
         opt = torch.optim.AdamW(m32.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         for step in range(3):
             batches = plan.batches(step)
-            if step % 2 == 0:
-                _check_step(res["arrays"], spec, step // 2, obj, copy.deepcopy(m32).double(),
-                            models.frozen_copy(ref).double(), batches)
+            before = [p.detach().clone() for p in m32.parameters()]
             refs = {b: O.forward(ref, batches[b]) for b in obj.ref_batches}
             opt.zero_grad()
             obj({b: O.forward(m32, batches[b]) for b in obj.batches}, refs).for_g_effect().sum().backward()
             opt.step()
+            if step % 2 == 0:  # the update this step made, from the real optimizer
+                delta = torch.cat([(p.detach() - q).flatten() for p, q in zip(m32.parameters(), before)]).double()
+                m64 = copy.deepcopy(m32).double()
+                with torch.no_grad():
+                    for p, q in zip(m64.parameters(), before):
+                        p.copy_(q)
+                _check_step(res["arrays"], spec, step // 2, obj, m64, models.frozen_copy(ref).double(), batches,
+                            delta, copy.deepcopy(m32).double())
 
 
-def _check_step(arrays, spec, k, obj, m64, ref64, batches):
+def _check_step(arrays, spec, k, obj, m64, ref64, batches, delta, after64):
     from gefx import objectives as O
     from gefx.losses import token_mean_nll
     params = list(m64.parameters())
@@ -167,6 +173,17 @@ def _check_step(arrays, spec, k, obj, m64, ref64, batches):
             torch.autograd.grad(vec[i], params, retain_graph=True), g_obj)) for i in range(len(vec))])
         got = torch.as_tensor(arrays[f"{spec}__{risk}__per_instance"][k])
         assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), (spec, k, risk, got, expected)
+        # predicted change: <grad r_i, delta theta> for the update the real AdamW step made
+        predicted = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(vec[i], params, retain_graph=True)])
+                                 @ delta for i in range(len(vec))])
+        got = torch.as_tensor(arrays[f"{spec}__{risk}__predicted_change"][k])
+        assert (got - predicted).abs().max() <= 1e-3 * predicted.abs().max(), (spec, k, risk, got, predicted)
+        # actual change: the risk re-evaluated after the step
+        with torch.no_grad():
+            out = O.forward(after64, batches[risk])
+            actual = token_mean_nll(out.logits, out.labels) - vec.detach()
+        got = torch.as_tensor(arrays[f"{spec}__{risk}__actual_change"][k])
+        assert (got - actual).abs().max() <= 1e-3 * actual.abs().max() + 1e-6, (spec, k, risk, got, actual)
 
 
 def test_extraction_equals_greedy_generation(default):

@@ -21,11 +21,13 @@ from ..geffect import GEffect
 
 class Record(NamedTuple):
     """One measurement: the step, the objective's name, its G-effects and, optionally, which rows
-    of each data split the risks' instances were (risk name -> row indices)."""
+    of each data split the risks' instances were (risk name -> row indices) and each risk
+    instance's actual change over the step (risk name -> [B]: r_i after minus before)."""
     step: int
     objective: str
     effects: GEffect
     data_rows: dict[str, list[int]] | None = None
+    actual_change: dict | None = None
 
 
 class Recorder:
@@ -35,8 +37,8 @@ class Recorder:
         self.records: list[Record] = []
 
     def add(self, step: int, effects: GEffect, objective: str = "objective",
-            data_rows: dict[str, list[int]] | None = None) -> None:
-        self.records.append(Record(int(step), objective, effects, data_rows))
+            data_rows: dict[str, list[int]] | None = None, actual_change: dict | None = None) -> None:
+        self.records.append(Record(int(step), objective, effects, data_rows, actual_change))
 
     def rows(self) -> list[dict]:
         """Long format: objective, step, risk, group, value (group "total" for the sum)."""
@@ -47,8 +49,15 @@ class Recorder:
 
 
 def long_rows(records: list[Record]) -> list[dict]:
-    """Every record's ``GEffect.rows`` keyed by objective and step: what g_effects.csv holds."""
-    return [row for r in records for row in r.effects.rows(objective=r.objective, step=r.step)]
+    """Every record's ``GEffect.rows`` keyed by objective and step (with ``actual_change``, summed
+    over the risk's instances, on the "total" rows where recorded): what g_effects.csv holds."""
+    out = []
+    for r in records:
+        for row in r.effects.rows(objective=r.objective, step=r.step):
+            if r.actual_change and row["group"] == "total" and row["risk"] in r.actual_change:
+                row["actual_change"] = float(r.actual_change[row["risk"]].sum())
+            out.append(row)
+    return out
 
 
 def save_records(folder, records: list[Record], plots: bool = True) -> Path:

@@ -1,0 +1,159 @@
+"""What :func:`gefx.g_effect` returns: :class:`RiskEffect` per risk, gathered in a :class:`GEffect`.
+
+For an objective L, a risk vector r (R = sum_i r_i), groups g of the counted parameters and,
+optionally, a direction d in parameter space (the optimizer's next update, or any given one):
+
+    per_instance_group[g, i]       <grad_g r_i, grad_g L>      the G-effect
+    per_objective_instance_group   <grad_g R, grad_g l_s>      the PG-effect (L given as a vector l)
+    risk_norm_group[g, i]          ||grad_g r_i||
+    objective_norm_group[g]        ||grad_g L||
+    cosine_group[g, i]             per_instance_group / (risk_norm_group * objective_norm_group)
+    predicted_change_group[g, i]   <grad_g r_i, d_g>           (with a direction)
+
+Totals over groups: ``per_instance`` sums, norms combine as the root of the summed squares, and the
+cosine is recomputed from the totals. The cosine is the G-effect without its scale: GA's gradient
+norm explodes as the forget NLL grows, so its raw G-effects grow by orders of magnitude while the
+cosine stays in [-1, 1] and shows whether the direction itself changes. With d = the optimizer's
+update, ``predicted_change`` is the first-order change of each risk instance over the step
+(r_i(theta + d) - r_i(theta) ~ <grad r_i, d>); for plain SGD d = -lr grad L, i.e. -lr times the
+G-effect.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _cos(dot: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """dot / (a * b), 0 where a norm is 0 (a gradient that is zero has no direction)."""
+    den = a * b
+    return torch.where(den > 0, dot / den.clamp(min=torch.finfo(den.dtype).tiny), torch.zeros_like(dot))
+
+
+@dataclass
+class RiskEffect:
+    """G-effects of one objective on one risk (see the module docstring for each field)."""
+
+    risk: str
+    groups: list[str]
+    per_instance_group: torch.Tensor                     # [n_groups, B_risk]
+    per_objective_instance_group: torch.Tensor | None    # [n_groups, B_objective] or None
+    risk_norm_group: torch.Tensor | None = None          # [n_groups, B_risk]
+    objective_norm_group: torch.Tensor | None = None     # [n_groups]
+    predicted_change_group: torch.Tensor | None = None   # [n_groups, B_risk]
+
+    @property
+    def per_instance(self) -> torch.Tensor:
+        return self.per_instance_group.sum(0)
+
+    @property
+    def per_objective_instance(self) -> torch.Tensor | None:
+        g = self.per_objective_instance_group
+        return None if g is None else g.sum(0)
+
+    @property
+    def per_group(self) -> dict[str, float]:
+        return {g: float(v) for g, v in zip(self.groups, self.per_instance_group.sum(1))}
+
+    @property
+    def total(self) -> float:
+        return float(self.per_instance_group.sum())
+
+    # -- norms and cosines -------------------------------------------------------------------
+    @property
+    def risk_norm(self) -> torch.Tensor | None:
+        """[B_risk]: ||grad r_i|| over all counted parameters."""
+        g = self.risk_norm_group
+        return None if g is None else g.pow(2).sum(0).sqrt()
+
+    @property
+    def objective_norm(self) -> float | None:
+        """||grad L|| over all counted parameters."""
+        g = self.objective_norm_group
+        return None if g is None else float(g.pow(2).sum().sqrt())
+
+    @property
+    def cosine_group(self) -> torch.Tensor | None:
+        """[n_groups, B_risk]: cos(grad_g r_i, grad_g L)."""
+        if self.risk_norm_group is None or self.objective_norm_group is None:
+            return None
+        return _cos(self.per_instance_group, self.risk_norm_group, self.objective_norm_group[:, None])
+
+    @property
+    def cosine(self) -> torch.Tensor | None:
+        """[B_risk]: cos(grad r_i, grad L)."""
+        if self.risk_norm_group is None or self.objective_norm_group is None:
+            return None
+        return _cos(self.per_instance, self.risk_norm, self.objective_norm_group.pow(2).sum().sqrt())
+
+    # -- the step's direction ----------------------------------------------------------------
+    @property
+    def predicted_change(self) -> torch.Tensor | None:
+        """[B_risk]: <grad r_i, d>, the first-order change of each risk instance along d."""
+        g = self.predicted_change_group
+        return None if g is None else g.sum(0)
+
+    @property
+    def predicted_change_per_group(self) -> dict[str, float] | None:
+        g = self.predicted_change_group
+        return None if g is None else {name: float(v) for name, v in zip(self.groups, g.sum(1))}
+
+    @classmethod
+    def concat(cls, parts: list["RiskEffect"]) -> "RiskEffect":
+        """One risk streamed over several batches against the same objective (and direction): the
+        parts' instances side by side (the risk is the sum over all of them)."""
+        first = parts[0]
+        if any(p.groups != first.groups for p in parts):
+            raise ValueError("RiskEffect.concat: the parts have different groups")
+
+        def cat(key):
+            values = [getattr(p, key) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values, dim=1)
+        return cls(first.risk, first.groups, cat("per_instance_group"), None, cat("risk_norm_group"),
+                   first.objective_norm_group, cat("predicted_change_group"))
+
+    def to_dict(self) -> dict:
+        def rows(t):
+            return None if t is None else {g: row.tolist() for g, row in zip(self.groups, t)}
+
+        def vec(t):
+            return None if t is None else t.tolist()
+        return {"risk": self.risk, "total": self.total, "per_group": self.per_group,
+                "per_instance": self.per_instance.tolist(), "per_instance_group": rows(self.per_instance_group),
+                "per_objective_instance": vec(self.per_objective_instance),
+                "risk_norm": vec(self.risk_norm), "risk_norm_group": rows(self.risk_norm_group),
+                "objective_norm": self.objective_norm,
+                "objective_norm_group": vec(self.objective_norm_group),
+                "cosine": vec(self.cosine),
+                "predicted_change": vec(self.predicted_change),
+                "predicted_change_group": rows(self.predicted_change_group)}
+
+
+class GEffect(dict):
+    """risk name -> :class:`RiskEffect`, in the order the risks were given."""
+
+    @property
+    def groups(self) -> list[str]:
+        return next(iter(self.values())).groups
+
+    def to_dict(self) -> dict:
+        return {name: eff.to_dict() for name, eff in self.items()}
+
+    def rows(self, **keys) -> list[dict]:
+        """Long-format rows {**keys, risk, group, value[, predicted_change]}, one per risk and group
+        plus group "total" (e.g. ``effects.rows(objective="ga", step=10)``), for CSV files and
+        plots; ``predicted_change`` (summed over the risk's instances) where a direction was given."""
+        out = []
+        for name, eff in self.items():
+            pred = eff.predicted_change_per_group
+            for group, value in [*eff.per_group.items(), ("total", eff.total)]:
+                row = {**keys, "risk": name, "group": group, "value": value}
+                if pred is not None:
+                    row["predicted_change"] = sum(pred.values()) if group == "total" else pred[group]
+                out.append(row)
+        return out
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{n}: total={e.total:.6g}" for n, e in self.items())
+        return f"GEffect({body})"
