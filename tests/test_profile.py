@@ -299,3 +299,31 @@ def test_cli_process_exit_status_without_traceback(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "unknownobj" in r.stderr
+
+
+def test_retain_eval_whole_set_risk_matches_per_sample_autograd(default, tmp_path):
+    """--retain-eval N: the retaining G-effect of step 0 over N retain rows (risk: the token-mean NLL
+    over all of them, one instance per row, streamed in batches) against float64 autograd."""
+    import copy
+    from gefx import objectives as O
+    from gefx.losses import token_nll
+    model, tok, folder, _ = default
+    args = P.build_parser().parse_args(["--objectives", "ga", "--steps", "1", "--retain-eval", "18", "--no-plots",
+                                        "--no-progress", "--out", str(tmp_path)])
+    res = P.run(args)
+    plan = P.make_plan(args, tok, P._load_data(args, folder), "cpu")
+    m64 = copy.deepcopy(model).double()
+    params = list(m64.parameters())
+    obj = O.make("ga")
+    g_obj = torch.autograd.grad(obj({"forget": O.forward(m64, plan.batches(0)["forget"])}, None).for_g_effect().sum(),
+                                params)
+    rows = plan.retain_eval
+    b = rows.batch(list(range(rows.n)))
+    nll, mask = token_nll(O.forward(m64, b).logits, b["labels"])
+    vec = nll.sum(1) / mask.sum()
+    expected = torch.stack([sum((g * h).sum() for g, h in zip(torch.autograd.grad(vec[i], params, retain_graph=True),
+                                                               g_obj)) for i in range(rows.n)])
+    got = torch.as_tensor(res["arrays"]["ga__retain_eval__per_instance"][0])
+    assert got.shape == (18,)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert res["arrays"]["ga__retain_eval__predicted_change"].shape == (1, 18)
