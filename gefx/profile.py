@@ -488,7 +488,7 @@ def _report(session: Session, specs, objs, data, model_name, device, out_dir: Pa
     fid = {label: fidelity(arrays, label, risks) for label in specs}
     if any(fid.values()):
         print("  first-order fidelity (predicted <grad r_i, delta theta> vs actual change over each measured step): "
-              + "; ".join(f"{label} r={f['corr']:.3f}, median rel. err {f['median_rel_err']:.2g}"
+              + "; ".join(f"{label} r={f['corr']:.3f}, rel. error {f['rel_err']:.2g}"
                           for label, f in fid.items() if f))
     print(f"wrote {out_dir}/g_effects.csv, g_effects.json, metrics.csv, metrics.json, per_instance.npz"
           + "".join(f", {p.name}" for p in paths) + f"  ({elapsed:.0f} s)")

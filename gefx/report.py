@@ -251,8 +251,9 @@ def plot_metrics(out: Path, metrics: list[dict], objectives: list[str]) -> Path:
 
 def fidelity(arrays: dict[str, np.ndarray], objective: str, risks: list[str]) -> dict | None:
     """How well first-order predictions held over one objective's run: the Pearson correlation of
-    predicted and actual per-instance changes (all measured steps and risks) and the median
-    relative error |predicted - actual| / |actual|; None where nothing was recorded."""
+    predicted and actual per-instance changes (all measured steps and risks) and the relative
+    error sum |predicted - actual| / sum |actual| (weighted by the size of the change, so steps where
+    nothing moves do not dilute it); None where nothing was recorded."""
     pred = [arrays[f"{objective}__{r}__predicted_change"].ravel() for r in risks
             if f"{objective}__{r}__actual_change" in arrays]
     act = [arrays[f"{objective}__{r}__actual_change"].ravel() for r in risks
@@ -261,8 +262,7 @@ def fidelity(arrays: dict[str, np.ndarray], objective: str, risks: list[str]) ->
         return None
     p, a = np.concatenate(pred), np.concatenate(act)
     corr = float(np.corrcoef(p, a)[0, 1]) if p.size > 1 and p.std() > 0 and a.std() > 0 else float("nan")
-    rel = np.abs(p - a) / np.maximum(np.abs(a), 1e-12)
-    return {"corr": corr, "median_rel_err": float(np.median(rel))}
+    return {"corr": corr, "rel_err": float(np.abs(p - a).sum() / max(np.abs(a).sum(), 1e-300))}
 
 
 def plot_fidelity(out: Path, arrays: dict[str, np.ndarray], objectives: list[str], risks: list[str]) -> Path | None:
@@ -285,7 +285,7 @@ def plot_fidelity(out: Path, arrays: dict[str, np.ndarray], objectives: list[str
             lo, hi = min(lo, p.min(), a.min()), max(hi, p.max(), a.max())
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
         f = fidelity(arrays, obj, risks)
-        ax.set_title(f"{obj}: r = {f['corr']:.3f}, median rel. err {f['median_rel_err']:.2g}", fontsize=8)
+        ax.set_title(f"{obj}: r = {f['corr']:.3f}, rel. error {f['rel_err']:.2g}", fontsize=8)
         ax.set_xlabel("predicted change <grad r_i, delta theta>", fontsize=7)
         ax.set_ylabel("actual change of r_i", fontsize=7)
         ax.tick_params(labelsize=6)
