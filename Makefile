@@ -21,12 +21,31 @@ setup: $(BIN)/.gefx-installed
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-triton-min
+
+# The Triton kernels' interpreter and compile tests again with the oldest supported Triton (the GPU
+# machines' 3.6; gefx.kernels refuses older ones), in a second environment: the CPU torch wheel, no
+# C++ extension, no transformers (the kernel tests need neither). numpy < 2.4: Triton 3.6's interpreter
+# converts 1-element arrays with int(), which numpy 2.4 made an error (loops over runtime bounds fail).
+TRITON_MIN ?= triton==3.6.0
+VENV_MIN ?= .venv-triton-min
+KERNEL_TESTS ?= tests/test_kernels.py tests/test_kernels_precision.py tests/test_kernels_version.py tests/test_compile.py
+$(VENV_MIN)/.gefx-installed: pyproject.toml setup.py
+	test -x $(VENV_MIN)/bin/python || $(PY) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_MIN)/bin/python -m pip install --quiet $(TORCH) "$(TRITON_MIN)" "numpy<2.4" tqdm pytest
+	GEFX_BUILD_EXT=0 $(VENV_MIN)/bin/python -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+.PHONY: test-triton-min
+test-triton-min: $(VENV_MIN)/.gefx-installed
+	$(VENV_MIN)/bin/python -m pytest -q -p no:cacheprovider $(KERNEL_TESTS)
 
 env: setup
 	$(BIN)/python -m gefx env
 
 clean:
-	rm -rf $(VENV) build *.egg-info gefx/_C*.so
+	rm -rf $(VENV) $(VENV_MIN) build *.egg-info gefx/_C*.so
 
 # The main job on the built-in default (offline): `make profile`, or `make profile ARGS="--objectives ga,npo"`.
 ARGS ?=

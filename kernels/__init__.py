@@ -31,7 +31,7 @@ else:
     OPS: dict = {}
 
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any import failure makes the backend unavailable
         UNAVAILABLE = f"triton is not importable ({type(exc).__name__}: {exc})"
@@ -40,28 +40,34 @@ else:
 
         from ._common import interpreting
 
-        if not interpreting() and not torch.cuda.is_available():
+        TRITON_MIN = (3, 6)  # the oldest Triton the kernels are tested with (`make test-triton-min`)
+        _version = tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:2] if x.isdigit())
+        if _version < TRITON_MIN:
+            UNAVAILABLE = (f"triton {triton.__version__} is older than {'.'.join(map(str, TRITON_MIN))}, the oldest "
+                           "version gefx.kernels is tested with; pip install 'triton>=3.6'")
+        elif not interpreting() and not torch.cuda.is_available():
             UNAVAILABLE = ("no CUDA device (torch.cuda.is_available() is False) and TRITON_INTERPRET is not 1; "
                            "set TRITON_INTERPRET=1 before importing gefx.kernels to run the kernels on the CPU "
                            "interpreter (slow, for tests)")
-        from .dense_dot import dense_dot_triton
-        from .embedding_dense_dot import embedding_dense_dot_triton
-        from .embedding_linear_pairwise import embedding_linear_pairwise_triton
-        from .embedding_pairwise import embedding_pairwise_triton
-        from .embedding_self import embedding_self_triton
-        from .ghost_pairwise import ghost_pairwise_triton
-        from .ghost_self import ghost_self_triton
-        from .norm_grad import norm_grad_triton
+        if _version >= TRITON_MIN:
+            from .dense_dot import dense_dot_triton
+            from .embedding_dense_dot import embedding_dense_dot_triton
+            from .embedding_linear_pairwise import embedding_linear_pairwise_triton
+            from .embedding_pairwise import embedding_pairwise_triton
+            from .embedding_self import embedding_self_triton
+            from .ghost_pairwise import ghost_pairwise_triton
+            from .ghost_self import ghost_self_triton
+            from .norm_grad import norm_grad_triton
 
-        OPS = {
-            "ghost_pairwise": ghost_pairwise_triton,
-            "ghost_self": ghost_self_triton,
-            "dense_dot": dense_dot_triton,
-            "embedding_pairwise": embedding_pairwise_triton,
-            "embedding_self": embedding_self_triton,
-            "embedding_dense_dot": embedding_dense_dot_triton,
-            "embedding_linear_pairwise": embedding_linear_pairwise_triton,
-            "norm_grad": norm_grad_triton,
-        }
+            OPS = {
+                "ghost_pairwise": ghost_pairwise_triton,
+                "ghost_self": ghost_self_triton,
+                "dense_dot": dense_dot_triton,
+                "embedding_pairwise": embedding_pairwise_triton,
+                "embedding_self": embedding_self_triton,
+                "embedding_dense_dot": embedding_dense_dot_triton,
+                "embedding_linear_pairwise": embedding_linear_pairwise_triton,
+                "norm_grad": norm_grad_triton,
+            }
 
     __all__ = ["OPS", "UNAVAILABLE"]

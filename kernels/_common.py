@@ -89,17 +89,35 @@ def mask_args(mask: torch.Tensor | None, like: torch.Tensor):
     return m, m.stride(0), m.stride(1), True
 
 
+def fp32_precision() -> str:
+    """How float32 (and upcast mixed-dtype) tiles are multiplied: "tf32x3" (default; tensor cores at
+    float32 accuracy, see _dot) or "ieee" (CUDA-core FMAs, e.g. to compare speed or accuracy), read
+    from GEFX_TRITON_FP32_DOT at each launch."""
+    mode = os.environ.get("GEFX_TRITON_FP32_DOT", "tf32x3").strip().lower()
+    if mode not in ("tf32x3", "ieee"):
+        raise ValueError(f"GEFX_TRITON_FP32_DOT must be 'tf32x3' or 'ieee', got {mode!r}")
+    return mode
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: exact fp32 products for float32 inputs (matching torch's default of
-    no TF32), the native tensor-core path for fp16/bf16 (whose products are exact in fp32)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """_dot's PRECISION: "tf32x3" for float32 inputs (float32 accuracy, matching torch's default of
+    no TF32, on tensor cores), the native tensor-core path ("tf32", ignored for 16-bit inputs) for
+    fp16/bf16, whose products are exact in the fp32 accumulator."""
+    return fp32_precision() if dtype == torch.float32 else "tf32"
 
 
 def pair_mode(x: torch.Tensor, y: torch.Tensor) -> tuple[bool, str]:
-    """(UPCAST, PRECISION) for a dot of tiles of x and y: upcast to fp32 when their dtypes differ."""
+    """(UPCAST, PRECISION) for a dot of tiles of x and y: upcast to fp32 when their dtypes differ
+    (then multiplied like float32 inputs)."""
     if x.dtype == y.dtype:
         return False, dot_precision(x.dtype)
-    return True, "ieee"
+    return True, fp32_precision()
+
+
+def wide(*precisions: str) -> bool:
+    """Whether any dot runs on float32 operands (tf32x3 or ieee rather than the native 16-bit
+    path): such tiles need about three times the registers, hence the modules' CONFIGS_FP32."""
+    return any(p != "tf32" for p in precisions)
 
 
 def pow2_block(n: int, cap: int, floor: int = 16) -> int:
@@ -114,10 +132,11 @@ def pow2_block(n: int, cap: int, floor: int = 16) -> int:
 _TUNED: dict[tuple, dict] = {}
 
 
-def fit_configs(configs: Sequence[dict], **sizes) -> list[dict]:
+def fit_configs(configs: Sequence[dict], elem_bytes: int = 4, **sizes) -> list[dict]:
     """Candidate configs with each named block shrunk to its problem size (a power of two, see
     pow2_block), deduplicated in order; one config only under the interpreter. A size is an int or
-    (int, floor)."""
+    (int, floor). On a CUDA device, configs whose shared memory (smem_estimate at `elem_bytes` per
+    input element; 4 = float32, the worst case) exceeds the device's limit are dropped."""
     out = []
     for cfg in configs[:1] if interpreting() else configs:
         c = dict(cfg)
@@ -126,7 +145,65 @@ def fit_configs(configs: Sequence[dict], **sizes) -> list[dict]:
             c[block] = pow2_block(n, cfg[block], floor=floor)
         if c not in out:
             out.append(c)
-    return out
+    return prune_configs(out, device_target(), elem_bytes)
+
+
+# Shared memory per block (bytes, the opt-in maximum) by compute capability major*10+minor.
+SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def smem_estimate(cfg: dict, elem_bytes: int = 4, target: int | None = None) -> int:
+    """Upper bound on a config's shared memory (bytes), from how the kernels load tiles: a tl.dot
+    loop loads a [rows, BLOCK_K] and a [BLOCK_K, cols] tile per stage (rows = BLOCK_M / BLOCK_T,
+    cols = BLOCK_N / BLOCK_S, or BLOCK_T for the square self kernels) into the shared buffers of
+    Triton's software pipeline (sequential loops reuse them): num_stages - 1 buffers on sm_8x
+    (cp.async), num_stages on sm_90+ (TMA/wgmma pipelines) and when the target is unknown. The
+    dot-free kernels ([BLOCK_T, BLOCK_D] tiles of two inputs) are bounded by 2 such tiles a buffer."""
+    rows = cfg.get("BLOCK_M", cfg.get("BLOCK_T", 0))
+    if "BLOCK_K" in cfg:
+        cols = cfg.get("BLOCK_N", cfg.get("BLOCK_S", rows))
+        per_stage = (rows + cols) * cfg["BLOCK_K"]
+    else:
+        per_stage = 2 * rows * cfg.get("BLOCK_D", 0)
+    stages = cfg.get("num_stages", 2)
+    buffers = stages if target is None or target >= 90 else max(1, stages - 1)
+    return buffers * per_stage * elem_bytes + SMEM_SCRATCH
+
+
+# Scratch beyond the pipeline buffers: layout conversions of the accumulators and the epilogue
+# (measured on the full compile grid: up to 4 KiB for the Gram kernels' float32 64 x 64 tiles and
+# 12 KiB for dense_dot's float32 64 x 128 tile with 8 warps on sm_90), rounded up.
+SMEM_SCRATCH = 16384
+
+
+def prune_configs(configs: Sequence[dict], target: int | None, elem_bytes: int = 4,
+                  limit: int | None = None) -> list[dict]:
+    """Drop the configs whose smem_estimate exceeds the shared memory of `target` (capability as
+    major*10+minor; None: keep all). Never returns an empty list: if none fits, the smallest stays."""
+    if target is None and limit is None:
+        return list(configs)
+    limit = limit if limit is not None else SMEM_LIMIT.get(target, SMEM_LIMIT[80] if target >= 80 else 49152)
+    est = lambda c: smem_estimate(c, elem_bytes, target)  # noqa: E731
+    keep = [c for c in configs if est(c) <= limit]
+    return keep or [min(configs, key=est)][:len(configs)]
+
+
+_TARGET: list = []
+
+
+def device_target() -> int | None:
+    """Compute capability (major*10+minor) of the current CUDA device when the kernels compile for
+    it; None under the interpreter or without CUDA (then nothing is pruned)."""
+    if interpreting() or not torch.cuda.is_available():
+        return None
+    if not _TARGET:
+        major, minor = torch.cuda.get_device_capability()
+        _TARGET.append(major * 10 + minor)
+    return _TARGET[0]
 
 
 def _time_ms(fn: Callable[[], object], reps: int = 5, long_ms: float = 20.0) -> float:
@@ -175,6 +252,51 @@ def tuned(op: str, key: tuple, candidates: Sequence[dict], launch: Callable[[dic
 
 
 @triton.jit
+def _split_tf32(x):
+    """(hi, lo) with x ~= hi + lo, both exactly representable in tf32 (1 + 10 mantissa bits).
+
+    hi is x rounded to nearest (ties away from zero, as cvt.rna.tf32.f32) on its 10 top mantissa
+    bits: adding half a tf32 ulp (bit 12) to the bit pattern and clearing the 13 low bits rounds the
+    magnitude (a carry into the exponent is the correct rounding). x - hi is exact in fp32 and at
+    most half a tf32 ulp of x (2^-11 |x|), and rounding it the same way leaves x - hi - lo at most
+    2^-23 |x|. Rounding (rather than truncating) both parts matters: truncation makes hi - x and
+    the dropped lo * lo terms one-signed (a bias) and leaves lo to the tensor core's own truncation;
+    measured on randn * 10**U(-3, 3) data, the mean error vs torch's float32 matmul was 1.0-1.4x
+    with rounding and 1.6-4.5x with truncation. Since hi and lo are exact tf32 values, the GPU's
+    tf32 products equal the interpreter's float32 ones (11 x 11 bit products are exact in fp32).
+    Inf / NaN inputs give NaN (inf - inf); finite |x| > 3.4e38 * (1 - 2^-12) rounds hi to inf.
+    """
+    hi = ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)  # -8192 = 0xFFFFE000
+    r = x - hi
+    lo = ((r.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return hi, lo
+
+
+@triton.jit
+def _dot(x, y, acc, PRECISION: tl.constexpr):
+    """acc + x @ y in float32: the one place where the kernels call tl.dot.
+
+    PRECISION "tf32x3" (float32 and upcast mixed-dtype tiles): the 3xTF32 scheme on tensor cores,
+    x_hi y_hi + x_hi y_lo + x_lo y_hi with fp32 accumulation (x_lo y_lo, <= 2^-22 |x||y| and of
+    random sign, is dropped), small terms first. It is spelled out rather than left to tl.dot's
+    built-in input_precision="tf32x3" (same split, cvt.rna rounding) because the Triton CPU
+    interpreter ignores input_precision: only an explicit split lets the CPU tests check the
+    decomposition (exactness of the parts, the three products, the accumulation). "ieee" (CUDA-core
+    fp32 FMAs, spill-heavy in the Gram kernels) and the native 16-bit path ("tf32" on fp16/bf16
+    tiles) go straight to tl.dot.
+    """
+    if PRECISION == "tf32x3":
+        x_hi, x_lo = _split_tf32(x)
+        y_hi, y_lo = _split_tf32(y)
+        acc = tl.dot(x_lo, y_hi, acc, input_precision="tf32")
+        acc = tl.dot(x_hi, y_lo, acc, input_precision="tf32")
+        acc = tl.dot(x_hi, y_hi, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(x, y, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _gram_tile(x_ptr, stride_xt, stride_xd, offs_t, ok_t,
                y_ptr, stride_yt, stride_yd, offs_s, ok_s, D,
                BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -182,20 +304,23 @@ def _gram_tile(x_ptr, stride_xt, stride_xd, offs_t, ok_t,
     """[BLOCK_T, BLOCK_S] float32 tile of token dot products x_t . y_s over D features.
 
     x_ptr / y_ptr point at one sample's [T, D] slab; rows with ok_t / ok_s False load as zeros.
+    Offsets are int64: token x row stride reaches 2^31 at T = 128k, D = 16k, and feature x feature
+    stride does the same for feature-major ([B, D, T] transposed) views.
     """
     acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + offs_t[:, None] * stride_xt
-    y_cols = y_ptr + offs_s[None, :] * stride_yt
+    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt
+    y_cols = y_ptr + offs_s.to(tl.int64)[None, :] * stride_yt
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + offs_k
         ok_k = kk < D
-        x = tl.load(x_rows + kk[None, :] * stride_xd, mask=ok_t[:, None] & ok_k[None, :], other=0.0)
-        y = tl.load(y_cols + kk[:, None] * stride_yd, mask=ok_k[:, None] & ok_s[None, :], other=0.0)
+        kk64 = kk.to(tl.int64)
+        x = tl.load(x_rows + kk64[None, :] * stride_xd, mask=ok_t[:, None] & ok_k[None, :], other=0.0)
+        y = tl.load(y_cols + kk64[:, None] * stride_yd, mask=ok_k[:, None] & ok_s[None, :], other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
             y = y.to(tl.float32)
-        acc = tl.dot(x, y, acc, input_precision=PRECISION)
+        acc = _dot(x, y, acc, PRECISION)
     return acc
 
 
@@ -204,7 +329,7 @@ def _load_mask(m_ptr, stride_mt, offs, ok, HAS_MASK: tl.constexpr):
     """Token mask of one sample's tile as int1 (bounds included)."""
     live = ok
     if HAS_MASK:
-        m = tl.load(m_ptr + offs * stride_mt, mask=ok, other=0)
+        m = tl.load(m_ptr + offs.to(tl.int64) * stride_mt, mask=ok, other=0)
         live = ok & (m != 0)
     return live
 

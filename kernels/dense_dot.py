@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from ._common import _load_mask
+from ._common import _dot, _load_mask
 
 CONFIGS = (
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
@@ -22,6 +22,10 @@ CONFIGS = (
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+)
+CONFIGS_FP32 = (  # float32 / mixed inputs: three tf32 dots per tile (see _common._dot), sized not to spill
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
 )
 
 
@@ -46,19 +50,24 @@ def _dense_dot_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     ok_t = _load_mask(mask_ptr + b * stride_maskb, stride_maskt, offs_t, offs_t < T, HAS_MASK)
     ok_n = offs_n < DG
-    a_rows = a_ptr + b * stride_ab + offs_t[:, None] * stride_at
-    m_cols = m_ptr + offs_n[None, :] * stride_m0
+    # int64 offsets: token x row stride and feature x stride pass 2^31 for T = 128k, D = 16k (any
+    # layout); the partial index pid_m * num_pid_n + pid_n below is < the grid size (< 2^31)
+    offs_t64 = offs_t.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    a_rows = a_ptr + b * stride_ab + offs_t64[:, None] * stride_at
+    m_cols = m_ptr + offs_n64[None, :] * stride_m0
     z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, DA, BLOCK_K):
         kk = k0 + offs_k
         ok_k = kk < DA
-        x = tl.load(a_rows + kk[None, :] * stride_ad, mask=ok_t[:, None] & ok_k[None, :], other=0.0)
-        y = tl.load(m_cols + kk[:, None] * stride_m1, mask=ok_k[:, None] & ok_n[None, :], other=0.0)
+        kk64 = kk.to(tl.int64)
+        x = tl.load(a_rows + kk64[None, :] * stride_ad, mask=ok_t[:, None] & ok_k[None, :], other=0.0)
+        y = tl.load(m_cols + kk64[:, None] * stride_m1, mask=ok_k[:, None] & ok_n[None, :], other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
             y = y.to(tl.float32)
-        z = tl.dot(x, y, z, input_precision=PRECISION)
-    gt = tl.load(g_ptr + b * stride_gb + offs_t[:, None] * stride_gt + offs_n[None, :] * stride_gd,
+        z = _dot(x, y, z, PRECISION)
+    gt = tl.load(g_ptr + b * stride_gb + offs_t64[:, None] * stride_gt + offs_n64[None, :] * stride_gd,
                  mask=ok_t[:, None] & ok_n[None, :], other=0.0).to(tl.float32)
     total = tl.sum(tl.sum(z * gt, axis=1), axis=0)
     tl.store(part_ptr + pid_m * num_pid_n + pid_n, total)
@@ -82,8 +91,9 @@ def _launch(a, g, m, mask, cfg: dict) -> torch.Tensor:
     return part.sum(dim=(1, 2))
 
 
-def fit_configs(t: int, da: int, dg: int, configs=None) -> list[dict]:
-    return C.fit_configs(CONFIGS if configs is None else configs, BLOCK_M=t, BLOCK_N=dg, BLOCK_K=da)
+def fit_configs(t: int, da: int, dg: int, configs=None, fp32: bool = True) -> list[dict]:
+    """The candidate configs (float32 / mixed inputs: CONFIGS_FP32) fitted to the problem and pruned for the device."""
+    return C.fit_configs(configs or (CONFIGS_FP32 if fp32 else CONFIGS), 4 if fp32 else 2, BLOCK_M=t, BLOCK_N=dg, BLOCK_K=da)
 
 
 def dense_dot_triton(a, g, m, mask=None):
@@ -103,4 +113,4 @@ def dense_dot_triton(a, g, m, mask=None):
     if b == 0 or t == 0 or da == 0 or dg == 0:
         return torch.zeros((b,), dtype=torch.float32, device=a.device)
     key = (t, da, dg, a.dtype, g.dtype, m.dtype, mask is None)
-    return C.tuned("dense_dot", key, fit_configs(t, da, dg), lambda cfg: _launch(a, g, m, mask, cfg), a.device)
+    return C.tuned("dense_dot", key, fit_configs(t, da, dg, fp32=C.wide(C.pair_mode(a, m)[1])), lambda cfg: _launch(a, g, m, mask, cfg), a.device)

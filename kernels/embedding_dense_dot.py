@@ -34,16 +34,20 @@ def _embedding_dense_dot_kernel(
     i = tl.program_id(1).to(tl.int64)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     ok_t = _load_mask(mask_ptr + i * stride_maskb, stride_maskt, offs_t, offs_t < T, HAS_MASK)
-    ids = tl.load(ids_ptr + i * stride_ib + offs_t * stride_it, mask=ok_t, other=0).to(tl.int64)
+    # int64 offsets: token id x table row stride (256k x 16k), token x row stride (128k x 16k) and
+    # feature x feature stride of transposed views all pass 2^31; the partial index i * n_t + pid is
+    # < the number of programs (< 2^31)
+    ids = tl.load(ids_ptr + i * stride_ib + offs_t.to(tl.int64) * stride_it, mask=ok_t, other=0).to(tl.int64)
     m_rows = m_ptr + ids[:, None] * stride_mv
-    g_rows = g_ptr + i * stride_gb + offs_t[:, None] * stride_gt
+    g_rows = g_ptr + i * stride_gb + offs_t.to(tl.int64)[:, None] * stride_gt
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + offs_d
         ok = ok_t[:, None] & (dd < D)[None, :]
-        m = tl.load(m_rows + dd[None, :] * stride_md, mask=ok, other=0.0).to(tl.float32)
-        g = tl.load(g_rows + dd[None, :] * stride_gd, mask=ok, other=0.0).to(tl.float32)
+        dd64 = dd.to(tl.int64)
+        m = tl.load(m_rows + dd64[None, :] * stride_md, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_rows + dd64[None, :] * stride_gd, mask=ok, other=0.0).to(tl.float32)
         acc += m * g
     tl.store(part_ptr + i * n_t + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
 

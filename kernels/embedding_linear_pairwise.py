@@ -22,6 +22,9 @@ CONFIGS = (
     dict(BLOCK_T=128, BLOCK_S=64, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=128, num_warps=4, num_stages=2),
 )
+CONFIGS_FP32 = (  # float32 / mixed inputs: three tf32 dots per tile (see _common._dot), sized not to spill
+    dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=32, num_warps=8, num_stages=3),
+)
 
 
 @triton.jit
@@ -43,8 +46,9 @@ def _embedding_linear_pairwise_kernel(
     ok_t = _load_mask(m1_ptr + i * stride_m1b, stride_m1t, offs_t, offs_t < T1, HAS_M1)
     ok_s = _load_mask(m2_ptr + j * stride_m2b, stride_m2t, offs_s, offs_s < T2, HAS_M2)
     live = (tl.sum(ok_t.to(tl.int32), axis=0) > 0) & (tl.sum(ok_s.to(tl.int32), axis=0) > 0)
-    ids = tl.load(ids1_ptr + i * stride_i1b + offs_t * stride_i1t, mask=ok_t, other=0).to(tl.int64)
-    lt = tl.load(l2_ptr + j * stride_l2b + offs_s[None, :] * stride_l2t + ids[:, None] * stride_l2v,
+    ids = tl.load(ids1_ptr + i * stride_i1b + offs_t.to(tl.int64) * stride_i1t, mask=ok_t, other=0).to(tl.int64)
+    # int64: token x vocabulary row stride passes 2^31 at 16k tokens x a 128k vocabulary
+    lt = tl.load(l2_ptr + j * stride_l2b + offs_s.to(tl.int64)[None, :] * stride_l2t + ids[:, None] * stride_l2v,
                  mask=ok_t[:, None] & ok_s[None, :], other=0.0).to(tl.float32)
     # dead tile pair: zero feature iterations (a loop bound, not an `if`, keeps the loop pipelined)
     gg = _gram_tile(g1_ptr + i * stride_g1b, stride_g1t, stride_g1d, offs_t, ok_t,
@@ -73,8 +77,9 @@ def _launch(ids1, g1, l2, r2, mask1, mask2, cfg: dict) -> torch.Tensor:
     return part.sum(dim=-1)
 
 
-def fit_configs(t1: int, t2: int, d: int, configs=None) -> list[dict]:
-    return C.fit_configs(CONFIGS if configs is None else configs, BLOCK_T=t1, BLOCK_S=t2, BLOCK_K=d)
+def fit_configs(t1: int, t2: int, d: int, configs=None, fp32: bool = True) -> list[dict]:
+    """The candidate configs (float32 / mixed inputs: CONFIGS_FP32) fitted to the problem and pruned for the device."""
+    return C.fit_configs(configs or (CONFIGS_FP32 if fp32 else CONFIGS), 4 if fp32 else 2, BLOCK_T=t1, BLOCK_S=t2, BLOCK_K=d)
 
 
 def embedding_linear_pairwise_triton(ids1, g1, l2, r2, mask1=None, mask2=None):
@@ -96,5 +101,5 @@ def embedding_linear_pairwise_triton(ids1, g1, l2, r2, mask1=None, mask2=None):
         return torch.zeros((b1, b2), dtype=torch.float32, device=g1.device)
     C.check_id_range("ids1", ids1, l2.shape[2])
     key = (t1, t2, d, g1.dtype, r2.dtype, l2.dtype, mask1 is None, mask2 is None)
-    return C.tuned("embedding_linear_pairwise", key, fit_configs(t1, t2, d),
+    return C.tuned("embedding_linear_pairwise", key, fit_configs(t1, t2, d, fp32=C.wide(C.pair_mode(g1, r2)[1])),
                    lambda cfg: _launch(ids1, g1, l2, r2, mask1, mask2, cfg), g1.device)

@@ -21,6 +21,10 @@ CONFIGS = (
     dict(BLOCK_T=128, BLOCK_S=64, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=128, num_warps=4, num_stages=2),
 )
+CONFIGS_FP32 = (  # float32 / mixed inputs: three tf32 dots per tile (see _common._dot), sized not to spill
+    dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=16, num_warps=4, num_stages=3),
+)
 
 
 @triton.jit
@@ -42,8 +46,8 @@ def _embedding_pairwise_kernel(
     offs_s = (pid % n_s) * BLOCK_S + tl.arange(0, BLOCK_S)
     ok_t = _load_mask(m1_ptr + i * stride_m1b, stride_m1t, offs_t, offs_t < T1, HAS_M1)
     ok_s = _load_mask(m2_ptr + j * stride_m2b, stride_m2t, offs_s, offs_s < T2, HAS_M2)
-    id_t = tl.load(ids1_ptr + i * stride_i1b + offs_t * stride_i1t, mask=ok_t, other=0)
-    id_s = tl.load(ids2_ptr + j * stride_i2b + offs_s * stride_i2t, mask=ok_s, other=0)
+    id_t = tl.load(ids1_ptr + i * stride_i1b + offs_t.to(tl.int64) * stride_i1t, mask=ok_t, other=0)
+    id_s = tl.load(ids2_ptr + j * stride_i2b + offs_s.to(tl.int64) * stride_i2t, mask=ok_s, other=0)
     eq = (id_t[:, None] == id_s[None, :]) & ok_t[:, None] & ok_s[None, :]
     live = tl.sum(tl.sum(eq.to(tl.int32), axis=1), axis=0) > 0
     # no shared id: zero feature iterations (a loop bound, not an `if`, keeps the loop pipelined)
@@ -74,8 +78,9 @@ def _launch(ids1, g1, ids2, g2, mask1, mask2, cfg: dict) -> torch.Tensor:
     return part.sum(dim=-1)
 
 
-def fit_configs(t1: int, t2: int, d: int, configs=None) -> list[dict]:
-    return C.fit_configs(CONFIGS if configs is None else configs, BLOCK_T=t1, BLOCK_S=t2, BLOCK_K=d)
+def fit_configs(t1: int, t2: int, d: int, configs=None, fp32: bool = True) -> list[dict]:
+    """The candidate configs (float32 / mixed inputs: CONFIGS_FP32) fitted to the problem and pruned for the device."""
+    return C.fit_configs(configs or (CONFIGS_FP32 if fp32 else CONFIGS), 4 if fp32 else 2, BLOCK_T=t1, BLOCK_S=t2, BLOCK_K=d)
 
 
 def embedding_pairwise_triton(ids1, g1, ids2, g2, mask1=None, mask2=None):
@@ -96,5 +101,5 @@ def embedding_pairwise_triton(ids1, g1, ids2, g2, mask1=None, mask2=None):
     if b1 == 0 or b2 == 0 or t1 == 0 or t2 == 0:
         return torch.zeros((b1, b2), dtype=torch.float32, device=g1.device)
     key = (t1, t2, d, g1.dtype, g2.dtype, ids1.dtype, ids2.dtype, mask1 is None, mask2 is None)
-    return C.tuned("embedding_pairwise", key, fit_configs(t1, t2, d),
+    return C.tuned("embedding_pairwise", key, fit_configs(t1, t2, d, fp32=C.wide(C.pair_mode(g1, g2)[1])),
                    lambda cfg: _launch(ids1, g1, ids2, g2, mask1, mask2, cfg), g1.device)

@@ -20,6 +20,10 @@ CONFIGS = (
     dict(BLOCK_T=128, BLOCK_K=64, num_warps=8, num_stages=2),
     dict(BLOCK_T=64, BLOCK_K=128, num_warps=4, num_stages=2),
 )
+CONFIGS_FP32 = (  # float32 / mixed inputs: three tf32 dots per tile (see _common._dot), sized not to spill
+    dict(BLOCK_T=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_T=64, BLOCK_K=16, num_warps=4, num_stages=3),
+)
 
 
 @triton.jit
@@ -37,8 +41,8 @@ def _embedding_self_kernel(
     offs_s = q * BLOCK_T + tl.arange(0, BLOCK_T)
     ok_t = _load_mask(m_ptr + i * stride_mb, stride_mt, offs_t, offs_t < T, HAS_MASK)
     ok_s = _load_mask(m_ptr + i * stride_mb, stride_mt, offs_s, offs_s < T, HAS_MASK)
-    id_t = tl.load(ids_ptr + i * stride_ib + offs_t * stride_it, mask=ok_t, other=0)
-    id_s = tl.load(ids_ptr + i * stride_ib + offs_s * stride_it, mask=ok_s, other=0)
+    id_t = tl.load(ids_ptr + i * stride_ib + offs_t.to(tl.int64) * stride_it, mask=ok_t, other=0)
+    id_s = tl.load(ids_ptr + i * stride_ib + offs_s.to(tl.int64) * stride_it, mask=ok_s, other=0)
     eq = (id_t[:, None] == id_s[None, :]) & ok_t[:, None] & ok_s[None, :]
     live = (q >= p) & (tl.sum(tl.sum(eq.to(tl.int32), axis=1), axis=0) > 0)
     # dead / lower-triangle: zero feature iterations (a loop bound, not an `if`, keeps it pipelined)
@@ -65,8 +69,9 @@ def _launch(ids, g, mask, cfg: dict) -> torch.Tensor:
     return part.sum(dim=-1)
 
 
-def fit_configs(t: int, d: int, configs=None) -> list[dict]:
-    return C.fit_configs(CONFIGS if configs is None else configs, BLOCK_T=t, BLOCK_K=d)
+def fit_configs(t: int, d: int, configs=None, fp32: bool = True) -> list[dict]:
+    """The candidate configs (float32 / mixed inputs: CONFIGS_FP32) fitted to the problem and pruned for the device."""
+    return C.fit_configs(configs or (CONFIGS_FP32 if fp32 else CONFIGS), 4 if fp32 else 2, BLOCK_T=t, BLOCK_K=d)
 
 
 def embedding_self_triton(ids, g, mask=None):
@@ -82,4 +87,4 @@ def embedding_self_triton(ids, g, mask=None):
     if b == 0 or t == 0:
         return torch.zeros((b,), dtype=torch.float32, device=g.device)
     key = (t, d, g.dtype, ids.dtype, mask is None)
-    return C.tuned("embedding_self", key, fit_configs(t, d), lambda cfg: _launch(ids, g, mask, cfg), g.device)
+    return C.tuned("embedding_self", key, fit_configs(t, d, fp32=C.wide(C.dot_precision(g.dtype))), lambda cfg: _launch(ids, g, mask, cfg), g.device)

@@ -25,6 +25,11 @@ CONFIGS = (
     dict(BLOCK_T=128, BLOCK_S=128, BLOCK_K=32, num_warps=8, num_stages=3),
     dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=128, num_warps=4, num_stages=2),
 )
+CONFIGS_FP32 = (  # float32 / mixed inputs: three tf32 dots per tile (see _common._dot), sized not to spill
+    dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=16, num_warps=4, num_stages=3),
+    dict(BLOCK_T=32, BLOCK_S=64, BLOCK_K=32, num_warps=4, num_stages=3),
+)
 
 
 @triton.jit
@@ -85,8 +90,9 @@ def _launch(a1, g1, a2, g2, mask1, mask2, cfg: dict) -> torch.Tensor:
     return part.sum(dim=-1)
 
 
-def fit_configs(t1: int, t2: int, da: int, dg: int, configs=None) -> list[dict]:
-    return C.fit_configs(CONFIGS if configs is None else configs, BLOCK_T=t1, BLOCK_S=t2, BLOCK_K=max(da, dg))
+def fit_configs(t1: int, t2: int, da: int, dg: int, configs=None, fp32: bool = True) -> list[dict]:
+    """The candidate configs (float32 / mixed inputs: CONFIGS_FP32) fitted to the problem and pruned for the device."""
+    return C.fit_configs(configs or (CONFIGS_FP32 if fp32 else CONFIGS), 4 if fp32 else 2, BLOCK_T=t1, BLOCK_S=t2, BLOCK_K=max(da, dg))
 
 
 def ghost_pairwise_triton(a1, g1, a2, g2, mask1=None, mask2=None):
@@ -108,5 +114,5 @@ def ghost_pairwise_triton(a1, g1, a2, g2, mask1=None, mask2=None):
     if b1 == 0 or b2 == 0 or t1 == 0 or t2 == 0:
         return torch.zeros((b1, b2), dtype=torch.float32, device=a1.device)
     key = (t1, t2, da, dg, a1.dtype, a2.dtype, g1.dtype, g2.dtype, mask1 is None, mask2 is None)
-    return C.tuned("ghost_pairwise", key, fit_configs(t1, t2, da, dg),
+    return C.tuned("ghost_pairwise", key, fit_configs(t1, t2, da, dg, fp32=C.wide(C.pair_mode(a1, a2)[1], C.pair_mode(g1, g2)[1])),
                    lambda cfg: _launch(a1, g1, a2, g2, mask1, mask2, cfg), a1.device)

@@ -20,8 +20,11 @@ from ._common import _gram_tile, _load_mask
 CONFIGS = (
     dict(BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3),
     dict(BLOCK_T=128, BLOCK_K=32, num_warps=8, num_stages=3),
-    dict(BLOCK_T=128, BLOCK_K=64, num_warps=8, num_stages=2),
     dict(BLOCK_T=64, BLOCK_K=128, num_warps=4, num_stages=2),
+)
+CONFIGS_FP32 = (  # float32 / mixed inputs: three tf32 dots per tile (see _common._dot), sized not to spill
+    dict(BLOCK_T=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_T=64, BLOCK_K=16, num_warps=4, num_stages=3),
 )
 
 
@@ -74,8 +77,9 @@ def _launch(a, g, mask, cfg: dict) -> torch.Tensor:
     return part.sum(dim=-1)
 
 
-def fit_configs(t: int, da: int, dg: int, configs=None) -> list[dict]:
-    return C.fit_configs(CONFIGS if configs is None else configs, BLOCK_T=t, BLOCK_K=max(da, dg))
+def fit_configs(t: int, da: int, dg: int, configs=None, fp32: bool = True) -> list[dict]:
+    """The candidate configs (float32 / mixed inputs: CONFIGS_FP32) fitted to the problem and pruned for the device."""
+    return C.fit_configs(configs or (CONFIGS_FP32 if fp32 else CONFIGS), 4 if fp32 else 2, BLOCK_T=t, BLOCK_K=max(da, dg))
 
 
 def ghost_self_triton(a, g, mask=None):
@@ -93,4 +97,4 @@ def ghost_self_triton(a, g, mask=None):
     if b == 0 or t == 0:
         return torch.zeros((b,), dtype=torch.float32, device=a.device)
     key = (t, da, dg, a.dtype, g.dtype, mask is None)
-    return C.tuned("ghost_self", key, fit_configs(t, da, dg), lambda cfg: _launch(a, g, mask, cfg), a.device)
+    return C.tuned("ghost_self", key, fit_configs(t, da, dg, fp32=C.wide(C.dot_precision(a.dtype), C.dot_precision(g.dtype))), lambda cfg: _launch(a, g, mask, cfg), a.device)

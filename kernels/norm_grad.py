@@ -33,15 +33,19 @@ def _norm_grad_kernel(
     i = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     ok_d = offs_d < D
+    # int64 offsets: token x row stride (128k x 16k) and feature x feature stride of transposed
+    # views pass 2^31; the output is our own contiguous [B, D] (offs_d < D, stride 1: 32-bit is fine)
+    offs_d64 = offs_d.to(tl.int64)
+    u_cols = u_ptr + i * stride_ub + offs_d64[None, :] * stride_ud
+    g_cols = g_ptr + i * stride_gb + offs_d64[None, :] * stride_gd
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         ok_t = _load_mask(mask_ptr + i * stride_maskb, stride_maskt, offs_t, offs_t < T, HAS_MASK)
         ok = ok_t[:, None] & ok_d[None, :]
-        u = tl.load(u_ptr + i * stride_ub + offs_t[:, None] * stride_ut + offs_d[None, :] * stride_ud,
-                    mask=ok, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + i * stride_gb + offs_t[:, None] * stride_gt + offs_d[None, :] * stride_gd,
-                    mask=ok, other=0.0).to(tl.float32)
+        offs_t64 = offs_t.to(tl.int64)
+        u = tl.load(u_cols + offs_t64[:, None] * stride_ut, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_cols + offs_t64[:, None] * stride_gt, mask=ok, other=0.0).to(tl.float32)
         acc += tl.sum(u * g, axis=0)
     tl.store(out_ptr + i * stride_ob + offs_d, acc, mask=ok_d)
 
