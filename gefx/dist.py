@@ -11,7 +11,8 @@ single-process run on the concatenated batch.
 Supported: DistributedDataParallel (or plain replicated modules) on any backend, and FSDP2
 (``fully_shard``) whose DTensor parameters are read with ``full_tensor()`` where a rule needs
 them. Refused with a clear error: FSDP1 (``FullyShardedDataParallel`` flat parameters) and
-DeepSpeed ZeRO-3 partitioned parameters.
+DeepSpeed (ZeRO-3 partitioned parameters; ZeRO-1/2 gradient hooks, which fire on gefx's partial
+backward passes).
 """
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ def check_supported(model: nn.Module) -> None:
                              "outside torch); use DDP or FSDP2")
     if any(hasattr(p, "ds_id") or hasattr(p, "ds_numel") for p in model.parameters()):
         raise ValueError("DeepSpeed ZeRO-3 partitioned parameters are not supported; use DDP or FSDP2")
+    if any(hasattr(p, "_hp_mapping") for p in model.parameters()):
+        # ZeRO-1/2 hook every parameter's gradient accumulation and run their reduction epilogue at
+        # the end of any backward, including gefx's partial ones to layer outputs (which then fail
+        # inside DeepSpeed and may leave its gradient buffers half-reduced)
+        raise ValueError("DeepSpeed ZeRO-1/2 (deepspeed.initialize) is not supported: its gradient hooks run on "
+                         "gefx's partial backward passes; use DDP or FSDP2, or measure on a copy of the model "
+                         "outside the engine")
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -154,6 +154,10 @@ def test_unsupported_parallel_setups_are_refused():
     next(model.parameters()).ds_id = 7  # how DeepSpeed ZeRO-3 marks a partitioned parameter
     with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):
         gefx.trace(model)
+    model = tiny_model("llama", torch.float64)
+    next(model.parameters())._hp_mapping = None  # what deepspeed.initialize adds under ZeRO-1/2 (0.19)
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO-1/2"):
+        gefx.trace(model)
 
     class FullyShardedDataParallel(torch.nn.Module):  # stands in for FSDP1's wrapper class
         def __init__(self, inner):

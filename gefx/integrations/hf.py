@@ -15,7 +15,7 @@ risks (``gefx_risk`` of the forget and retain sub-batches, plus ``gefx_probes``)
 extra forward each and their per-sample gradient pieces are collected; after the Trainer's own
 backward the pieces are contracted with the step's ``.grad`` (online mode: no backward of the
 objective is added, and the step's backward is the Trainer's). Where that gradient is not the
-loss's plain gradient (fp16 loss scaling, DeepSpeed, DataParallel, gradients already accumulated)
+loss's plain gradient (fp16 loss scaling, DataParallel, gradients already accumulated)
 the mixin measures before the step instead (``g_effect`` of the loss compute_loss returns) and
 says why (``gefx_mode``). Training is unchanged either way: the loss, its graph, ``.grad`` and the
 random number state are left as they were (tested bit for bit).
@@ -140,8 +140,6 @@ class GEffectMixin:
         accelerator = getattr(self, "accelerator", None)
         if getattr(accelerator, "scaler", None) is not None:
             return "fp16 loss scaling (.grad holds the scaled gradient)"
-        if "DEEPSPEED" in str(getattr(accelerator, "distributed_type", "")):
-            return "DeepSpeed owns the gradients"
         if getattr(self.args, "n_gpu", 1) > 1:
             return "DataParallel averages the replicas' losses"
         if any(p.grad is not None for p in model.parameters()):
