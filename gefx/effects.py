@@ -5,8 +5,8 @@ optionally, a direction d in parameter space (the optimizer's next update, or an
 
     per_instance_group[g, i]       <grad_g r_i, grad_g L>      the G-effect
     per_objective_instance_group   <grad_g R, grad_g l_s>      the PG-effect (L given as a vector l)
-    risk_norm_group[g, i]          ||grad_g r_i||
-    objective_norm_group[g]        ||grad_g L||
+    risk_norm_group[g, i]          ||grad_g r_i||              (with norms=True)
+    objective_norm_group[g]        ||grad_g L||                (with norms=True)
     cosine_group[g, i]             per_instance_group / (risk_norm_group * objective_norm_group)
     predicted_change_group[g, i]   <grad_g r_i, d_g>           (with a direction)
 

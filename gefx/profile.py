@@ -381,7 +381,7 @@ def retain_eval(session: Session, effects, opt) -> dict:
         with trace(model, params=opt.param_groups) as tape:
             nll, _ = token_nll(forward(model, b).logits, b["labels"])
             eff = g_effect(tape, grads, {"retain_eval": nll.sum(1) / n_tokens}, groups=session.args.groups,
-                           direction=delta)
+                           direction=delta, norms=True)
         parts.append(eff["retain_eval"])
     return {"retain_eval": RiskEffect.concat(parts)}
 
@@ -430,7 +430,7 @@ def step_once(session: Session, obj, label: str, opt, step: int):
         _check_finite(out.loss, label, step)
         risks = {r: token_mean_nll(cur[r].logits, cur[r].labels) for r in session.risks}
         effects = g_effect(tape, out.for_g_effect(), risks, groups=session.args.groups, backward=True,
-                           optimizer=opt)
+                           optimizer=opt, norms=True)
     extra = {f"batch_{r}_nll": float(v.detach().sum()) for r, v in risks.items()}
     extra["loss"] = float(out.loss.detach())
     extra.update({f"weight:{k}": v for k, v in out.weight_means().items()})

@@ -38,7 +38,8 @@ def measure(model, fb, rb, vector: bool, direction=None):
         nll_f = sequence_nll(model(input_ids=fb[0], attention_mask=fb[1]).logits, fb[2])
         nll_r = sequence_nll(model(input_ids=rb[0], attention_mask=rb[1]).logits, rb[2])
         objective = -nll_f if vector else -nll_f.sum() + 0.3 * nll_r.sum()
-        return gefx.g_effect(tape, objective, {"forget": nll_f, "retain": nll_r}, direction=direction).to_dict()
+        return gefx.g_effect(tape, objective, {"forget": nll_f, "retain": nll_r}, direction=direction,
+                             norms=True).to_dict()
 
 
 def direction_of(model):

@@ -28,14 +28,15 @@ def _measure(model, mode, direction, monkeypatch):
         f, r, obj = _losses(model)
         risks = {"forget": f, "retain": r}
         if mode.startswith("before"):
-            eff = gefx.g_effect(tape, obj, risks, direction=direction)
+            eff = gefx.g_effect(tape, obj, risks, direction=direction, norms=True)
         elif mode == "mapping":
             obj.sum().backward(retain_graph=True)
-            eff = gefx.g_effect(tape, {n: p.grad for n, p in model.named_parameters()}, risks, direction=direction)
+            eff = gefx.g_effect(tape, {n: p.grad for n, p in model.named_parameters()}, risks, direction=direction,
+                               norms=True)
         elif mode == "online":
-            eff = gefx.g_effect(tape, obj, risks, backward=True, direction=direction)
+            eff = gefx.g_effect(tape, obj, risks, backward=True, direction=direction, norms=True)
         else:
-            prepared = gefx.prepare(tape, risks)
+            prepared = gefx.prepare(tape, risks, norms=True)
             obj.sum().backward()
     if mode == "prepared":
         eff = prepared.against({p: p.grad for p in model.parameters()}, direction=direction)
