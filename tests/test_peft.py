@@ -64,3 +64,30 @@ def test_lora_online_mode_and_training_step_unchanged():
     for p, q in zip(params, [p for p in twin.parameters() if p.requires_grad]):
         assert torch.equal(p.grad, q.grad)
     assert rel_err(eff["retain"].per_instance, -(Gr @ Gf.sum(0))) < 1e-9
+
+
+def test_predicted_change_and_norms_on_lora_against_a_real_step():
+    """g_effect(optimizer=, norms=True) on a LoRA model (AdamW over the adapters only): the
+    predicted change equals <grad r_i, delta> for the delta the real step makes, float64."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("gpt2", torch.float64), LoraConfig(
+        r=2, target_modules=["c_attn", "c_fc"], lora_dropout=0.0, init_lora_weights=False))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    fi, fm, fl = batch(3, 8, seed=1)
+
+    def losses(m):
+        f = sequence_nll(m(input_ids=fi, attention_mask=fm).logits, fl)
+        return f, -f
+    twin, twin_opt = copy.deepcopy((model, opt))
+    params = [p for p in twin.parameters() if p.requires_grad]
+    G = per_sample_grads(losses(twin)[0], params)
+    with gefx.trace(model, params=opt) as tape:
+        f, obj = losses(model)
+        eff = gefx.g_effect(tape, obj, {"forget": f}, backward=True, optimizer=opt, norms=True)
+    before = [p.detach().clone() for p in params]
+    losses(twin)[1].sum().backward()
+    twin_opt.step()
+    delta = torch.cat([(p.detach() - q).flatten() for p, q in zip(params, before)])
+    assert rel_err(eff["forget"].predicted_change, G @ delta) < 1e-9
+    assert rel_err(eff["forget"].risk_norm, G.norm(dim=1)) < 1e-9
