@@ -56,7 +56,8 @@ def test_step_with_geffects(benchmark, work, provider):
     fn = _step_provider(provider, w)
     out = fn()
     if out is not None:
-        assert E.compare(out, ref) <= TOL
+        agree = E.compare(out, ref)
+        assert agree.diff <= TOL, f"{agree.key}: {agree}"
     benchmark.pedantic(fn, rounds=2, iterations=1, warmup_rounds=0)
 
 
