@@ -8,13 +8,19 @@ gradient reduction), then contracted with the local per-sample pieces. Per-insta
 gathered in rank order; totals and groups are sums of them. The result on every rank equals a
 single-process run on the concatenated batch.
 
-Supported: DistributedDataParallel (or plain replicated modules) on any backend, and FSDP2
-(``fully_shard``) whose DTensor parameters are read with ``full_tensor()`` where a rule needs
-them. Refused with a clear error: FSDP1 (``FullyShardedDataParallel`` flat parameters) and
-DeepSpeed (ZeRO-3 partitioned parameters; ZeRO-1/2 gradient hooks, which fire on gefx's partial
-backward passes).
+Supported: DistributedDataParallel (or plain replicated modules) on any backend; FSDP2
+(``fully_shard``) and DeepSpeed ZeRO-3, whose sharded parameters are contracted shard by shard
+(``gefx.shards``: no whole weight is gathered for a product; a rule that needs a weight whole,
+such as a norm's, gathers that module's parameters alone and releases them); DeepSpeed ZeRO-1/2,
+whose parameters are whole on every rank. DeepSpeed's engine hooks the outputs of its forward to
+start its gradient reduction on any backward through them: gefx's partial backward passes run with
+those hooks switched off (:func:`engine_hooks_off`). Refused with a clear error: FSDP1
+(``FullyShardedDataParallel`` flat parameters), ZeRO-3 with parameters offloaded to NVMe, and
+tensor parallelism (a DTensor sharded along another dimension or a multi-dimensional mesh).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -29,29 +35,81 @@ def group_size(group=None) -> int:
 
 
 def check_supported(model: nn.Module) -> None:
-    """Raise for parallel set-ups whose parameters gefx cannot see whole."""
+    """Raise for parallel set-ups whose parameters gefx cannot read or contract exactly."""
     for m in model.modules():
-        name = type(m).__name__
-        if name == "FullyShardedDataParallel":
+        if type(m).__name__ == "FullyShardedDataParallel":
             raise ValueError("FSDP1 (FullyShardedDataParallel) flattens parameters and is not "
-                             "supported; use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP")
-        if name == "DeepSpeedEngine":
-            raise ValueError("DeepSpeed engines are not supported (ZeRO-3 partitions parameters "
-                             "outside torch); use DDP or FSDP2")
-    if any(hasattr(p, "ds_id") or hasattr(p, "ds_numel") for p in model.parameters()):
-        raise ValueError("DeepSpeed ZeRO-3 partitioned parameters are not supported; use DDP or FSDP2")
-    if any(hasattr(p, "_hp_mapping") for p in model.parameters()):
-        # ZeRO-1/2 hook every parameter's gradient accumulation and run their reduction epilogue at
-        # the end of any backward, including gefx's partial ones to layer outputs (which then fail
-        # inside DeepSpeed and may leave its gradient buffers half-reduced)
-        raise ValueError("DeepSpeed ZeRO-1/2 (deepspeed.initialize) is not supported: its gradient hooks run on "
-                         "gefx's partial backward passes; use DDP or FSDP2, or measure on a copy of the model "
-                         "outside the engine")
+                             "supported; use FSDP2 (torch.distributed.fsdp.fully_shard), DeepSpeed ZeRO or DDP")
+    for name, p in model.named_parameters():
+        where = getattr(getattr(p, "ds_tensor", None), "final_location", None)
+        if where is not None and str(getattr(where, "value", where)) == "nvme":
+            raise ValueError(f"parameter {name!r} is offloaded to NVMe by DeepSpeed ZeRO-3 (offload_param.device "
+                             "= nvme), which gefx does not read; offload to cpu or keep parameters on the device")
+
+
+def shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's full shape (DeepSpeed ZeRO-3 keeps an empty tensor outside its forward)."""
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's full value (FSDP2 / tensor parallel), or the tensor itself."""
+    """A parameter's full value: a DTensor's (FSDP2), a DeepSpeed ZeRO-3 parameter's gathered
+    (collective: every rank of its group must call it for the same parameter), or the tensor."""
+    if hasattr(t, "ds_id") and t.numel() != t.ds_numel:
+        import deepspeed  # noqa: PLC0415 - only under DeepSpeed
+
+        with deepspeed.zero.GatheredParameters([t]):
+            return t.detach().clone()
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+@contextlib.contextmanager
+def engine_hooks_off(tape):
+    """Switch off, for gefx's own partial backward passes, the hooks DeepSpeed's engine puts on the
+    outputs of its forward (``OutputBackwardHookManager``, deepspeed 0.16+): on any backward through
+    those outputs they start the engine's backward (its gradient reduction runs when the graph
+    finishes) and divide the gradient by the accumulation steps. ``tape.engine_hooks`` holds the
+    managers of the traced engine's forwards (see :func:`hook_managers`). A no-op without DeepSpeed."""
+    saved = [(m, m.preprocess_done, m.preprocess_per_tensor_fn) for m in tape.engine_hooks]
+    for m, _, _ in saved:
+        m.preprocess_done, m.preprocess_per_tensor_fn = True, None
+    try:
+        yield
+    finally:
+        for m, done, per_tensor in saved:
+            m.preprocess_done, m.preprocess_per_tensor_fn = done, per_tensor
+
+
+def hook_managers(model: nn.Module, output) -> list:
+    """DeepSpeed's backward-hook managers on the tensors of an engine forward's output (none for
+    another model). An engine that runs torch-style backward hooks but left none gefx can see
+    (a DeepSpeed version that hooks its outputs differently) is refused: its hooks would run on
+    gefx's partial backward passes."""
+    if type(model).__name__ != "DeepSpeedEngine":
+        return []
+    from torch.utils._pytree import tree_flatten  # noqa: PLC0415
+
+    items = list(output.values()) if isinstance(output, dict) else output
+    tensors = [t for t in tree_flatten(items)[0] if isinstance(t, torch.Tensor)]
+    found = [m for t in tensors for m in getattr(t, "_backward_hook_managers", ())]
+    if not found and getattr(model, "_support_torch_style_backward", False) and any(t.grad_fn for t in tensors):
+        raise ValueError("this DeepSpeed engine's forward left no backward-hook manager gefx knows "
+                         "(_backward_hook_managers on its outputs, as deepspeed 0.19 leaves them): gefx cannot keep the engine's hooks "
+                         "off its own gradient passes with this DeepSpeed version; measure without DeepSpeed "
+                         "(DDP, FSDP2) or with a tested version")
+    return found
+
+
+def check_engine(model: nn.Module) -> None:
+    """Under DeepSpeed, the engine (what deepspeed.initialize, accelerate and the Trainer hand out)
+    must be traced, not its module: the engine hooks the outputs of its own forward, which gefx
+    must see to keep its hooks off gefx's partial backward passes."""
+    if type(model).__name__ == "DeepSpeedEngine":
+        return
+    if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in model.parameters()):
+        raise ValueError(f"{type(model).__name__}'s parameters belong to a DeepSpeed engine: trace the engine "
+                         "(gefx.trace(engine), the model deepspeed.initialize / accelerate return), not its module, "
+                         "so that gefx can keep the engine's backward hooks off its own gradient passes")
 
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.utils._pytree import tree_map
 
-from . import dist, ops
+from . import dist, ops, shards
 from .backends import dispatch
 from .groups import resolve
 from .pieces import Factored, PerSample, Piece, contract, dense, masked, merge
@@ -49,7 +49,8 @@ def check_graph(tape: Tape, loss: torch.Tensor, what: str):
     (the online mode checks its losses before the step's backward touches ``.grad``). Returns the
     loss's :class:`gefx.soundness.Reach`."""
     reach = tape.graph.reach(loss, what)
-    tape.graph.probe(loss, reach, reach.slots(), None, what)
+    with dist.engine_hooks_off(tape):
+        tape.graph.probe(loss, reach, reach.slots(), None, what)
     return reach
 
 
@@ -82,6 +83,11 @@ def collect(tape: Tape, loss: torch.Tensor, *, per_sample: bool, what: str = "lo
     per-sample loss (unless `probe` is False: already probed)."""
     tape.check_open()
     _check_loss(loss, what, per_sample)
+    with dist.engine_hooks_off(tape):
+        return _collect(tape, loss, per_sample, what, probe)
+
+
+def _collect(tape: Tape, loss: torch.Tensor, per_sample: bool, what: str, probe: bool) -> Grads:
     if not tape.calls:
         raise ValueError("nothing was recorded: run the model's forward inside the gefx.trace block")
     reach = tape.graph.reach(loss, what)
@@ -325,21 +331,35 @@ def group_sums(tape: Tape, per_param: dict[str, torch.Tensor], groups, shape) ->
     return out
 
 
-def dense_gradients(tape: Tape, grads: Mapping, what: str = "objective") -> dict[str, torch.Tensor]:
-    """{canonical name: tensor} from a mapping keyed by counted parameters or their names (None
-    values and absent parameters count zero), with shapes checked."""
+def dense_gradients(tape: Tape, grads: Mapping, what: str = "objective") -> dict:
+    """{canonical name: tensor, or shards.Sharded for a sharded parameter} from a mapping keyed by
+    counted parameters or their names (None values and absent parameters count zero), with shapes
+    checked. Values: tensors of the parameter's full shape, DTensors (FSDP2's ``.grad``: only this
+    rank's shard is read) or ``shards.Sharded`` (``gefx.engine_grads``)."""
     out = {}
     for key, value in grads.items():
-        name = key if isinstance(key, str) else tape.names.get(id(key))
+        name = key if isinstance(key, str) else tape.canonical(key)
         if name not in tape.params:
             raise ValueError(f"{what} names a parameter that this trace does not count: "
                              f"{key if isinstance(key, str) else tuple(key.shape)}")
         if value is None:
             continue
-        if tuple(value.shape) != tuple(tape.params[name].shape):
-            raise ValueError(f"{what}[{name!r}] has shape {tuple(value.shape)}, the parameter "
-                             f"{tuple(tape.params[name].shape)}")
-        out[name] = dist.full(value.detach())
+        full_shape = tuple(dist.shape(tape.params[name]))
+        if tuple(value.shape) != full_shape:
+            raise ValueError(f"{what}[{name!r}] has shape {tuple(value.shape)}, the parameter {full_shape}")
+        out[name] = value if isinstance(value, shards.Sharded) else shards.sharded(tape.params[name], value.detach())
+    return out
+
+
+def contract_all(pieces: list[Mapping], m: Mapping) -> list[dict[str, torch.Tensor]]:
+    """For each piece set, {name: [batch] <grad_i, m[name]>} over its parameters among m's, in m's
+    order: every rank runs the same (collective, for sharded parameters: each shard sent once for
+    all sets) products, pieces or not."""
+    out = [{} for _ in pieces]
+    for n, value in m.items():
+        for k, v in enumerate(shards.contract_with([P.get(n) for P in pieces], value)):
+            if v is not None:
+                out[k][n] = v
     return out
 
 
@@ -352,13 +372,21 @@ def aggregated(tape: Tape, grads: Grads, group=None, every: bool = False) -> dic
     out = {}
     for n, p in tape.params.items():
         P = grads.pieces.get(n)
-        if P or every or many:
-            m = dense(P, p.shape) if P else torch.zeros(p.shape, dtype=acc_dtype(p), device=p.device)
+        lay = shards.layout(p) if many else None
+        if lay is not None:  # this rank's shard only (gefx.shards)
+            if len(lay.ranges) != dist.group_size(group):
+                raise ValueError(f"parameter {n!r} is sharded over {len(lay.ranges)} ranks, the measurement's "
+                                 f"process group has {dist.group_size(group)}: pass the data-parallel group the "
+                                 "parameters are sharded over as process_group")
+            out[n] = shards.aggregate(P, p, lay)
+        elif P or every or many:
+            shape = dist.shape(p)
+            m = dense(P, shape) if P else torch.zeros(shape, dtype=acc_dtype(p), device=p.device)
             out[n] = dist.all_reduce_sum(m, group) if many else m
     return out
 
 
-def grad_dots(tape: Tape, a: torch.Tensor, b=None, *, groups="module") -> Dots:
+def grad_dots(tape: Tape, a: torch.Tensor, b=None, *, groups="module", process_group=None) -> Dots:
     """Per-sample gradient inner products, per parameter group and in total.
 
     Args:
@@ -373,31 +401,89 @@ def grad_dots(tape: Tape, a: torch.Tensor, b=None, *, groups="module") -> Dots:
            <grad a_i, m>, shape [Ba] (parameters missing from it count zero).
         groups: "param", "module", "block", "paper", "reference" or a callable name -> group
             (see ``gefx.groups``).
+        process_group: under torch.distributed with more than one process (DDP, FSDP2, DeepSpeed
+            ZeRO), the ranks that each traced their own micro-batch (default: the world): `a` and
+            a per-sample `b` are the ranks' vectors concatenated in rank order, a scalar `b` the
+            sum of the ranks' scalars, a mapping `b` the same on every rank; every rank gets the
+            result of one process running the concatenated batch. A per-sample `b` sends each
+            rank's gradient pieces (its samples' layer inputs and output gradients) to the others.
     """
     ga = collect(tape, a, per_sample=True, what="a")
-    per_param: dict[str, torch.Tensor] = {}
+    many = dist.group_size(process_group) > 1
     if b is None:
         shape = (ga.batch,)
-        for n, P in ga.pieces.items():
-            per_param[n] = self_norms(P)
+        per_param = {n: self_norms(P) for n, P in ga.pieces.items()}
     elif isinstance(b, Mapping):
         shape = (ga.batch,)
-        m = dense_gradients(tape, b, what="b")
-        for n, P in ga.pieces.items():
-            if n in m:
-                per_param[n] = contract(P, m[n])
+        per_param = contract_all([ga.pieces], dense_gradients(tape, b, what="b"))[0]
     elif isinstance(b, torch.Tensor) and b.dim() == 0:
         gb = collect(tape, b, per_sample=False, what="b")
         shape = (ga.batch,)
-        for n, P in ga.pieces.items():
-            if n in gb.pieces:
-                per_param[n] = marginals(P, gb.pieces[n], tape.params[n].shape, need_cols=False)[0]
+        if many:
+            per_param = contract_all([ga.pieces], aggregated(tape, gb, process_group))[0]
+        else:
+            per_param = {n: marginals(P, gb.pieces[n], dist.shape(tape.params[n]), need_cols=False)[0]
+                         for n, P in ga.pieces.items() if n in gb.pieces}
     else:
         gb = collect(tape, b, per_sample=True, what="b")
-        shape = (ga.batch, gb.batch)
-        for n, P in ga.pieces.items():
-            if n in gb.pieces:
-                per_param[n] = pair_matrix(P, gb.pieces[n])
+        if many:
+            per_param, cols = _pairs_across(tape, ga, gb, process_group)
+            shape = (ga.batch, cols)
+        else:
+            shape = (ga.batch, gb.batch)
+            per_param = {n: pair_matrix(P, gb.pieces[n]) for n, P in ga.pieces.items() if n in gb.pieces}
+    if many:  # every rank's rows, in rank order
+        per_param, shape = _gather_rows(tape, per_param, shape, process_group)
     per_group = group_sums(tape, per_param, groups, shape)
     total = sum(per_group.values())
     return Dots(total, per_group, per_param)
+
+
+def _pairs_across(tape: Tape, ga: Grads, gb: Grads, group) -> tuple[dict, int]:
+    """({name: [Ba, Bb of all ranks]}, Bb of all ranks): pair matrices of this rank's `ga` with
+    every rank's `gb`, whose pieces each rank broadcasts in turn (pickled, by way of the CPU)."""
+    world, me = dist.group_size(group), torch.distributed.get_rank(group)
+    blocks: dict[str, list] = {n: [] for n in tape.params}
+    batches = []
+    for k in range(world):
+        src = k if group is None else torch.distributed.get_global_rank(group, k)
+        box = [(_moved(gb.pieces, "cpu"), gb.batch) if k == me else None]
+        torch.distributed.broadcast_object_list(box, src=src, group=group)
+        theirs, batch = box[0]
+        theirs = gb.pieces if k == me else _moved(theirs, next(iter(tape.params.values())).device)
+        batches.append(batch)
+        for n in tape.params:
+            P, Q = ga.pieces.get(n), theirs.get(n)
+            blocks[n].append(pair_matrix(P, Q) if P and Q else None)
+    out = {}
+    for n, vs in blocks.items():
+        known = [v for v in vs if v is not None]
+        if known:
+            out[n] = torch.cat([torch.zeros(ga.batch, b, dtype=known[0].dtype, device=known[0].device)
+                                if v is None else v for v, b in zip(vs, batches)], 1)
+    return out, sum(batches)
+
+
+def _moved(pieces: dict, device) -> dict:
+    def move(p):
+        if isinstance(p, PerSample):
+            return PerSample(p.grad.to(device))
+        return replace(p, left=p.left.to(device), right=p.right.to(device),
+                       mask=None if p.mask is None else p.mask.to(device))
+    return {n: [move(p) for p in P] for n, P in pieces.items()}
+
+
+def _gather_rows(tape: Tape, per_param: dict, shape: tuple, group) -> tuple[dict, tuple]:
+    """Per-parameter results [B_rank, ...] of every rank, concatenated in rank order along the
+    first axis; parameters no rank has a value for stay absent."""
+    p0 = next(iter(tape.params.values()))
+    dt = acc_dtype(*tape.params.values())
+    dev = next(iter(per_param.values())).device if per_param else p0.device
+    names = list(tape.params)
+    x = torch.stack([per_param[n].to(dt) if n in per_param else torch.zeros(shape, dtype=dt, device=dev) for n in names])
+    present = dist.all_reduce_sum(torch.tensor([float(n in per_param) for n in names], device=dev), group)
+    rest = x.shape[2:]
+    cols = x.movedim(1, -1).reshape(-1, shape[0])               # [P * rest, B_rank]
+    cols = dist.gather_columns(cols, group)                      # [P * rest, B_all]
+    x = cols.reshape(len(names), *rest, -1).movedim(-1, 1)       # [P, B_all, *rest]
+    return {n: x[i] for i, n in enumerate(names) if present[i] > 0}, (x.shape[1], *rest)

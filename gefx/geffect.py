@@ -25,11 +25,12 @@ from typing import Mapping
 import torch
 
 from . import dist
-from .dots import (_check_loss, aggregated, check_graph, collect, dense_gradients, group_sums, marginals,
-                   pieces_from, self_norms)
+from . import shards
+from .dots import (_check_loss, aggregated, check_graph, collect, contract_all, dense_gradients, group_sums,
+                   marginals, pieces_from, self_norms)
 from .effects import GEffect, RiskEffect
 from .groups import resolve
-from .pieces import contract, dense
+from .pieces import dense
 from .step import StepBackward
 from .tape import Tape
 from .update import update
@@ -133,7 +134,7 @@ def _direction(tape: Tape, direction) -> dict[str, torch.Tensor] | None:
     if not isinstance(direction, Mapping):
         raise TypeError("direction must be a mapping {parameter or name: tensor of its shape}")
     out = dense_gradients(tape, direction, what="direction")
-    bad = [n for n, t in out.items() if not torch.isfinite(t).all()]
+    bad = [n for n, t in out.items() if not shards.finite(t)]
     if bad:
         raise ValueError(f"direction has NaN or inf entries for {', '.join(bad[:3])}")
     return out
@@ -174,7 +175,7 @@ def _by_marginals(tape: Tape, g_obj, risks, opts: _Options, vector: bool) -> GEf
     if opts.norms:
         sq = {}
         for n, Q in g_obj.pieces.items():
-            m = dense(Q, tape.params[n].shape)
+            m = dense(Q, dist.shape(tape.params[n]))
             sq[n] = m.pow(2).sum()
         obj_sq = group_sums(tape, sq, opts.groups, ())
     for name, risk in risks.items():
@@ -182,7 +183,7 @@ def _by_marginals(tape: Tape, g_obj, risks, opts: _Options, vector: bool) -> GEf
         rows, cols = {}, {}
         for n, P in g_risk.pieces.items():
             if n in g_obj.pieces:
-                rows[n], cols[n] = marginals(P, g_obj.pieces[n], tape.params[n].shape, need_cols=vector,
+                rows[n], cols[n] = marginals(P, g_obj.pieces[n], dist.shape(tape.params[n]), need_cols=vector,
                                              memo=memo.setdefault(n, {}))
         result[name] = _effect(tape, name, g_risk, rows, opts, obj_sq, cols if vector else None,
                                g_obj.batch if vector else None)
@@ -205,9 +206,7 @@ def _effect(tape: Tape, name: str, g_risk, rows: dict, opts: _Options, obj_sq, c
     if opts.norms:
         values["risk_norm_group"] = per_group({n: self_norms(P) for n, P in g_risk.pieces.items()}, B)
     if opts.direction is not None:
-        d = opts.direction
-        values["predicted_change_group"] = per_group({n: contract(P, d[n]) for n, P in g_risk.pieces.items()
-                                                      if n in d}, B)
+        values["predicted_change_group"] = per_group(contract_all([g_risk.pieces], opts.direction)[0], B)
     if dist.group_size(opts.process_group) > 1:
         values = {k: None if v is None else dist.gather_columns(v, opts.process_group) for k, v in values.items()}
     if "risk_norm_group" in values:
@@ -257,6 +256,11 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
         _check_loss(risk, f"risk {name!r}", per_sample=True)
     if dist.group_size(opts.process_group) > 1:
         dist.check_supported(tape.model)
+    if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in tape.params.values()):
+        raise ValueError("g_effect(backward=True) runs the step's loss.backward() itself, but under DeepSpeed the "
+                         "engine owns the backward: call gefx.prepare(tape, risks) before engine.backward(loss) "
+                         "and .against(gefx.engine_grads(model)) after it (or g_effect without backward=True "
+                         "before the step)")
     tape.check_open()
     # every graph is checked before the step's backward touches .grad
     obj_reach = check_graph(tape, objective, "objective") if vector else None
@@ -280,17 +284,26 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
 def _against(tape: Tape, m_obj: dict[str, torch.Tensor], risks, opts: _Options, g_obj=None,
              risk_pieces=None) -> GEffect:
     """G-effects against the objective's aggregated gradient given densely (per parameter name;
-    under torch.distributed already summed over the ranks)."""
-    obj_sq = group_sums(tape, {n: m.pow(2).sum() for n, m in m_obj.items()}, opts.groups, ()) if opts.norms else None
-    result = GEffect()
-    for name, risk in risks.items():
+    under torch.distributed already summed over the ranks; sharded parameters as shards.Sharded)."""
+    obj_sq = group_sums(tape, {n: shards.sq_norm(m) for n, m in m_obj.items()}, opts.groups, ()) if opts.norms else None
+
+    def pieces_of(name):
         what = f"risk {name!r}"
-        g_risk = (risk_pieces(name, risk, what) if risk_pieces is not None
-                  else collect(tape, risk, per_sample=True, what=what))
-        rows = {n: contract(P, m_obj[n]) for n, P in g_risk.pieces.items() if n in m_obj}
+        return (risk_pieces(name, risks[name], what) if risk_pieces is not None
+                else collect(tape, risks[name], per_sample=True, what=what))
+
+    rows_of = {}
+    if any(isinstance(m, shards.Sharded) for m in m_obj.values()):
+        # each shard is broadcast once for all risks (their pieces held together meanwhile)
+        held = {name: pieces_of(name) for name in risks}
+        rows_of = dict(zip(held, contract_all([g.pieces for g in held.values()], m_obj)))
+        pieces_of = held.__getitem__
+    result = GEffect()
+    for name in risks:
+        g_risk = pieces_of(name)
+        rows = rows_of[name] if name in rows_of else contract_all([g_risk.pieces], m_obj)[0]
         cols = None
         if g_obj is not None:
-            m_risk = aggregated(tape, g_risk, opts.process_group)
-            cols = {n: contract(P, m_risk[n]) for n, P in g_obj.pieces.items() if n in m_risk}
+            cols = contract_all([g_obj.pieces], aggregated(tape, g_risk, opts.process_group))[0]
         result[name] = _effect(tape, name, g_risk, rows, opts, obj_sq, cols, None if g_obj is None else g_obj.batch)
     return result

@@ -25,6 +25,8 @@ from typing import Callable
 
 from torch import nn
 
+from .dist import shape
+
 PRESETS = ("param", "module", "block", "paper", "reference")
 
 
@@ -35,7 +37,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
         if isinstance(m, nn.ModuleList) and len(m) > 0:
             kids = list(m)
             if len({type(k) for k in kids}) == 1 and all(any(True for _ in k.parameters()) for k in kids):
-                size = sum(p.numel() for p in m.parameters())
+                size = sum(shape(p).numel() for p in m.parameters())
                 if size > best_size:
                     best, best_size = kids, size
     return best

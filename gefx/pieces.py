@@ -114,3 +114,59 @@ def contract(P: list[Piece], m: torch.Tensor) -> torch.Tensor:
             mb = m if p.block is None else m[p.block]
             out = out + ops.dense_dot(p.right, p.left, mb.reshape(p.left.shape[-1], p.right.shape[-1]), p.mask)
     return out
+
+
+# -- one flat range of a parameter (a shard: gefx.shards) -------------------------------------------
+def _part(p: Factored, shape, start: int, end: int):
+    """Piece p restricted to the rows a..b of its matrix [D0, D1] (the parameter, or its slice
+    [block]) that the flat range [start, end) of a parameter of `shape` touches, as (that piece,
+    b - a, pos, at): the range covers positions `pos` of rows a..b flattened, which are positions
+    `at` of the range; None if the range misses the piece. Ids outside the rows are masked out."""
+    d1 = p.right.shape[-1]
+    d0 = shape[-2] if p.ids else p.left.shape[-1]
+    base = 0 if p.block is None else p.block * d0 * d1
+    s, e = max(start, base) - base, min(end, base + d0 * d1) - base
+    if s >= e:
+        return None
+    a, b = s // d1, -(-e // d1)
+    if p.ids:
+        inside = (p.left >= a) & (p.left < b)
+        piece = Factored(torch.where(inside, p.left - a, 0), p.right, inside if p.mask is None else inside & p.mask)
+    else:
+        piece = Factored(p.left[..., a:b].contiguous(), p.right, p.mask)
+    return piece, b - a, slice(s - a * d1, e - a * d1), slice(base + s - start, base + e - start)
+
+
+def dense_range(P: list[Piece], shape, start: int, end: int) -> torch.Tensor:
+    """The flat range [start, end) of ``dense(P, shape)``, formed from the rows it touches only."""
+    first = P[0].grad if isinstance(P[0], PerSample) else P[0].right
+    dt = acc_dtype(*[p.grad if isinstance(p, PerSample) else p.right for p in P])
+    out = torch.zeros(end - start, dtype=dt, device=first.device)
+    for p in P:
+        if isinstance(p, PerSample):
+            out += p.grad.sum(0).flatten()[start:end].to(dt)
+            continue
+        part = _part(p, shape, start, end)
+        if part is not None:
+            piece, rows, pos, at = part
+            out[at] += dense([piece], (rows, p.right.shape[-1])).flatten()[pos]
+    return out
+
+
+def contract_range(P: list[Piece], values: torch.Tensor, shape, start: int, end: int) -> torch.Tensor:
+    """[Bp]: <grad_i, m> for m zero but on the flat range [start, end), where it is `values`."""
+    out = 0
+    for p in P:
+        if isinstance(p, PerSample):
+            dt = acc_dtype(p.grad, values)
+            out = out + p.grad.flatten(1)[:, start:end].to(dt) @ values.to(dt)
+            continue
+        part = _part(p, shape, start, end)
+        if part is not None:
+            piece, rows, pos, at = part
+            m = torch.zeros(rows * p.right.shape[-1], dtype=values.dtype, device=values.device)
+            m[pos] = values[at]
+            out = out + contract([piece], m.view(rows, p.right.shape[-1]))
+    if isinstance(out, int):  # the range misses every piece
+        out = torch.zeros(P[0].batch, dtype=acc_dtype(values), device=values.device)
+    return out

@@ -44,9 +44,10 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import ops
-from .dist import full
+from .dist import full, shape as full_shape
 from .pieces import Factored, PerSample, dense, merge
 from .precision import acc_dtype
+from .shards import layout
 
 
 class Refused(ValueError):
@@ -247,8 +248,8 @@ def _norm_candidate(m: nn.Module) -> bool:
 
 
 def _norm_params(m, dt):
-    w = full(m.weight.detach()).to(dt)
-    b = None if getattr(m, "bias", None) is None else full(m.bias.detach()).to(dt)
+    w = full(m.weight).detach().to(dt)
+    b = None if getattr(m, "bias", None) is None else full(m.bias).detach().to(dt)
     return w, b
 
 
@@ -288,7 +289,7 @@ def norm_u(tape, call) -> torch.Tensor:
 
 def norm_pieces(tape, call, grads):
     m = call.module
-    d = m.weight.numel()
+    d = full_shape(m.weight).numel()
     u = call.memo.get("norm_u")
     if u is None:  # the same for every loss of this trace
         u = call.memo["norm_u"] = norm_u(tape, call)
@@ -429,7 +430,7 @@ def generic_pieces(tape, call, grads):
                       f"gradients would take {size / 2**20:.0f} MiB (> GEFX_GENERIC_MB={GENERIC_MB:g}); "
                       "register a rule for it (gefx.register_rule), measure fewer samples at once, "
                       "or leave its parameters out of `params`")
-    leaves = {loc: full(p.detach()).requires_grad_(True) for loc, p in params.items()}
+    leaves = {loc: full(p).detach().requires_grad_(True) for loc, p in params.items()}
     seen: dict = {}
     try:
         outs = _outputs(call, recompute(tape, call, leaves, seen=seen))
@@ -462,7 +463,7 @@ def generic_pieces(tape, call, grads):
     out = {}
     for loc, x in zip(leaves, got):
         p = params[loc]
-        out[loc] = PerSample(torch.zeros((call.samples, *p.shape), dtype=acc_dtype(p), device=p.device)
+        out[loc] = PerSample(torch.zeros((call.samples, *full_shape(p)), dtype=acc_dtype(p), device=p.device)
                              if x is None else x.to(acc_dtype(p)))
     return out
 
@@ -483,13 +484,21 @@ def checked_rule(tape, call) -> Rule:
     """The rule to use for this call: the module's own rule once it is verified on this module,
     else the generic rule."""
     rule = tape.rules[call.module]
-    if rule.exact:
+    if rule.exact or _stock_and_sharded(call.module):
         return rule
     key = (rule.name, call.module.training)
     verdicts = CHECKED.setdefault(call.module, {})
     if key not in verdicts:
         verdicts[key] = _verify(tape, call, rule)
     return rule if verdicts[key].exact else replace(GENERIC, batch_dim=rule.batch_dim)
+
+
+def _stock_and_sharded(m: nn.Module) -> bool:
+    """A sharded (FSDP2, ZeRO-3) nn.Linear / nn.Embedding running torch's own forward: its rule is
+    exact by construction, and verifying it would gather the whole weight."""
+    stock = {nn.Linear: nn.Linear.forward, nn.Embedding: nn.Embedding.forward}
+    return (any(isinstance(m, cls) and type(m).forward is fwd for cls, fwd in stock.items())
+            and any(layout(p) is not None for p in m.parameters(recurse=False)))
 
 
 def _verify(tape, call, rule: Rule) -> Verdict:
@@ -499,7 +508,7 @@ def _verify(tape, call, rule: Rule) -> Verdict:
     local = [loc for loc, _ in tape.owned[m]]
     first = m.get_parameter(local[0])
     dt = acc_dtype(first)
-    leaves = {loc: full(m.get_parameter(loc).detach()).to(dt).requires_grad_(True) for loc in local}
+    leaves = {loc: full(m.get_parameter(loc)).detach().to(dt).requires_grad_(True) for loc in local}
     args, kwargs = _cast(_copied(call.args), dt), _cast(_copied(call.kwargs), dt)
     try:
         outs = _outputs(call, recompute(tape, call, leaves, args, kwargs))

@@ -257,7 +257,8 @@ class StepBackward:
                 (shared if ptr in seen else seen).add(ptr)
         for p in self.tape.params.values():
             if p.grad is not None:
-                shared.add(p.grad.untyped_storage().data_ptr())
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: a DTensor
+                shared.add(g.untyped_storage().data_ptr())
         return shared
 
 

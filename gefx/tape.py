@@ -22,7 +22,8 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
-from .dist import check_supported
+from . import shards
+from .dist import check_engine, check_supported, hook_managers
 from .rules import GENERIC, Refused, Rule, own_params, rule_for
 from .soundness import Graph
 
@@ -192,6 +193,8 @@ class Tape:
         if next(model.parameters(), None) is None:
             raise ValueError(f"no parameterised module found in {type(model).__name__}")
         check_supported(model)
+        check_engine(model)
+        shards.check(model)
         self.model = model
         self.check = check
         counted = _counted(model, params)
@@ -227,6 +230,7 @@ class Tape:
         self._closed = False
         self._paused = 0
         self._batch: list[tuple] = []  # (batch, length) of each model forward in progress
+        self.engine_hooks: list = []  # DeepSpeed's hooks on the traced engine's outputs (gefx.dist.engine_hooks_off)
         self._before: dict[nn.Module, tuple] = {}  # RNG state, node number and entry order at the pre-hook
         self._entered = 0
 
@@ -256,6 +260,7 @@ class Tape:
         self._handles.clear()
         self.calls.clear()
         self.hosts.clear()
+        self.engine_hooks.clear()
         self._aliases.clear()
         self.graph = Graph(self)  # drops what the checks held of this trace's calls
         self._before.clear()
@@ -306,6 +311,7 @@ class Tape:
     def _leave_forward(self, model, args, output) -> None:
         if self._batch:
             self._batch.pop()
+        self.engine_hooks.extend(hook_managers(model, output))
 
     def _note_stand_ins(self, module: nn.Module) -> None:
         """Map the tensors a wrapper put in place of counted parameters for this forward (FSDP2's

@@ -58,7 +58,7 @@ def test_a_wrong_number_is_reported(monkeypatch):
         out = real(P, m)
         return out * (1 + 1e-3) if m.dim() == 1 and m.shape[0] == 16 else out  # the norms' weights
 
-    monkeypatch.setattr("gefx.geffect.contract", skewed)
+    monkeypatch.setattr("gefx.shards.contract", skewed)
     for float64 in (True, False):
         report = gefx.check(tiny_model("llama", torch.float32), modes=("eval",), float64=float64)
         wrong = [r for r in report.rows if r.status == "WRONG"]
@@ -77,7 +77,7 @@ def test_half_precision_within_the_derived_tolerance_and_a_dropped_group_is_not(
     assert report.dtype == dtype and report.tol == tolerance(dtype)
     assert report.ok and all(r.status == "exact" for r in report.rows)
     real = pieces.contract
-    monkeypatch.setattr("gefx.geffect.contract", lambda P, m: real(P, m) * (0 if m.dim() == 1 else 1))
+    monkeypatch.setattr("gefx.shards.contract", lambda P, m: real(P, m) * (0 if m.dim() == 1 else 1))
     assert not gefx.check(model, modes=("eval",), float64=False).ok
 
 

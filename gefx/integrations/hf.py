@@ -37,6 +37,7 @@ import torch
 
 from ..geffect import GEffect, g_effect, prepare
 from ..losses import RISKS
+from ..shards import engine_grads
 from ..objectives import forward
 from ..tape import trace
 from .records import Recorder
@@ -151,7 +152,9 @@ class GEffectMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         self._gefx_last_step = self.state.global_step
         blocker = self._gefx_online_blocker(model)
-        with trace(model, params=self.optimizer) as tape:
+        # DeepSpeed's optimizer holds flat partitions, not the model's parameters: count the trainable ones
+        counted = None if type(model).__name__ == "DeepSpeedEngine" else self.optimizer
+        with trace(model, params=counted) as tape:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
             loss = result[0] if isinstance(result, tuple) else result
             with preserved_rng():
@@ -169,8 +172,7 @@ class GEffectMixin:
         out = super().training_step(model, inputs, *args, **kwargs)
         if self._gefx_pending is not None:  # the step's backward has run: contract with its .grad
             pending, self._gefx_pending = self._gefx_pending, None
-            self._gefx_record(pending.against({p: p.grad for p in model.parameters() if p.grad is not None}),
-                              "online")
+            self._gefx_record(pending.against(engine_grads(model)), "online")
         return out
 
     def _gefx_record(self, effects: GEffect, mode: str) -> None:

@@ -1,0 +1,250 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 through ``deepspeed.initialize`` (the real engine, 2 gloo processes on
+the CPU, float32): every G-effect equals one float64 process running the concatenated batch, before
+the step and online (the engine owns the backward), and measuring leaves training bit-identical.
+
+ZeRO-3 runs with ``stage3_param_persistence_threshold = 0``, so every parameter, the RMSNorm
+weights included, is partitioned: the products go shard by shard (gefx.shards) and the norm rule
+gathers its weight alone. The before-step measurement runs with gradient accumulation (2 steps):
+the engine's output hooks would divide gefx's gradients by 2 if they were not switched off."""
+import datetime
+import logging
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import gefx
+from gefx.losses import sequence_nll
+from helpers import tiny_model
+from test_distributed import WORLD, all_dots, data, free_port, shard
+
+pytestmark = pytest.mark.slow
+TOL = 1e-5  # float32 engine vs the float64 single process: max |diff| / max |value| per quantity
+
+
+def config(stage: int, accumulation: int = 1) -> dict:
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": accumulation,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+
+
+def engine_for(stage: int, accumulation: int = 1):
+    import deepspeed
+
+    model = tiny_model("llama", torch.float32)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=config(stage, accumulation))
+    return engine
+
+
+def direction_of(model):
+    """The same seeded direction of every parameter's full shape, on every rank and in the single
+    process (parameter order)."""
+    g = torch.Generator().manual_seed(3)
+    return {p: torch.randn(tuple(getattr(p, "ds_shape", p.shape)), generator=g) for p in model.parameters()}
+
+
+def forwards(model, fb, rb):
+    nll_f = sequence_nll(model(input_ids=fb[0], attention_mask=fb[1]).logits, fb[2])
+    nll_r = sequence_nll(model(input_ids=rb[0], attention_mask=rb[1]).logits, rb[2])
+    return nll_f, nll_r
+
+
+def before_step(engine, traced, fb, rb, vector: bool) -> dict:
+    with gefx.trace(traced) as tape:
+        nll_f, nll_r = forwards(engine, fb, rb)
+        objective = -nll_f if vector else -nll_f.sum() + 0.3 * nll_r.sum()
+        out = gefx.g_effect(tape, objective, {"forget": nll_f, "retain": nll_r}, norms=True,
+                            direction=direction_of(traced)).to_dict()
+        if not vector:
+            out["dots"] = all_dots(tape, traced, nll_f, nll_r)
+        return out
+
+
+def train_step(engine, fb, rb, measure: bool):
+    """One step of -nll_f + 0.3 nll_r; with `measure`, G-effects before it and online."""
+    out = {}
+    with gefx.trace(engine) as tape:
+        nll_f, nll_r = forwards(engine, fb, rb)
+        loss = -nll_f.sum() + 0.3 * nll_r.sum()
+        if measure:
+            risks = {"forget": nll_f, "retain": nll_r}
+            out["before"] = gefx.g_effect(tape, loss, risks).to_dict()
+            with pytest.raises(ValueError, match="engine owns the backward"):
+                gefx.g_effect(tape, loss, risks, backward=True)
+            prepared = gefx.prepare(tape, risks)
+        engine.backward(loss)
+        if measure:
+            out["online"] = prepared.against(gefx.engine_grads(engine)).to_dict()
+        engine.step()
+    return out
+
+
+def full_params(engine) -> list[torch.Tensor]:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
+
+
+def run_rank(rank: int, stage: int) -> dict:
+    fb, rb = shard(rank)
+    engine = engine_for(stage, accumulation=2)
+    with pytest.raises(ValueError, match="trace the engine"):  # its module: the engine's hooks unseen
+        gefx.trace(engine.module)
+    res = {"vector": before_step(engine, engine, fb, rb, True), "scalar": before_step(engine, engine, fb, rb, False)}
+    measured, plain = engine_for(stage), engine_for(stage)
+    res.update(train_step(measured, fb, rb, measure=True))
+    train_step(plain, fb, rb, measure=False)
+    res["trained_alike"] = all(torch.equal(a, b) for a, b in zip(full_params(measured), full_params(plain)))
+    if stage == 3:  # parameters offloaded to NVMe are refused (the attribute ZeRO-3 sets for them)
+        from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+        part = next(engine.module.parameters()).ds_tensor
+        before, part.final_location = getattr(part, "final_location", None), OffloadDeviceEnum.nvme
+        with pytest.raises(ValueError, match="NVMe"):
+            gefx.trace(engine)
+        part.final_location = before
+    return res
+
+
+def _worker(rank, port, out, stage):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed("gloo", auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=120))
+    try:
+        torch.save(run_rank(rank, stage), f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def expected() -> dict:
+    single = tiny_model("llama", torch.float64)
+    fb, rb = data()
+    res = {key: before_step(single, single, fb, rb, vector) for key, vector in (("vector", True), ("scalar", False))}
+    return res
+
+
+def assert_close(got, want, where: str):
+    if isinstance(want, dict):
+        for k, v in want.items():
+            if v is not None and not isinstance(v, str):
+                assert k in got and got[k] is not None, f"{where}: {k} missing"
+                assert_close(got[k], v, f"{where}.{k}")
+        return
+    a = torch.tensor(got, dtype=torch.float64)
+    b = torch.tensor(want, dtype=torch.float64)
+    scale = b.abs().max().clamp(min=1e-30)
+    assert a.shape == b.shape, f"{where}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert float((a - b).abs().max() / scale) <= TOL, f"{where}: {a.tolist()} != {b.tolist()}"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_equals_one_process(tmp_path, stage):
+    pytest.importorskip("deepspeed", reason="the README's set-up installs deepspeed (test extra)")
+    out = str(tmp_path / "res")
+    workers = mp.spawn(_worker, args=(free_port(), out, stage), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 300
+    while not workers.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in workers.processes:
+                p.kill()
+            pytest.fail(f"the ZeRO-{stage} workers did not finish within 300 s")
+    want = expected()
+    for rank in range(WORLD):
+        got = torch.load(f"{out}.{rank}")
+        assert got["trained_alike"], f"rank {rank}: measuring changed the ZeRO-{stage} training step"
+        for key in ("vector", "scalar"):
+            assert_close(got[key], want[key], f"rank {rank} ZeRO-{stage} {key}")
+        assert_close(got["before"], {r: {k: want["scalar"][r][k] for k in ("per_instance", "per_group", "total")}
+                                     for r in ("forget", "retain")}, f"rank {rank} ZeRO-{stage} before the step")
+        # the engine reduces the ranks' mean gradient: online values are those of loss / WORLD
+        online = {r: {k: [WORLD * v for v in got["online"][r][k]] if isinstance(got["online"][r][k], list)
+                      else {g: WORLD * v for g, v in got["online"][r][k].items()} for k in ("per_instance", "per_group")}
+                  for r in ("forget", "retain")}
+        assert_close(online, {r: {k: want["scalar"][r][k] for k in ("per_instance", "per_group")}
+                              for r in ("forget", "retain")}, f"rank {rank} ZeRO-{stage} online")
+
+
+# -- the Hugging Face Trainer mixin under accelerate + DeepSpeed ZeRO-3 ------------------------------
+def _trainer_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    import deepspeed
+    import transformers
+    from gefx.integrations import GEffectMixin
+    from test_integrations import GradDiff, Pairs, collate
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+
+    class Seen(GradDiff):  # remembers its first micro-batch (the data loader picks each rank's)
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            self.__dict__.setdefault("seen", inputs)
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+          "zero_allow_untested_optimizer": True}
+
+    def train(cls, name):
+        args = transformers.TrainingArguments(
+            output_dir=f"{out}.{name}", per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2, report_to=[],
+            logging_steps=1, save_strategy="no", use_cpu=True, remove_unused_columns=False, dataloader_num_workers=0,
+            seed=0, max_grad_norm=1.0, ddp_backend="gloo", deepspeed=ds)
+        trainer = cls(model=tiny_model("llama", torch.float32).train(), args=args, train_dataset=Pairs(4),
+                      data_collator=collate)
+        trainer.train()
+        params = list(trainer.model.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            values = [p.detach().clone() for p in params]
+        return trainer, values
+
+    measured, after = train(type("MeasuredSeen", (GEffectMixin, Seen), {"gefx_every": 1}), "m")
+    plain, after_plain = train(Seen, "p")
+    first = measured.gefx_records[0][1]
+    torch.save({"engine": type(measured.model_wrapped).__name__, "mode": measured.gefx_mode,
+                "steps": [s for s, _ in measured.gefx_records], "seen": measured.seen,
+                "effects": {r: first[r].per_instance.tolist() for r in ("forget", "retain")},
+                "trained_alike": all(torch.equal(a, b) for a, b in zip(after, after_plain))}, f"{out}.{rank}")
+    dist.barrier()
+
+
+def test_trainer_mixin_under_accelerate_deepspeed_zero3(tmp_path):
+    """The mixin on transformers' Trainer with a DeepSpeed ZeRO-3 config (accelerate builds the engine):
+    online measurements, training bit-identical to the unmeasured Trainer, and the first step's
+    per-instance values equal float64 autograd of the ranks' mean loss on each rank's micro-batch."""
+    pytest.importorskip("deepspeed", reason="the README's set-up installs deepspeed (test extra)")
+    from helpers import full_grad
+    from test_integrations import GradDiff
+
+    out = str(tmp_path / "res")
+    workers = mp.spawn(_trainer_worker, args=(free_port(), out), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 300
+    while not workers.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in workers.processes:
+                p.kill()
+            pytest.fail("the Trainer workers did not finish within 300 s")
+    got = [torch.load(f"{out}.{rank}") for rank in range(WORLD)]
+    model = tiny_model("llama", torch.float64).train()
+    params = list(model.parameters())
+    g_loss = sum(full_grad(GradDiff.compute_loss(None, model, g["seen"]), params) for g in got) / WORLD
+    for risk in ("forget", "retain"):
+        want = []
+        for g in got:  # gefx.integrations' default risk: token_mean over each rank's micro-batch
+            b = g["seen"][risk]
+            r = gefx.losses.token_mean_nll(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                           b["labels"])
+            want += [float(full_grad(r[i], params) @ g_loss) for i in range(r.shape[0])]
+        for rank, g in enumerate(got):
+            assert g["engine"] == "DeepSpeedEngine" and g["mode"] == "online" and g["steps"] == [0, 1]
+            assert g["trained_alike"], f"rank {rank}: measuring changed the Trainer's training"
+            diff = max(abs(a - b) for a, b in zip(g["effects"][risk], want)) / max(abs(b) for b in want)
+            assert len(g["effects"][risk]) == len(want) and diff <= TOL, (risk, g["effects"][risk], want)
