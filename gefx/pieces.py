@@ -137,8 +137,21 @@ def _part(p: Factored, shape, start: int, end: int):
     return piece, b - a, slice(s - a * d1, e - a * d1), slice(base + s - start, base + e - start)
 
 
+def _blocks(shape, start: int, end: int, elements: int = 1 << 22):
+    """[start, end) cut at row boundaries into sub-ranges of at most ~`elements` (and one row):
+    the temporaries of a range's products stay ~16 MiB (float32), whatever the shard size."""
+    row = shape[-1] if len(shape) > 1 else max(end - start, 1)
+    step = max(1, elements // row) * row
+    at = start
+    while at < end:
+        nxt = min(end, (at // step + 1) * step)
+        yield at, nxt
+        at = nxt
+
+
 def dense_range(P: list[Piece], shape, start: int, end: int) -> torch.Tensor:
-    """The flat range [start, end) of ``dense(P, shape)``, formed from the rows it touches only."""
+    """The flat range [start, end) of ``dense(P, shape)``, formed from the rows it touches only,
+    in row blocks of bounded size."""
     first = P[0].grad if isinstance(P[0], PerSample) else P[0].right
     dt = acc_dtype(*[p.grad if isinstance(p, PerSample) else p.right for p in P])
     out = torch.zeros(end - start, dtype=dt, device=first.device)
@@ -146,27 +159,30 @@ def dense_range(P: list[Piece], shape, start: int, end: int) -> torch.Tensor:
         if isinstance(p, PerSample):
             out += p.grad.sum(0).flatten()[start:end].to(dt)
             continue
-        part = _part(p, shape, start, end)
-        if part is not None:
-            piece, rows, pos, at = part
-            out[at] += dense([piece], (rows, p.right.shape[-1])).flatten()[pos]
+        for s, e in _blocks(shape, start, end):
+            part = _part(p, shape, s, e)
+            if part is not None:
+                piece, rows, pos, at = part
+                out[s - start:e - start][at] += dense([piece], (rows, p.right.shape[-1])).flatten()[pos]
     return out
 
 
 def contract_range(P: list[Piece], values: torch.Tensor, shape, start: int, end: int) -> torch.Tensor:
-    """[Bp]: <grad_i, m> for m zero but on the flat range [start, end), where it is `values`."""
+    """[Bp]: <grad_i, m> for m zero but on the flat range [start, end), where it is `values`
+    (in row blocks of bounded size)."""
     out = 0
     for p in P:
         if isinstance(p, PerSample):
             dt = acc_dtype(p.grad, values)
             out = out + p.grad.flatten(1)[:, start:end].to(dt) @ values.to(dt)
             continue
-        part = _part(p, shape, start, end)
-        if part is not None:
-            piece, rows, pos, at = part
-            m = torch.zeros(rows * p.right.shape[-1], dtype=values.dtype, device=values.device)
-            m[pos] = values[at]
-            out = out + contract([piece], m.view(rows, p.right.shape[-1]))
+        for s, e in _blocks(shape, start, end):
+            part = _part(p, shape, s, e)
+            if part is not None:
+                piece, rows, pos, at = part
+                m = torch.zeros(rows * p.right.shape[-1], dtype=values.dtype, device=values.device)
+                m[pos] = values[s - start:e - start][at]
+                out = out + contract([piece], m.view(rows, p.right.shape[-1]))
     if isinstance(out, int):  # the range misses every piece
         out = torch.zeros(P[0].batch, dtype=acc_dtype(values), device=values.device)
     return out

@@ -13,9 +13,11 @@ partitions, the last one short). With P_i the per-sample gradient pieces of a ra
                 contracts its samples' pieces with it (``pieces.contract_range``) and adds up.
                 Received per rank: the parameter's size (world-1)/world, as an all-gather.
 
-Memory: one range of one parameter at a time (plus the rows it touches, for a range that starts
-or ends inside a row), never the whole weight. Every rank must run the same products in the same
-order (each is collective); gefx's callers iterate over the traced parameters in model order.
+Memory: besides this rank's shard of the objective's aggregate (as the engine keeps its gradient
+shard), one range of one parameter in flight, its products formed in row blocks of ~16 MiB
+(``pieces.dense_range`` / ``contract_range``), never the whole weight. Every rank must run the same
+products in the same order (each is collective); gefx's callers iterate over the traced parameters
+in model order, and contract every risk against one broadcast of each shard.
 """
 from __future__ import annotations
 

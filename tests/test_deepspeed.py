@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 through ``deepspeed.initialize`` (the real engine, 2 gloo processes on
+"""DeepSpeed ZeRO-1, 2 and 3 through ``deepspeed.initialize`` (the real engine, 2 gloo processes on
 the CPU, float32): every G-effect equals one float64 process running the concatenated batch, before
 the step and online (the engine owns the backward), and measuring leaves training bit-identical.
 
@@ -6,6 +6,7 @@ ZeRO-3 runs with ``stage3_param_persistence_threshold = 0``, so every parameter,
 weights included, is partitioned: the products go shard by shard (gefx.shards) and the norm rule
 gathers its weight alone. The before-step measurement runs with gradient accumulation (2 steps):
 the engine's output hooks would divide gefx's gradients by 2 if they were not switched off."""
+import contextlib
 import datetime
 import logging
 import os
@@ -84,6 +85,27 @@ def train_step(engine, fb, rb, measure: bool):
     return out
 
 
+@contextlib.contextmanager
+def gathered_by_gefx():
+    """Full shapes of the ZeRO-3 parameters gefx gathers (gefx.dist.full) inside the block."""
+    import gefx.dist as gdist
+
+    seen, real = [], gdist.full
+
+    def counted(t):
+        if hasattr(t, "ds_id"):
+            seen.append(tuple(t.ds_shape))
+        return real(t)
+
+    gdist.full = counted
+    import gefx.rules as rules
+    rules.full = counted
+    try:
+        yield seen
+    finally:
+        gdist.full = rules.full = real
+
+
 def full_params(engine) -> list[torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -95,7 +117,10 @@ def run_rank(rank: int, stage: int) -> dict:
     engine = engine_for(stage, accumulation=2)
     with pytest.raises(ValueError, match="trace the engine"):  # its module: the engine's hooks unseen
         gefx.trace(engine.module)
-    res = {"vector": before_step(engine, engine, fb, rb, True), "scalar": before_step(engine, engine, fb, rb, False)}
+    with gathered_by_gefx() as whole:
+        res = {"vector": before_step(engine, engine, fb, rb, True), "scalar": before_step(engine, engine, fb, rb, False)}
+    # ZeRO-3: no weight gathered by gefx but the RMSNorm weights (1-D), for their rule
+    assert all(len(shape) == 1 for shape in whole) and (whole or stage < 3), whole
     measured, plain = engine_for(stage), engine_for(stage)
     res.update(train_step(measured, fb, rb, measure=True))
     train_step(plain, fb, rb, measure=False)
@@ -146,7 +171,7 @@ def assert_close(got, want, where: str):
     assert float((a - b).abs().max() / scale) <= TOL, f"{where}: {a.tolist()} != {b.tolist()}"
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_equals_one_process(tmp_path, stage):
     pytest.importorskip("deepspeed", reason="the README's set-up installs deepspeed (test extra)")
     out = str(tmp_path / "res")

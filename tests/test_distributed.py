@@ -87,6 +87,14 @@ def measure_rank(rank, wrap):
         results = [measure(model, fb, rb, vector) for vector in (True, False)]
     # FSDP2: products shard by shard; only the RMSNorm weights (1-D) are read whole, by their rule
     assert all(len(shape) == 1 for shape in whole), whole
+    if wrap == "fsdp2":  # tensor parallelism (a weight sharded along another dimension) is refused
+        from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+        tp = torch.nn.Linear(4, 6, bias=False)
+        mesh = init_device_mesh("cpu", (WORLD,))
+        tp.weight = torch.nn.Parameter(distribute_tensor(tp.weight.detach(), mesh, [Shard(1)]))
+        with pytest.raises(ValueError, match="tensor-parallel"):
+            gefx.trace(tp)
     if wrap in ("ddp", "fsdp2"):  # online mode: the averaged gradient of the step's own backward
         with gefx.trace(model) as tape:
             nll_f = sequence_nll(model(input_ids=fb[0], attention_mask=fb[1]).logits, fb[2])

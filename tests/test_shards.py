@@ -45,3 +45,17 @@ def test_a_range_missing_every_piece_gives_zeros():
     assert torch.equal(dense_range(P, shape, s, e), torch.zeros(e - s, dtype=torch.float64))
     assert torch.equal(contract_range(P, torch.ones(e - s, dtype=torch.float64), shape, s, e),
                        torch.zeros(3, dtype=torch.float64))
+
+
+def test_row_blocks_cover_the_range(monkeypatch):
+    """Ranges cut into row blocks (tiny blocks here: 1-2 rows) give the same products."""
+    import gefx.pieces as pieces_mod
+
+    real = pieces_mod._blocks
+    monkeypatch.setattr(pieces_mod, "_blocks", lambda shape, s, e: real(shape, s, e, elements=7))
+    test_ranges_add_up_to_the_whole("linear", 3)
+    test_ranges_add_up_to_the_whole("embedding", 2)
+    test_ranges_add_up_to_the_whole("experts", 5)
+    blocks = list(real((7, 4), 3, 25, elements=8))
+    assert blocks[0][0] == 3 and blocks[-1][1] == 25 and all(b[1] == c[0] for b, c in zip(blocks, blocks[1:]))
+    assert all(e % 8 == 0 for _, e in blocks[:-1])  # cut at row boundaries (rows of 4, blocks of 2 rows)
