@@ -52,7 +52,7 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
             traced forward), e.g. ``{"forget": sequence_nll(logits_f, labels_f),
             "retain": sequence_nll(logits_r, labels_r)}``. The risk is the vector's sum.
         groups: a preset of ``gefx.groups`` ("block" by default) or a callable name -> group.
-        process_group: under torch.distributed with more than one process (DDP, FSDP2), the
+        process_group: under torch.distributed with more than one process (DDP, FSDP2, DeepSpeed ZeRO), the
             group whose ranks each traced their own micro-batch (default: the world). The
             objective is then the sum of the ranks' objectives and each risk the ranks' vectors
             concatenated in rank order; every rank gets the same result, equal to one process
@@ -161,9 +161,13 @@ def _pending_update(tape: Tape, optimizer, m_obj: dict[str, torch.Tensor]):
 
 
 def _step_update(tape: Tape, optimizer):
+    """The update `optimizer` makes from ``.grad`` now (FSDP2: DTensor updates, read shard-wise)."""
     if optimizer is None:
         return None
-    return _named(tape, update(optimizer))
+    if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in tape.params.values()):
+        raise ValueError("optimizer= is not supported under DeepSpeed (its optimizer steps flat partitions that "
+                         "gefx.update cannot replay); pass the update as direction= instead")
+    return dense_gradients(tape, _named(tape, update(optimizer)), what="the optimizer's update")
 
 
 def _by_marginals(tape: Tape, g_obj, risks, opts: _Options, vector: bool) -> GEffect:
@@ -228,7 +232,8 @@ class Prepared:
 
     def against(self, grads: Mapping, *, optimizer=None, direction: Mapping | None = None) -> GEffect:
         """The G-effects of the objective whose gradient `grads` is ({parameter or name: tensor},
-        e.g. ``{p: p.grad for p in model.parameters()}`` after the step's backward); with
+        e.g. ``{p: p.grad for p in model.parameters()}`` after the step's backward, or under DeepSpeed
+        and FSDP2 ``gefx.engine_grads(model)``: each rank's gradient shard, never gathered); with
         `optimizer`, each risk's predicted change along its next update (from ``.grad``), or along
         `direction`."""
         if optimizer is not None and direction is not None:

@@ -80,7 +80,10 @@ def train_step(engine, fb, rb, measure: bool):
             prepared = gefx.prepare(tape, risks)
         engine.backward(loss)
         if measure:
-            out["online"] = prepared.against(gefx.engine_grads(engine)).to_dict()
+            grads = gefx.engine_grads(engine)
+            out["online"] = prepared.against(grads).to_dict()
+            with pytest.raises(ValueError, match="not supported under DeepSpeed"):
+                prepared.against(grads, optimizer=engine.optimizer)
         engine.step()
     return out
 

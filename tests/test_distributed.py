@@ -115,6 +115,23 @@ def measure_rank(rank, wrap):
                                 backward=True, direction=direction_of(model))
             assert all(torch.equal(p.grad, step_grads[n]) for n, p in model.named_parameters())
             results.append(eff.to_dict())
+    if wrap == "fsdp2":  # the predicted change along AdamW's next update: exactly the step's change
+        # (last: it moves the parameters)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        with gefx.trace(model) as tape:
+            nll_f = sequence_nll(model(input_ids=fb[0], attention_mask=fb[1]).logits, fb[2])
+            nll_r = sequence_nll(model(input_ids=rb[0], attention_mask=rb[1]).logits, rb[2])
+            prepared = gefx.prepare(tape, {"forget": nll_f, "retain": nll_r})
+            (-nll_f.sum() + 0.3 * nll_r.sum()).backward()
+            before = [p.detach().full_tensor().clone() for p in model.parameters()]
+            predicted = prepared.against(gefx.engine_grads(model), optimizer=opt)
+            opt.step()
+            delta = {p: p.detach().full_tensor() - b for p, b in zip(model.parameters(), before)}
+            actual = prepared.against(gefx.engine_grads(model), direction=delta)
+        for risk in ("forget", "retain"):
+            a, b = (torch.tensor(e[risk].predicted_change) for e in (predicted, actual))
+            assert (a - b).abs().max() <= 1e-9 * b.abs().max(), (a, b)
+        opt.zero_grad(set_to_none=True)
     return results
 
 
