@@ -201,8 +201,8 @@ def test_zero_equals_one_process(tmp_path, stage):
                               for r in ("forget", "retain")}, f"rank {rank} ZeRO-{stage} online")
 
 
-# -- the Hugging Face Trainer mixin under accelerate + DeepSpeed ZeRO-3 ------------------------------
-def _trainer_worker(rank, port, out):
+# -- the Hugging Face Trainer mixin under accelerate + DeepSpeed ZeRO-2 / ZeRO-3 ------------------------------
+def _trainer_worker(rank, port, out, stage):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     import deepspeed
@@ -218,14 +218,14 @@ def _trainer_worker(rank, port, out):
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-          "zero_allow_untested_optimizer": True}
+          "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+          "zero_allow_untested_optimizer": True, "gradient_clipping": "auto"}
 
     def train(cls, name):
         args = transformers.TrainingArguments(
             output_dir=f"{out}.{name}", per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2, report_to=[],
             logging_steps=1, save_strategy="no", use_cpu=True, remove_unused_columns=False, dataloader_num_workers=0,
-            seed=0, max_grad_norm=1.0, ddp_backend="gloo", deepspeed=ds)
+            seed=0, max_grad_norm=1e-3, ddp_backend="gloo", deepspeed=ds)  # clipping on every step
         trainer = cls(model=tiny_model("llama", torch.float32).train(), args=args, train_dataset=Pairs(4),
                       data_collator=collate)
         trainer.train()
@@ -244,16 +244,19 @@ def _trainer_worker(rank, port, out):
     dist.barrier()
 
 
-def test_trainer_mixin_under_accelerate_deepspeed_zero3(tmp_path):
-    """The mixin on transformers' Trainer with a DeepSpeed ZeRO-3 config (accelerate builds the engine):
-    online measurements, training bit-identical to the unmeasured Trainer, and the first step's
-    per-instance values equal float64 autograd of the ranks' mean loss on each rank's micro-batch."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_mixin_under_accelerate_deepspeed(tmp_path, stage):
+    """The mixin on transformers' Trainer with a DeepSpeed ZeRO-2 / ZeRO-3 config (accelerate builds
+    the engine, and its backward runs the engine's step, which clips the gradient in place and, under
+    ZeRO-2, releases it): online measurements taken before that step, training bit-identical to the
+    unmeasured Trainer, and the first step's per-instance values equal float64 autograd of the ranks'
+    mean loss on each rank's micro-batch, unclipped."""
     pytest.importorskip("deepspeed", reason="the README's set-up installs deepspeed (test extra)")
     from helpers import full_grad
     from test_integrations import GradDiff
 
     out = str(tmp_path / "res")
-    workers = mp.spawn(_trainer_worker, args=(free_port(), out), nprocs=WORLD, join=False)
+    workers = mp.spawn(_trainer_worker, args=(free_port(), out, stage), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 300
     while not workers.join(timeout=2):
         if time.monotonic() > deadline:
