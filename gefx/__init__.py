@@ -19,10 +19,11 @@ from .tape import Tape, trace
 from .check import check
 from .update import update
 from .shards import engine_grads
+from .dist import before_engine_step
 from .forward_ad import jvp
 from . import integrations  # noqa: E402  (after the engine: it builds on it)
 
 __version__ = "0.1.0"
 __all__ = ["trace", "grad_dots", "g_effect", "prepare", "Prepared", "ops", "losses", "backends", "integrations", "register_rule", "Tape",
            "Dots", "GEffect", "RiskEffect", "GROUP_PRESETS", "Refused", "soundness", "check",
-           "update", "jvp", "engine_grads"]
+           "update", "jvp", "engine_grads", "before_engine_step"]

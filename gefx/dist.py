@@ -100,6 +100,33 @@ def hook_managers(model: nn.Module, output) -> list:
     return found
 
 
+@contextlib.contextmanager
+def before_engine_step(model: nn.Module, fn):
+    """Run ``fn()`` exactly once: just before a DeepSpeed engine's ``step()`` if the block steps it
+    (accelerate's ``accelerator.backward`` does, at an accumulation boundary), else when the block
+    ends. So ``fn`` (e.g. ``prepared.against(gefx.engine_grads(engine))``) reads the gradient the
+    backward left, before the step clips it and (ZeRO-1/2) releases it. Yields a list that holds
+    fn's result afterwards. For another model, fn runs when the block ends."""
+    done: list = []
+    stepping = type(model).__name__ == "DeepSpeedEngine"
+    if stepping:
+        real = model.step
+
+        def step(*args, **kwargs):
+            if not done:
+                done.append(fn())
+            return real(*args, **kwargs)
+
+        model.step = step
+    try:
+        yield done
+        if not done:
+            done.append(fn())
+    finally:
+        if stepping:
+            del model.step  # the class's own step again
+
+
 def check_engine(model: nn.Module) -> None:
     """Under DeepSpeed, the engine (what deepspeed.initialize, accelerate and the Trainer hand out)
     must be traced, not its module: the engine hooks the outputs of its own forward, which gefx

@@ -178,27 +178,78 @@ def assert_close(got, want, where: str):
 def test_zero_equals_one_process(tmp_path, stage):
     pytest.importorskip("deepspeed", reason="the README's set-up installs deepspeed (test extra)")
     out = str(tmp_path / "res")
-    workers = mp.spawn(_worker, args=(free_port(), out, stage), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 300
-    while not workers.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in workers.processes:
-                p.kill()
-            pytest.fail(f"the ZeRO-{stage} workers did not finish within 300 s")
+    spawn(_worker, out, stage, what=f"ZeRO-{stage}")
     want = expected()
     for rank in range(WORLD):
         got = torch.load(f"{out}.{rank}")
         assert got["trained_alike"], f"rank {rank}: measuring changed the ZeRO-{stage} training step"
-        for key in ("vector", "scalar"):
-            assert_close(got[key], want[key], f"rank {rank} ZeRO-{stage} {key}")
-        assert_close(got["before"], {r: {k: want["scalar"][r][k] for k in ("per_instance", "per_group", "total")}
-                                     for r in ("forget", "retain")}, f"rank {rank} ZeRO-{stage} before the step")
-        # the engine reduces the ranks' mean gradient: online values are those of loss / WORLD
-        online = {r: {k: [WORLD * v for v in got["online"][r][k]] if isinstance(got["online"][r][k], list)
-                      else {g: WORLD * v for g, v in got["online"][r][k].items()} for k in ("per_instance", "per_group")}
-                  for r in ("forget", "retain")}
-        assert_close(online, {r: {k: want["scalar"][r][k] for k in ("per_instance", "per_group")}
-                              for r in ("forget", "retain")}, f"rank {rank} ZeRO-{stage} online")
+        assert_agrees(got, want, f"rank {rank} ZeRO-{stage}")
+
+
+def assert_agrees(got: dict, want: dict, where: str):
+    """A rank's before-step ("vector", "scalar", "before") and online results against the single process."""
+    for key in ("vector", "scalar"):
+        assert_close(got[key], want[key], f"{where} {key}")
+    assert_close(got["before"], {r: {k: want["scalar"][r][k] for k in ("per_instance", "per_group", "total")}
+                                 for r in ("forget", "retain")}, f"{where} before the step")
+    # the engine reduces the ranks' mean gradient: online values are those of loss / WORLD
+    online = {r: {k: [WORLD * v for v in got["online"][r][k]] if isinstance(got["online"][r][k], list)
+                  else {g: WORLD * v for g, v in got["online"][r][k].items()} for k in ("per_instance", "per_group")}
+              for r in ("forget", "retain")}
+    assert_close(online, {r: {k: want["scalar"][r][k] for k in ("per_instance", "per_group")}
+                          for r in ("forget", "retain")}, f"{where} online")
+
+
+def spawn(fn, *args, what: str):
+    workers = mp.spawn(fn, args=(free_port(), *args), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 300
+    while not workers.join(timeout=2):  # raises if a worker failed; never hangs CI
+        if time.monotonic() > deadline:
+            for p in workers.processes:
+                p.kill()
+            pytest.fail(f"the {what} workers did not finish within 300 s")
+
+
+# -- a plain accelerate loop with a DeepSpeed config ------------------------------------------------
+def _accelerate_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    import deepspeed
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    cfg = {**config(2, 1), "gradient_clipping": 1e-3}
+    cfg.pop("optimizer")
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg))
+    model = tiny_model("llama", torch.float32)
+    engine, _ = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    fb, rb = shard(rank)
+    res = {"engine": type(engine).__name__, "vector": before_step(engine, engine, fb, rb, True),
+           "scalar": before_step(engine, engine, fb, rb, False)}
+    with gefx.trace(engine) as tape:
+        nll_f, nll_r = forwards(engine, fb, rb)
+        loss = -nll_f.sum() + 0.3 * nll_r.sum()
+        risks = {"forget": nll_f, "retain": nll_r}
+        res["before"] = gefx.g_effect(tape, loss, risks).to_dict()
+        prepared = gefx.prepare(tape, risks)
+        # accelerator.backward may step the engine (clipping, releasing ZeRO-2's gradient): read it first
+        with gefx.before_engine_step(engine, lambda: prepared.against(gefx.engine_grads(engine))) as got:
+            accelerator.backward(loss)
+        res["online"] = got[0].to_dict()
+    torch.save(res, f"{out}.{rank}")
+    dist.barrier()
+
+
+def test_accelerate_loop_with_deepspeed_zero2(tmp_path):
+    pytest.importorskip("deepspeed", reason="the README's set-up installs deepspeed (test extra)")
+    out = str(tmp_path / "res")
+    spawn(_accelerate_worker, out, what="accelerate")
+    want = expected()
+    for rank in range(WORLD):
+        got = torch.load(f"{out}.{rank}")
+        assert got["engine"] == "DeepSpeedEngine"
+        assert_agrees(got, want, f"rank {rank} accelerate ZeRO-2")
 
 
 # -- the Hugging Face Trainer mixin under accelerate + DeepSpeed ZeRO-2 / ZeRO-3 ------------------------------
@@ -256,13 +307,7 @@ def test_trainer_mixin_under_accelerate_deepspeed(tmp_path, stage):
     from test_integrations import GradDiff
 
     out = str(tmp_path / "res")
-    workers = mp.spawn(_trainer_worker, args=(free_port(), out, stage), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 300
-    while not workers.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in workers.processes:
-                p.kill()
-            pytest.fail("the Trainer workers did not finish within 300 s")
+    spawn(_trainer_worker, out, stage, what="Trainer")
     got = [torch.load(f"{out}.{rank}") for rank in range(WORLD)]
     model = tiny_model("llama", torch.float64).train()
     params = list(model.parameters())

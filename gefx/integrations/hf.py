@@ -37,6 +37,7 @@ import torch
 
 from ..geffect import GEffect, g_effect, prepare
 from ..losses import RISKS
+from ..dist import before_engine_step
 from ..shards import engine_grads
 from ..objectives import forward
 from ..tape import trace
@@ -169,35 +170,15 @@ class GEffectMixin:
         return result
 
     def training_step(self, model, inputs, *args, **kwargs):
-        with self._gefx_before_engine_step(model):
-            out = super().training_step(model, inputs, *args, **kwargs)
-        self._gefx_contract(model)  # the step's backward has run: contract with its gradient
-        return out
+        # after the step's backward, with its gradient (accelerate + DeepSpeed: just before the engine
+        # step that accelerate runs inside its backward)
+        with before_engine_step(model, lambda: self._gefx_contract(model)):
+            return super().training_step(model, inputs, *args, **kwargs)
 
     def _gefx_contract(self, model) -> None:
         if self._gefx_pending is not None:
             pending, self._gefx_pending = self._gefx_pending, None
             self._gefx_record(pending.against(engine_grads(model)), "online")
-
-    @contextlib.contextmanager
-    def _gefx_before_engine_step(self, model):
-        """Under accelerate + DeepSpeed, ``accelerator.backward`` also runs the engine's step at an
-        accumulation boundary, which clips the gradient and (ZeRO-1/2) releases it: the measurement
-        is contracted just before that step, with the gradient as the backward left it."""
-        if type(model).__name__ != "DeepSpeedEngine":
-            yield
-            return
-        real = model.step
-
-        def step(*args, **kwargs):
-            self._gefx_contract(model)
-            return real(*args, **kwargs)
-
-        model.step = step
-        try:
-            yield
-        finally:
-            del model.step  # the class's own step again
 
     def _gefx_record(self, effects: GEffect, mode: str) -> None:
         self.gefx_mode = mode
