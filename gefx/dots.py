@@ -369,6 +369,7 @@ def aggregated(tape: Tape, grads: Grads, group=None, every: bool = False) -> dic
     process: the same parameters on every rank) each counted parameter, zeros where it did not;
     summed over the ranks of `group`."""
     many = dist.group_size(group) > 1
+    device = next((o.device for c in tape.calls for o in c.outputs), None)  # where the forward ran
     out = {}
     for n, p in tape.params.items():
         P = grads.pieces.get(n)
@@ -378,7 +379,7 @@ def aggregated(tape: Tape, grads: Grads, group=None, every: bool = False) -> dic
                 raise ValueError(f"parameter {n!r} is sharded over {len(lay.ranges)} ranks, the measurement's "
                                  f"process group has {dist.group_size(group)}: pass the data-parallel group the "
                                  "parameters are sharded over as process_group")
-            out[n] = shards.aggregate(P, p, lay)
+            out[n] = shards.aggregate(P, p, lay, device)
         elif P or every or many:
             shape = dist.shape(p)
             m = dense(P, shape) if P else torch.zeros(shape, dtype=acc_dtype(p), device=p.device)

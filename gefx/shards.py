@@ -102,13 +102,14 @@ def sharded(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor | Sharded:
     return Sharded(local.detach(), lay)
 
 
-def aggregate(P: list[Piece] | None, p: torch.Tensor, lay: Layout) -> Sharded:
-    """The ranks' summed gradient of pieces P (None: none on this rank), this rank's range of it."""
+def aggregate(P: list[Piece] | None, p: torch.Tensor, lay: Layout, device) -> Sharded:
+    """The ranks' summed gradient of pieces P (None: none on this rank), this rank's range of it;
+    `device`: where the forward computed (ZeRO-3 may keep the partitions elsewhere, offloaded)."""
     dt = acc_dtype(p)
     mine = None
     for k, (start, end) in enumerate(lay.ranges):
         part = (dense_range(P, lay.shape, start, end) if P else
-                torch.zeros(end - start, dtype=dt, device=_device(p)))
+                torch.zeros(end - start, dtype=dt, device=device))
         dist.reduce(part, dst=lay.src(k), op=dist.ReduceOp.SUM, group=lay.group)
         if k == lay.me:
             mine = part
@@ -148,9 +149,6 @@ def sq_norm(m) -> torch.Tensor:
     dist.all_reduce(s, group=m.layout.group)
     return s
 
-
-def _device(p):
-    return p.ds_tensor.device if hasattr(p, "ds_tensor") else (p.to_local().device if hasattr(p, "to_local") else p.device)
 
 
 def engine_grads(model) -> dict:
