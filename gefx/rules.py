@@ -207,12 +207,12 @@ def linear_pieces(tape, call, grads):
 
 def _is_conv1d(m: nn.Module) -> bool:  # transformers.pytorch_utils.Conv1D, matched without importing it
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None \
-        and m.weight.dim() == 2
+        and len(full_shape(m.weight)) == 2
 
 
 def conv1d_pieces(tape, call, grads):
     m = call.module
-    nx, nf = m.weight.shape
+    nx, nf = full_shape(m.weight)
     a = rows(call, _input(call), nx).detach()
     g = rows(call, grads[0], nf)
     out = {"weight": Factored(a, g)}
@@ -242,8 +242,8 @@ def embedding_pieces(tape, call, grads):
 def _norm_candidate(m: nn.Module) -> bool:
     ps = dict(m.named_parameters(recurse=False))
     w = ps.get("weight")
-    return (w is not None and w.dim() == 1 and set(ps) <= {"weight", "bias"}
-            and (ps.get("bias") is None or ps["bias"].shape == w.shape)
+    return (w is not None and len(full_shape(w)) == 1 and set(ps) <= {"weight", "bias"}
+            and (ps.get("bias") is None or full_shape(ps["bias"]) == full_shape(w))
             and next(m.children(), None) is None)
 
 
@@ -310,7 +310,8 @@ def _is_hf_experts(m: nn.Module) -> bool:
     up = getattr(m, "gate_up_proj" if getattr(m, "has_gate", True) else "up_proj", None)
     down = getattr(m, "down_proj", None)
     return (hasattr(m, "is_transposed") and hasattr(m, "has_gate") and not getattr(m, "has_post_expert_norm", False)
-            and isinstance(up, nn.Parameter) and isinstance(down, nn.Parameter) and up.dim() == 3 and down.dim() == 3)
+            and isinstance(up, nn.Parameter) and isinstance(down, nn.Parameter)
+            and len(full_shape(up)) == 3 and len(full_shape(down)) == 3)
 
 
 def _by_sample(call, rows: torch.Tensor, *tensors):
@@ -340,9 +341,11 @@ def experts_pieces(tape, call, grads):
     m = call.module
     x, index, weights = (_copied(call.args) + tuple(_copied(call.kwargs).values()))[:3]
     gated = m.has_gate
-    up, down = (m.gate_up_proj if gated else m.up_proj).detach(), m.down_proj.detach()
+    # the stacked weights whole (FSDP2 / ZeRO-3: gathered for this module alone)
+    up, down = full(m.gate_up_proj if gated else m.up_proj).detach(), full(m.down_proj).detach()
     up_b = getattr(m, "gate_up_proj_bias" if gated else "up_proj_bias", None) if m.has_bias else None
     down_b = getattr(m, "down_proj_bias", None) if m.has_bias else None
+    up_b, down_b = (None if b is None else full(b).detach() for b in (up_b, down_b))
 
     def lin(h, w, b):
         y = h @ w if m.is_transposed else h @ w.T
@@ -376,7 +379,7 @@ def experts_pieces(tape, call, grads):
         result[names[1]].append(Factored(hh, g_down, mask, e) if m.is_transposed else Factored(g_down, hh, mask, e))
         for name, g in ((names[0] + "_bias", g_up), ("down_proj_bias", g_down)):
             if m.has_bias:
-                bias = biases.setdefault(name, torch.zeros(call.samples, *getattr(m, name).shape,
+                bias = biases.setdefault(name, torch.zeros(call.samples, *full_shape(getattr(m, name)),
                                                            dtype=acc_dtype(g), device=g.device))
                 bias[:, e] += g.sum(1, dtype=acc_dtype(g))
     return {**result, **{n: PerSample(b) for n, b in biases.items()}}
@@ -424,7 +427,7 @@ def generic_pieces(tape, call, grads):
     m = call.module
     local = [loc for loc, _ in tape.owned[m]]
     params = {loc: m.get_parameter(loc) for loc in local}
-    size = call.samples * sum(p.numel() for p in params.values()) * 8
+    size = call.samples * sum(full_shape(p).numel() for p in params.values()) * 8
     if size > GENERIC_MB * 2**20:
         raise Refused(f"{call.name} ({type(m).__name__}) has no specific rule and its generic per-sample "
                       f"gradients would take {size / 2**20:.0f} MiB (> GEFX_GENERIC_MB={GENERIC_MB:g}); "

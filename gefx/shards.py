@@ -171,7 +171,13 @@ def engine_grads(model) -> dict:
         elif hasattr(p, "_hp_mapping"):
             from deepspeed.utils import safe_get_full_grad  # noqa: PLC0415
 
-            out[p] = safe_get_full_grad(p)
+            try:
+                out[p] = safe_get_full_grad(p)
+            except ValueError as exc:  # mid-accumulation or after the step
+                raise ValueError(f"DeepSpeed ZeRO-1/2 does not give its reduced gradient here ({exc}): it is "
+                                 "readable after the backward of an accumulation boundary's micro-batch, before "
+                                 "engine.step (gefx.before_engine_step); elsewhere measure before the step "
+                                 "(g_effect of the loss)") from exc
         else:
             out[p] = p.grad
     return out

@@ -33,10 +33,10 @@ def config(stage: int, accumulation: int = 1, bf16: bool = False) -> dict:
             "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "bf16": {"enabled": bf16}}
 
 
-def engine_for(stage: int, accumulation: int = 1, bf16: bool = False):
+def engine_for(stage: int, accumulation: int = 1, bf16: bool = False, family: str = "llama"):
     import deepspeed
 
-    model = tiny_model("llama", torch.float32)
+    model = tiny_model(family, torch.float32)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=config(stage, accumulation, bf16))
     return engine
@@ -115,10 +115,10 @@ def full_params(engine) -> list[torch.Tensor]:
     return [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
 
 
-def run_rank(rank: int, stage: int, bf16: bool = False) -> dict:
+def run_rank(rank: int, stage: int, bf16: bool = False, family: str = "llama") -> dict:
     fb, rb = shard(rank)
-    if bf16:  # DeepSpeed's bf16 mode: bf16 weights and forward, float32 gradient partitions
-        engine = engine_for(stage, bf16=True)
+    if bf16 or family != "llama":  # bf16 mode (bf16 weights and forward, float32 gradient partitions),
+        engine = engine_for(stage, bf16=bf16, family=family)  # or another family: before and online
         res = {"scalar": before_step(engine, engine, fb, rb, False)}
         res.update(train_step(engine, fb, rb, measure=True))
         return res
@@ -144,7 +144,7 @@ def run_rank(rank: int, stage: int, bf16: bool = False) -> dict:
     return res
 
 
-def _worker(rank, port, out, stage, bf16=False):
+def _worker(rank, port, out, stage, bf16=False, family="llama"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     import deepspeed
@@ -152,14 +152,14 @@ def _worker(rank, port, out, stage, bf16=False):
     deepspeed.utils.logger.setLevel(logging.WARNING)
     deepspeed.init_distributed("gloo", auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=120))
     try:
-        torch.save(run_rank(rank, stage, bf16), f"{out}.{rank}")
+        torch.save(run_rank(rank, stage, bf16, family), f"{out}.{rank}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def expected() -> dict:
-    single = tiny_model("llama", torch.float64)
+def expected(family: str = "llama") -> dict:
+    single = tiny_model(family, torch.float64)
     fb, rb = data()
     res = {key: before_step(single, single, fb, rb, vector) for key, vector in (("vector", True), ("scalar", False))}
     return res
@@ -189,6 +189,21 @@ def test_zero_equals_one_process(tmp_path, stage):
         got = torch.load(f"{out}.{rank}")
         assert got["trained_alike"], f"rank {rank}: measuring changed the ZeRO-{stage} training step"
         assert_agrees(got, want, f"rank {rank} ZeRO-{stage}")
+
+
+def test_zero3_gpt2(tmp_path):
+    """GPT-2 under ZeRO-3 (every parameter partitioned): Conv1D layers (whose rule is picked from the
+    full shape, not the empty partition), an embedding tied to the head, LayerNorm with biases."""
+    pytest.importorskip("deepspeed", reason="the README's set-up installs deepspeed (test extra)")
+    out = str(tmp_path / "res")
+    spawn(_worker, out, 3, False, "gpt2", what="ZeRO-3 GPT-2")
+    want = expected("gpt2")
+    for rank in range(WORLD):
+        got = torch.load(f"{out}.{rank}")
+        assert_close(got["scalar"], want["scalar"], f"rank {rank} GPT-2 before the step")
+        online = {r: {"per_instance": [WORLD * v for v in got["online"][r]["per_instance"]]} for r in ("forget", "retain")}
+        assert_close(online, {r: {"per_instance": want["scalar"][r]["per_instance"]} for r in ("forget", "retain")},
+                     f"rank {rank} GPT-2 online")
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -277,7 +292,7 @@ def test_accelerate_loop_with_deepspeed_zero2(tmp_path):
 
 
 # -- the Hugging Face Trainer mixin under accelerate + DeepSpeed ZeRO-2 / ZeRO-3 ------------------------------
-def _trainer_worker(rank, port, out, stage):
+def _trainer_worker(rank, port, out, stage, accumulation):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     import deepspeed
@@ -300,7 +315,8 @@ def _trainer_worker(rank, port, out, stage):
         args = transformers.TrainingArguments(
             output_dir=f"{out}.{name}", per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2, report_to=[],
             logging_steps=1, save_strategy="no", use_cpu=True, remove_unused_columns=False, dataloader_num_workers=0,
-            seed=0, max_grad_norm=1e-3, ddp_backend="gloo", deepspeed=ds)  # clipping on every step
+            seed=0, max_grad_norm=1e-3, ddp_backend="gloo", deepspeed=ds,  # clipping on every step
+            gradient_accumulation_steps=accumulation)
         trainer = cls(model=tiny_model("llama", torch.float32).train(), args=args, train_dataset=Pairs(4),
                       data_collator=collate)
         trainer.train()
@@ -319,19 +335,21 @@ def _trainer_worker(rank, port, out, stage):
     dist.barrier()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_trainer_mixin_under_accelerate_deepspeed(tmp_path, stage):
+@pytest.mark.parametrize("stage,accumulation", [(2, 1), (3, 1), (2, 2)])
+def test_trainer_mixin_under_accelerate_deepspeed(tmp_path, stage, accumulation):
     """The mixin on transformers' Trainer with a DeepSpeed ZeRO-2 / ZeRO-3 config (accelerate builds
     the engine, and its backward runs the engine's step, which clips the gradient in place and, under
     ZeRO-2, releases it): online measurements taken before that step, training bit-identical to the
     unmeasured Trainer, and the first step's per-instance values equal float64 autograd of the ranks'
-    mean loss on each rank's micro-batch, unclipped."""
+    mean loss on each rank's micro-batch, unclipped. ZeRO-2 with gradient accumulation gives its
+    reduced gradient only at the boundary: the mixin measures before the step there (the ranks'
+    summed loss: WORLD times the online values)."""
     pytest.importorskip("deepspeed", reason="the README's set-up installs deepspeed (test extra)")
     from helpers import full_grad
     from test_integrations import GradDiff
 
     out = str(tmp_path / "res")
-    spawn(_trainer_worker, out, stage, what="Trainer")
+    spawn(_trainer_worker, out, stage, accumulation, what="Trainer")
     got = [torch.load(f"{out}.{rank}") for rank in range(WORLD)]
     model = tiny_model("llama", torch.float64).train()
     params = list(model.parameters())
@@ -344,7 +362,10 @@ def test_trainer_mixin_under_accelerate_deepspeed(tmp_path, stage):
                                            b["labels"])
             want += [float(full_grad(r[i], params) @ g_loss) for i in range(r.shape[0])]
         for rank, g in enumerate(got):
-            assert g["engine"] == "DeepSpeedEngine" and g["mode"] == "online" and g["steps"] == [0, 1]
+            online = accumulation == 1
+            assert g["engine"] == "DeepSpeedEngine" and g["steps"] == [0, 1]
+            assert g["mode"] == "online" if online else g["mode"].startswith("before the step (DeepSpeed ZeRO-1/2")
             assert g["trained_alike"], f"rank {rank}: measuring changed the Trainer's training"
-            diff = max(abs(a - b) for a, b in zip(g["effects"][risk], want)) / max(abs(b) for b in want)
+            scale = 1 if online else WORLD
+            diff = max(abs(a - scale * b) for a, b in zip(g["effects"][risk], want)) / max(abs(scale * b) for b in want)
             assert len(g["effects"][risk]) == len(want) and diff <= TOL, (risk, g["effects"][risk], want)

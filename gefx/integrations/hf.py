@@ -144,6 +144,9 @@ class GEffectMixin:
             return "fp16 loss scaling (.grad holds the scaled gradient)"
         if getattr(self.args, "n_gpu", 1) > 1:
             return "DataParallel averages the replicas' losses"
+        if (type(model).__name__ == "DeepSpeedEngine" and model.zero_optimization_stage() < 3
+                and model.gradient_accumulation_steps() > 1):
+            return "DeepSpeed ZeRO-1/2 gives its reduced gradient only at the accumulation boundary"
         if any(p.grad is not None for p in model.parameters()):
             return "gradients were already accumulated in .grad"
         return None
