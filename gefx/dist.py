@@ -40,6 +40,14 @@ def check_supported(model: nn.Module) -> None:
         if type(m).__name__ == "FullyShardedDataParallel":
             raise ValueError("FSDP1 (FullyShardedDataParallel) flattens parameters and is not "
                              "supported; use FSDP2 (torch.distributed.fsdp.fully_shard), DeepSpeed ZeRO or DDP")
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    for name, m in model.named_modules() if zero3 else ():
+        if hasattr(m, "is_transposed") and hasattr(m, "has_gate") and isinstance(getattr(m, "down_proj", None), nn.Parameter):
+            # found on 2 gloo processes (Mixtral, Qwen3-MoE from configs): the backward through the stacked
+            # experts of a partial pass meets ZeRO-3's released partitions (size 0), and DeepSpeed's
+            # own backward after a measurement fails its bucket assertion
+            raise ValueError(f"{name} is a mixture-of-experts block with stacked expert weights: gefx does not "
+                             "support it under DeepSpeed ZeRO-3; use ZeRO-1/2 (parameters whole on every rank)")
     for name, p in model.named_parameters():
         where = getattr(getattr(p, "ds_tensor", None), "final_location", None)
         if where is not None and str(getattr(where, "value", where)) == "nvme":

@@ -141,6 +141,13 @@ def run_rank(rank: int, stage: int, bf16: bool = False, family: str = "llama") -
         with pytest.raises(ValueError, match="NVMe"):
             gefx.trace(engine)
         part.final_location = before
+        import deepspeed
+        import zoo
+
+        moe = zoo.build("mixtral", dtype=torch.float32)  # stacked experts: refused under ZeRO-3
+        moe_engine, *_ = deepspeed.initialize(model=moe, model_parameters=moe.parameters(), config=config(3))
+        with pytest.raises(ValueError, match="mixture-of-experts block with stacked expert weights"):
+            gefx.trace(moe_engine)
     return res
 
 
