@@ -30,6 +30,7 @@ import platform
 import resource
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -262,7 +263,7 @@ def main():
               "model": args.model, "params": n_params, "largest_weight": largest, "B": args.batch, "T": args.seq,
               "world": WORLD, "date": time.strftime("%Y-%m-%d"), "engines": {}}
     for engine in args.engines.split(","):
-        tmp = f"/tmp/gefx_bench_dist_{os.getpid()}_{engine}"
+        tmp = os.path.join(tempfile.mkdtemp(prefix="gefx_bench_dist_"), engine)
         t0 = time.perf_counter()
         mp.spawn(worker, args=(free_port(), engine, args.model, args.batch, args.seq, tmp), nprocs=WORLD)
         ranks = [torch.load(f"{tmp}.{k}") for k in range(WORLD)]
