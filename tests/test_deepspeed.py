@@ -10,17 +10,15 @@ import contextlib
 import datetime
 import logging
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import gefx
 from gefx.losses import sequence_nll
 from helpers import tiny_model
-from test_distributed import WORLD, all_dots, data, free_port, shard
+from test_distributed import WORLD, all_dots, data, shard, spawn
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5  # float32 engine vs the float64 single process: max |diff| / max |value| per quantity
@@ -244,16 +242,6 @@ def assert_agrees(got: dict, want: dict, where: str):
               for r in ("forget", "retain")}
     assert_close(online, {r: {k: want["scalar"][r][k] for k in ("per_instance", "per_group")}
                           for r in ("forget", "retain")}, f"{where} online")
-
-
-def spawn(fn, *args, what: str):
-    workers = mp.spawn(fn, args=(free_port(), *args), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 300
-    while not workers.join(timeout=2):  # raises if a worker failed; never hangs CI
-        if time.monotonic() > deadline:
-            for p in workers.processes:
-                p.kill()
-            pytest.fail(f"the {what} workers did not finish within 300 s")
 
 
 # -- a plain accelerate loop with a DeepSpeed config ------------------------------------------------

@@ -168,6 +168,17 @@ def _worker(rank, port, out, wrap):
         dist.destroy_process_group()
 
 
+def spawn(fn, *args, what: str):
+    """Run fn(rank, port, *args) on WORLD processes; a worker's error fails the test, a hang too."""
+    workers = mp.spawn(fn, args=(free_port(), *args), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 300
+    while not workers.join(timeout=2):  # raises if a worker failed; never hangs CI
+        if time.monotonic() > deadline:
+            for p in workers.processes:
+                p.kill()
+            pytest.fail(f"the {WORLD} {what} workers did not finish within 300 s")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -196,13 +207,7 @@ def _has_fully_shard():
     not _has_fully_shard(), reason="this torch has no torch.distributed.fsdp.fully_shard"))])
 def test_two_processes_equal_one_process(tmp_path, wrap):
     out = str(tmp_path / "res")
-    workers = mp.spawn(_worker, args=(free_port(), out, wrap), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 300
-    while not workers.join(timeout=2):  # raises if a worker failed; never hangs CI
-        if time.monotonic() > deadline:
-            for p in workers.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD} {wrap} workers did not finish within 300 s")
+    spawn(_worker, out, wrap, what=wrap)
     single = tiny_model("llama", torch.float64)
     fb, rb = data()
     expected = [measure(single, fb, rb, vector) for vector in (True, False)]
