@@ -20,7 +20,7 @@ G-effect.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -29,6 +29,21 @@ def _cos(dot: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """dot / (a * b), 0 where a norm is 0 (a gradient that is zero has no direction)."""
     den = a * b
     return torch.where(den > 0, dot / den.clamp(min=torch.finfo(den.dtype).tiny), torch.zeros_like(dot))
+
+
+def pack(t: torch.Tensor | None) -> dict | None:
+    """A tensor as plain data (dtype, shape, flat values) that JSON keeps bit for bit: every
+    float16 / bfloat16 / float32 / float64 value is a float64, whose JSON repr reads back exactly."""
+    if t is None:
+        return None
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "values": t.flatten().tolist()}
+
+
+def unpack(d: dict | None) -> torch.Tensor | None:
+    """The CPU tensor :func:`pack` describes."""
+    if d is None:
+        return None
+    return torch.tensor(d["values"], dtype=getattr(torch, d["dtype"])).reshape(d["shape"])
 
 
 @dataclass
@@ -113,6 +128,27 @@ class RiskEffect:
         return cls(first.risk, first.groups, cat("per_instance_group"), None, cat("risk_norm_group"),
                    first.objective_norm_group, cat("predicted_change_group"))
 
+    @classmethod
+    def tensor_fields(cls) -> list[str]:
+        """The names of the fields that hold a tensor or None: all but risk and groups."""
+        return [f.name for f in fields(cls)][2:]
+
+    def cpu(self) -> "RiskEffect":
+        """The same values, every tensor detached and on the CPU (what a record keeps)."""
+        return replace(self, **{n: None if (t := getattr(self, n)) is None else t.detach().cpu()
+                                for n in self.tensor_fields()})
+
+    def state(self) -> dict:
+        """Every field as plain data (tensors through :func:`pack`): :meth:`from_state` rebuilds
+        this RiskEffect exactly, also after a JSON round trip."""
+        tensors = {n: pack(getattr(self, n)) for n in self.tensor_fields()}
+        return {"risk": self.risk, "groups": list(self.groups), **tensors}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "RiskEffect":
+        """The RiskEffect :meth:`state` describes, its tensors on the CPU."""
+        return cls(state["risk"], list(state["groups"]), **{n: unpack(state[n]) for n in cls.tensor_fields()})
+
     def to_dict(self) -> dict:
         def rows(t):
             return None if t is None else {g: row.tolist() for g, row in zip(self.groups, t)}
@@ -139,6 +175,19 @@ class GEffect(dict):
 
     def to_dict(self) -> dict:
         return {name: eff.to_dict() for name, eff in self.items()}
+
+    def cpu(self) -> "GEffect":
+        """The same G-effects with every tensor detached and on the CPU."""
+        return GEffect({name: eff.cpu() for name, eff in self.items()})
+
+    def state(self) -> dict:
+        """risk name -> :meth:`RiskEffect.state`; :meth:`from_state` rebuilds the GEffect exactly."""
+        return {name: eff.state() for name, eff in self.items()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "GEffect":
+        """The GEffect :meth:`state` describes, its tensors on the CPU."""
+        return cls({name: RiskEffect.from_state(s) for name, s in state.items()})
 
     def rows(self, **keys) -> list[dict]:
         """Long-format rows {**keys, risk, group, value[, predicted_change]}, one per risk and group

@@ -2,6 +2,8 @@
 
 Files written to the output folder:
 
+    records.jsonl     every measurement, appended as it is made (gefx.integrations.records):
+                      what survives a profile killed midway; the files below are written at the end
     g_effects.csv     objective, step, risk, group, value   (group "total" = sum over groups)
     g_effects.json    {"meta": ..., "g_effects": [same rows as the CSV]}
     metrics.csv       objective, step, forget/retain NLL (token mean), extraction (greedy

@@ -3,6 +3,7 @@ contract: GEffectMixin, measured), plain loops (Recorder), and the reference cod
 printout (ReferenceCompat)."""
 from .compat import ReferenceCompat
 from .hf import GEffectMixin, measured, preserved_rng, risk_of
-from .records import Record, Recorder, save_records
+from .records import Record, Recorder, read_records, save_records
 
-__all__ = ["GEffectMixin", "measured", "Record", "Recorder", "ReferenceCompat", "save_records", "preserved_rng", "risk_of"]
+__all__ = ["GEffectMixin", "measured", "Record", "Recorder", "ReferenceCompat", "read_records", "save_records",
+           "preserved_rng", "risk_of"]

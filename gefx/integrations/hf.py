@@ -26,6 +26,15 @@ micro-batches k, unless the trainer scales it itself). Before the step: of compu
 (k times the online value). Gradient clipping rescales the update by a factor c <= 1 afterwards:
 the effect of the clipped step is c times the recorded value (the sign is unchanged). AdamW's
 preconditioning is not part of the G-effect, as in the paper.
+
+Where the records go: each measurement is appended to ``<output_dir>/<gefx_out>/records.jsonl``
+as soon as it is made (gefx.integrations.records: a killed run keeps every measurement completed
+before the kill), by the world's process zero only; the summary files are written there at the
+end of ``train()``. ``train(resume_from_checkpoint=...)`` continues that log: at train begin,
+once the checkpoint is loaded, the records of its global step and later ones (measured after the
+checkpoint was saved) are dropped and are measured again as training continues, so every
+measured step is recorded once. A run that does not resume starts at step 0, so it starts a new
+log. Other processes keep their records in memory only.
 """
 from __future__ import annotations
 
@@ -87,8 +96,9 @@ class GEffectMixin:
         gefx_probes: optional name -> fixed batch dict, measured as extra risks each time.
         gefx_name: the objective name in the records. Default: the trainer class's name.
         gefx_online: contract with the step's own gradient where it allows (default True).
-        gefx_out: folder, relative to ``args.output_dir``, written at the end of ``train()``
-            (g_effects.csv/.json, per_instance.json, g_effects.png); None: not written.
+        gefx_out: folder, relative to ``args.output_dir``: records.jsonl, appended at each
+            measurement, and at the end of ``train()`` g_effects.csv/.json, per_instance.json,
+            g_effects.png; None: records kept in memory only.
     Results: ``self.gefx_recorder`` (a :class:`gefx.integrations.Recorder`), ``self.gefx_records``
     ((step, GEffect) pairs), ``self.gefx_rows()``, ``self.gefx_save(folder)``; each measurement is
     merged into the Trainer's next log entry as ``gefx/<risk>/<group>``; ``self.gefx_mode`` says
@@ -124,7 +134,8 @@ class GEffectMixin:
             if f"gefx_{option}" in kwargs:
                 setattr(self, f"gefx_{option}", kwargs.pop(f"gefx_{option}"))
         super().__init__(*args, **kwargs)
-        self.gefx_recorder = Recorder()
+        self.gefx_recorder = Recorder()  # in memory until train begins (see _gefx_begin)
+        self.add_callback(_train_begin_callback(self))
         self.gefx_mode = None
         self._gefx_pending = None
         self._gefx_log: dict = {}
@@ -194,10 +205,18 @@ class GEffectMixin:
             self._gefx_log = {}
         return super().log(logs, *args, **kwargs)
 
+    def _gefx_begin(self) -> None:
+        """At train begin, a checkpoint's state loaded: on the world's process zero, continue the
+        log in ``<output_dir>/<gefx_out>`` (else keep records in memory); drop the records of
+        ``state.global_step`` and later steps, which are measured again from here."""
+        if self.gefx_out and self.is_world_process_zero():
+            self.gefx_recorder = Recorder(os.path.join(self.args.output_dir, self.gefx_out))
+        self.gefx_recorder.rewind(self.state.global_step)
+
     def train(self, *args, **kwargs):
         out = super().train(*args, **kwargs)
-        if self.gefx_out and self.gefx_recorder.records:
-            self.gefx_save(os.path.join(self.args.output_dir, self.gefx_out))
+        if self.gefx_recorder.folder is not None and self.gefx_recorder.records:
+            self.gefx_save(self.gefx_recorder.folder)
         return out
 
     # -- results --------------------------------------------------------------------------------
@@ -233,6 +252,18 @@ def measured(trainer_cls=None, **options):
     attrs = {f"gefx_{k}": v for k, v in options.items()}
     attrs["__module__"] = trainer_cls.__module__
     return type(f"Measured{trainer_cls.__name__}", (GEffectMixin, trainer_cls), attrs)
+
+
+def _train_begin_callback(trainer):
+    """A TrainerCallback that calls ``trainer._gefx_begin()`` at train begin: after a checkpoint's
+    trainer state is loaded (``state.global_step`` is the step training resumes from), before the
+    first step (transformers 4.45 to 5.x alike)."""
+    from transformers import TrainerCallback
+
+    class GEffectLog(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            trainer._gefx_begin()
+    return GEffectLog()
 
 
 def _to(batch: dict, device) -> dict:
