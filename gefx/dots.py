@@ -363,28 +363,46 @@ def contract_all(pieces: list[Mapping], m: Mapping) -> list[dict[str, torch.Tens
     return out
 
 
-def aggregated(tape: Tape, grads: Grads, group=None, every: bool = False) -> dict[str, torch.Tensor]:
-    """The summed gradient of collected pieces, dense per counted parameter: where the loss
-    reached, or (`every`, and always under torch.distributed with `group` of more than one
-    process: the same parameters on every rank) each counted parameter, zeros where it did not;
-    summed over the ranks of `group`."""
-    many = dist.group_size(group) > 1
-    device = next((o.device for c in tape.calls for o in c.outputs), None)  # where the forward ran
-    out = {}
-    for n, p in tape.params.items():
-        P = grads.pieces.get(n)
-        lay = shards.layout(p) if many else None
+class Aggregates(Mapping):
+    """The summed gradient of collected pieces, dense per counted parameter, formed when read:
+    where the loss reached, or (`every`, and always under torch.distributed with `group` of more
+    than one process: the same parameters on every rank) each counted parameter, zeros where it
+    did not; summed over the ranks of `group` (sharded parameters: this rank's shard only,
+    ``gefx.shards``). Nothing is kept: iterating forms one parameter's sum at a time, so no more
+    than one parameter-sized tensor is alive at once beyond what the caller holds on to. Under
+    torch.distributed each read is a collective: read in the same order on every rank."""
+
+    def __init__(self, tape: Tape, grads: Grads, group=None, every: bool = False):
+        self.tape, self.grads, self.group = tape, grads, group
+        self.many = dist.group_size(group) > 1
+        self.device = next((o.device for c in tape.calls for o in c.outputs), None)  # where the forward ran
+        self.names = [n for n in tape.params if grads.pieces.get(n) or every or self.many]
+
+    def __getitem__(self, n: str):
+        if n not in self.names:
+            raise KeyError(n)
+        p, P, group = self.tape.params[n], self.grads.pieces.get(n), self.group
+        lay = shards.layout(p) if self.many else None
         if lay is not None:  # this rank's shard only (gefx.shards)
             if len(lay.ranges) != dist.group_size(group):
                 raise ValueError(f"parameter {n!r} is sharded over {len(lay.ranges)} ranks, the measurement's "
                                  f"process group has {dist.group_size(group)}: pass the data-parallel group the "
                                  "parameters are sharded over as process_group")
-            out[n] = shards.aggregate(P, p, lay, device)
-        elif P or every or many:
-            shape = dist.shape(p)
-            m = dense(P, shape) if P else torch.zeros(shape, dtype=acc_dtype(p), device=p.device)
-            out[n] = dist.all_reduce_sum(m, group) if many else m
-    return out
+            return shards.aggregate(P, p, lay, self.device)
+        shape = dist.shape(p)
+        m = dense(P, shape) if P else torch.zeros(shape, dtype=acc_dtype(p), device=p.device)
+        return dist.all_reduce_sum(m, group) if self.many else m
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def aggregated(tape: Tape, grads: Grads, group=None, every: bool = False) -> Aggregates:
+    """:class:`Aggregates` of `grads` (formed lazily, one parameter at a time)."""
+    return Aggregates(tape, grads, group, every)
 
 
 def grad_dots(tape: Tape, a: torch.Tensor, b=None, *, groups="module", process_group=None) -> Dots:

@@ -26,25 +26,26 @@ import torch
 
 from . import dist
 from . import shards
-from .dots import (_check_loss, aggregated, check_graph, collect, contract_all, dense_gradients, group_sums,
+from .dots import (_check_loss, aggregated, check_graph, collect, dense_gradients, group_sums,
                    marginals, pieces_from, self_norms)
 from .effects import GEffect, RiskEffect
 from .groups import resolve
 from .pieces import dense
 from .step import StepBackward
 from .tape import Tape
-from .update import update
+from .update import updates
 
 
 def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups="block", process_group=None,
              backward: bool = False, optimizer=None, direction: Mapping | None = None,
-             norms: bool = False) -> GEffect:
+             norms: bool = False, objective_instances: bool = False) -> GEffect:
     """G-effects of `objective` on each risk in `risks`.
 
     Args:
         tape: an open :func:`gefx.trace` that recorded the forwards the losses come from.
         objective: the unlearning objective being minimised, as a scalar, or as a per-sample
-            vector whose sum is the objective (then per-objective-instance effects are reported),
+            vector whose sum is the objective (per-objective-instance effects with
+            `objective_instances`),
             or its gradient as a mapping {parameter or name: tensor} ("online mode": e.g. the
             training step's own ``{n: p.grad}`` after ``loss.backward(retain_graph=True)``;
             parameters missing from it count zero; under DDP ``p.grad`` is the ranks' mean).
@@ -80,11 +81,22 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
             ``objective_norm``, ``cosine``: see ``gefx.effects``), from the same pieces (no
             extra backward, but a per-sample self product per risk and layer: about 13% more
             time for an online measurement of a 10M Llama at B = 16, T = 128, hence opt-in).
+        objective_instances: with a per-sample objective vector, also give each risk's
+            ``per_objective_instance`` (the paper's PG-effect <grad R, grad l_s>). Opt-in: it
+            costs the risk's aggregated gradient (one GEMM per parameter, formed and dropped one
+            parameter at a time) or a ghost product per layer, and, online, keeps the step's
+            output gradients for the objective's pieces.
 
     Every product is exact (no per-sample gradient of a matrix parameter is formed), in float32
     or better (with ``backward=True``, against ``.grad`` in its dtype). Unless `backward` is set,
     ``.grad`` is untouched and the graph is kept for the caller's own backward; on an error it is
     always left as it was.
+
+    Memory: besides the step's own tensors, the risks' pieces (one output gradient per recorded
+    output and risk: scales with B x T) and at most about one parameter-sized float32 tensor at a
+    time (an aggregated gradient or an update, formed per parameter and dropped after use); online,
+    ``.grad`` is contracted in place (earlier gradients wait aside only when they are nonzero,
+    i.e. mid-accumulation). See bench/RESULTS.md ("Memory of large runs").
     """
     if not isinstance(risks, Mapping) or not risks:
         raise TypeError("risks must be a non-empty dict name -> per-sample risk vector")
@@ -93,28 +105,32 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
     if optimizer is not None and not backward and dist.group_size(process_group) > 1:
         raise ValueError("g_effect(optimizer=...) under torch.distributed needs backward=True: the update "
                          "follows from .grad as the data-parallel backward leaves it")
+    vector = isinstance(objective, torch.Tensor) and objective.dim() == 1
+    if objective_instances and not vector:
+        raise ValueError("objective_instances=True needs the objective as a per-sample vector [B] (its "
+                         "per-sample terms are what per_objective_instance reports)")
     opts = _Options(groups, process_group, norms, _direction(tape, direction))
     if isinstance(objective, Mapping):
         if backward:
             raise ValueError("backward=True needs the objective as a tensor (the loss to backpropagate), "
                              "not a mapping of gradients")
         m_obj = dense_gradients(tape, objective)
-        return _against(tape, m_obj, risks, opts.along(_pending_update(tape, optimizer, m_obj)))
+        return _against(tape, m_obj, _collected(tape, risks), opts.along(_pending_update(tape, optimizer, m_obj)))
     if not isinstance(objective, torch.Tensor) or objective.dim() > 1:
         raise ValueError("objective must be a scalar tensor or a per-sample vector [B]; got "
                          + (f"shape {tuple(objective.shape)}" if isinstance(objective, torch.Tensor)
                             else type(objective).__name__))
-    vector = objective.dim() == 1
     if backward:
-        return _with_step(tape, objective, risks, opts, optimizer)
-    g_obj = collect(tape, objective, per_sample=vector, what="objective")
+        return _with_step(tape, objective, risks, opts, optimizer, objective_instances)
+    # the objective's pieces: per sample only where its instances are asked for (else its sum)
+    g_obj = collect(tape, objective, per_sample=objective_instances, what="objective")
     if dist.group_size(process_group) > 1 or optimizer is not None:
         if dist.group_size(process_group) > 1:
             dist.check_supported(tape.model)
         m_obj = aggregated(tape, g_obj, process_group)
-        return _against(tape, m_obj, risks, opts.along(_pending_update(tape, optimizer, m_obj)),
-                        g_obj if vector else None)
-    return _by_marginals(tape, g_obj, risks, opts, vector)
+        return _against(tape, m_obj, _collected(tape, risks), opts.along(_pending_update(tape, optimizer, m_obj)),
+                        g_obj if objective_instances else None)
+    return _by_marginals(tape, g_obj, risks, opts, objective_instances)
 
 
 @dataclass
@@ -140,24 +156,46 @@ def _direction(tape: Tape, direction) -> dict[str, torch.Tensor] | None:
     return out
 
 
-def _named(tape: Tape, delta: Mapping[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{canonical name: delta} for the counted parameters among an optimizer's updates."""
-    return {tape.names[id(p)]: d for p, d in delta.items() if id(p) in tape.names}
+class _Lazy(Mapping):
+    """{name: value} formed when read by `make(name)`, for the names given (nothing kept)."""
+
+    def __init__(self, names, make):
+        self.names, self.make = list(names), make
+
+    def __getitem__(self, name):
+        if name not in self.names:
+            raise KeyError(name)
+        return self.make(name)
+
+    def __contains__(self, name) -> bool:
+        return name in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
-def _pending_update(tape: Tape, optimizer, m_obj: dict[str, torch.Tensor]):
+def _named(tape: Tape, deltas: Mapping[torch.Tensor, torch.Tensor]) -> _Lazy:
+    """{canonical name: delta} for the counted parameters among an optimizer's updates (formed when
+    read; FSDP2's DTensor updates read shard-wise)."""
+    params = {tape.names[id(p)]: p for p in deltas if id(p) in tape.names}
+    return _Lazy(params, lambda n: shards.sharded(tape.params[n], deltas[params[n]].detach()))
+
+
+def _pending_update(tape: Tape, optimizer, m_obj: Mapping[str, torch.Tensor]):
     """The update `optimizer` will make once the caller's backward has added the objective's
-    gradient `m_obj` to ``.grad`` (None without an optimizer)."""
+    gradient `m_obj` to ``.grad`` (None without an optimizer), one parameter at a time."""
     if optimizer is None:
         return None
-    grads = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            add = m_obj.get(tape.names.get(id(p)))
-            g = p.grad if add is None else add.to(p.dtype) if p.grad is None else p.grad + add.to(p.dtype)
-            if g is not None:
-                grads[p] = g
-    return _named(tape, update(optimizer, grads))
+
+    def grad_of(p):
+        name = tape.names.get(id(p))
+        add = m_obj[name] if name in m_obj else None
+        return p.grad if add is None else add.to(p.dtype) if p.grad is None else p.grad + add.to(p.dtype)
+
+    return _named(tape, updates(optimizer, grad_of, has_grad=lambda p: p.grad is not None or tape.names.get(id(p)) in m_obj))
 
 
 def _step_update(tape: Tape, optimizer):
@@ -167,38 +205,63 @@ def _step_update(tape: Tape, optimizer):
     if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in tape.params.values()):
         raise ValueError("optimizer= is not supported under DeepSpeed (its optimizer steps flat partitions that "
                          "gefx.update cannot replay); pass the update as direction= instead")
-    return dense_gradients(tape, _named(tape, update(optimizer)), what="the optimizer's update")
+    return _named(tape, updates(optimizer))
 
 
-def _by_marginals(tape: Tape, g_obj, risks, opts: _Options, vector: bool) -> GEffect:
+def _collected(tape: Tape, risks) -> dict:
+    """Every risk's per-sample pieces (held together: the products then run parameter by parameter)."""
+    return {name: collect(tape, risk, per_sample=True, what=f"risk {name!r}") for name, risk in risks.items()}
+
+
+def _by_marginals(tape: Tape, g_obj, risks, opts: _Options, instances: bool) -> GEffect:
     """Before the step, one process: each product by the cheaper of the ghost and dense forms,
-    the objective's aggregated gradient formed only where the dense form wins (or for its norm)."""
-    result = GEffect()
-    memo: dict[str, dict] = {}  # the objective's aggregated gradient per parameter, shared by the risks
-    obj_sq = None
-    if opts.norms:
-        sq = {}
-        for n, Q in g_obj.pieces.items():
-            m = dense(Q, dist.shape(tape.params[n]))
-            sq[n] = m.pow(2).sum()
-        obj_sq = group_sums(tape, sq, opts.groups, ())
-    for name, risk in risks.items():
-        g_risk = collect(tape, risk, per_sample=True, what=f"risk {name!r}")
-        rows, cols = {}, {}
-        for n, P in g_risk.pieces.items():
-            if n in g_obj.pieces:
-                rows[n], cols[n] = marginals(P, g_obj.pieces[n], dist.shape(tape.params[n]), need_cols=vector,
-                                             memo=memo.setdefault(n, {}))
-        result[name] = _effect(tape, name, g_risk, rows, opts, obj_sq, cols if vector else None,
-                               g_obj.batch if vector else None)
-    return result
+    the objective's aggregated gradient formed only where the dense form wins (or for its norm),
+    one parameter at a time and shared by the risks."""
+    pieces = _collected(tape, risks)
+    rows = {name: {} for name in pieces}
+    cols = {name: {} for name in pieces}
+    sq = {}
+    for n, Q in g_obj.pieces.items():
+        shape = dist.shape(tape.params[n])
+        memo: dict = {}  # this parameter's aggregated objective gradient, if formed: dropped after it
+        for name, g in pieces.items():
+            if g.pieces.get(n):
+                rows[name][n], cols[name][n] = marginals(g.pieces[n], Q, shape, need_cols=instances, memo=memo)
+        if opts.norms:
+            sq[n] = (memo["q"] if "q" in memo else dense(Q, shape)).pow(2).sum()
+    obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
+    preds = _products(tape, list(pieces.values()), [opts.direction])[0]
+    return GEffect({name: _effect(tape, name, g, rows[name], opts, obj_sq, cols[name] if instances else None,
+                                  g_obj.batch if instances else None, pred)
+                    for (name, g), pred in zip(pieces.items(), preds)})
+
+
+def _products(tape: Tape, held: list, mappings: list, squares: dict | None = None) -> list:
+    """out[j][k] = {name: [batch] <grad_i, mappings[j][name]>} for the pieces of `held[k]` (Grads),
+    parameter by parameter in tape order, each mapping's value read once for all the held
+    pieces and dropped before the next parameter (a lazy mapping thus holds one parameter at a
+    time; under torch.distributed every rank runs the same collectives in the same order).
+    `squares`: filled with ||mappings[0][name]||^2."""
+    out = [[{} for _ in held] for _ in mappings]
+    for n in tape.params:
+        for j, m in enumerate(mappings):
+            if m is None or n not in m:
+                continue
+            value = m[n]
+            if squares is not None and j == 0:
+                squares[n] = shards.sq_norm(value)
+            for k, v in enumerate(shards.contract_with([g.pieces.get(n) for g in held], value)):
+                if v is not None:
+                    out[j][k][n] = v
+            del value
+    return out
 
 
 def _effect(tape: Tape, name: str, g_risk, rows: dict, opts: _Options, obj_sq, cols=None,
-            obj_batch=None) -> RiskEffect:
-    """One risk's RiskEffect from its per-parameter products with the objective (`rows`, and
-    `cols` for the PG-effect), plus norms and the direction's products from its pieces; per
-    instance values gathered across ranks under torch.distributed."""
+            obj_batch=None, pred=None) -> RiskEffect:
+    """One risk's RiskEffect from its per-parameter products with the objective (`rows`, `cols` for
+    the PG-effect, `pred` with the direction), plus norms from its pieces; per instance values
+    gathered across ranks under torch.distributed."""
     def per_group(per_param, batch):
         sums = group_sums(tape, per_param, opts.groups, (batch,))
         return torch.stack([sums[g] for g in names])
@@ -210,7 +273,7 @@ def _effect(tape: Tape, name: str, g_risk, rows: dict, opts: _Options, obj_sq, c
     if opts.norms:
         values["risk_norm_group"] = per_group({n: self_norms(P) for n, P in g_risk.pieces.items()}, B)
     if opts.direction is not None:
-        values["predicted_change_group"] = per_group(contract_all([g_risk.pieces], opts.direction)[0], B)
+        values["predicted_change_group"] = per_group(pred, B)
     if dist.group_size(opts.process_group) > 1:
         values = {k: None if v is None else dist.gather_columns(v, opts.process_group) for k, v in values.items()}
     if "risk_norm_group" in values:
@@ -228,7 +291,7 @@ class Prepared:
         if not isinstance(risks, Mapping) or not risks:
             raise TypeError("risks must be a non-empty dict name -> per-sample risk vector")
         self.tape, self.opts = tape, _Options(groups, process_group, norms, None)
-        self.pieces = {name: collect(tape, risk, per_sample=True, what=f"risk {name!r}") for name, risk in risks.items()}
+        self.pieces = _collected(tape, risks)
 
     def against(self, grads: Mapping, *, optimizer=None, direction: Mapping | None = None) -> GEffect:
         """The G-effects of the objective whose gradient `grads` is ({parameter or name: tensor},
@@ -240,8 +303,7 @@ class Prepared:
             raise ValueError("give optimizer= (its next update) or direction=, not both")
         opts = self.opts.along(_direction(self.tape, direction) if direction is not None
                                else _step_update(self.tape, optimizer))
-        return _against(self.tape, dense_gradients(self.tape, grads), self.pieces, opts,
-                        risk_pieces=lambda name, risk, what: self.pieces[name])
+        return _against(self.tape, dense_gradients(self.tape, grads), self.pieces, opts)
 
 
 def prepare(tape: Tape, risks: Mapping[str, torch.Tensor], *, groups="block", process_group=None,
@@ -253,10 +315,9 @@ def prepare(tape: Tape, risks: Mapping[str, torch.Tensor], *, groups="block", pr
     return Prepared(tape, risks, groups, process_group, norms)
 
 
-def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optimizer) -> GEffect:
+def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optimizer, instances: bool) -> GEffect:
     """g_effect with backward=True: the step's backward, then everything against its .grad."""
-    vector = objective.dim() == 1
-    _check_loss(objective, "objective", per_sample=vector)
+    _check_loss(objective, "objective", per_sample=objective.dim() == 1)
     for name, risk in risks.items():  # before the backward: a bad risk leaves .grad untouched
         _check_loss(risk, f"risk {name!r}", per_sample=True)
     if dist.group_size(opts.process_group) > 1:
@@ -268,47 +329,42 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
                          "before the step)")
     tape.check_open()
     # every graph is checked before the step's backward touches .grad
-    obj_reach = check_graph(tape, objective, "objective") if vector else None
+    obj_reach = check_graph(tape, objective, "objective") if instances else None
     reaches = {name: check_graph(tape, risk, f"risk {name!r}") for name, risk in risks.items()}
-    with StepBackward(tape, objective, risks) as step:
-        if not step.grads:
-            raise ValueError("the objective's backward reached none of the counted parameters")
+    with StepBackward(tape, objective, risks, keep_all=instances) as step:
         g_obj = pieces_from(tape, objective, step.captured, per_sample=True, what="objective",
-                            users=obj_reach.calls) if vector else None
-
-        def risk_pieces(name, risk, what):
+                            users=obj_reach.calls) if instances else None
+        pieces = {}
+        for name, risk in risks.items():
+            what = f"risk {name!r}"
             grads = step.risk_grads(name, risk, what)
-            if grads is None:
-                return collect(tape, risk, per_sample=True, what=what, probe=False)
-            return pieces_from(tape, risk, grads, per_sample=True, what=what, users=reaches[name].calls)
-
+            pieces[name] = (collect(tape, risk, per_sample=True, what=what, probe=False) if grads is None else
+                            pieces_from(tape, risk, grads, per_sample=True, what=what, users=reaches[name].calls))
         opts = opts.along(_step_update(tape, optimizer))
-        return _against(tape, dense_gradients(tape, step.grads), risks, opts, g_obj, risk_pieces)
+        return _against(tape, dense_gradients(tape, step.grads), pieces, opts, g_obj)
 
 
-def _against(tape: Tape, m_obj: dict[str, torch.Tensor], risks, opts: _Options, g_obj=None,
-             risk_pieces=None) -> GEffect:
+def _against(tape: Tape, m_obj: Mapping, pieces: dict, opts: _Options, g_obj=None) -> GEffect:
     """G-effects against the objective's aggregated gradient given densely (per parameter name;
-    under torch.distributed already summed over the ranks; sharded parameters as shards.Sharded)."""
-    obj_sq = group_sums(tape, {n: shards.sq_norm(m) for n, m in m_obj.items()}, opts.groups, ()) if opts.norms else None
-
-    def pieces_of(name):
-        what = f"risk {name!r}"
-        return (risk_pieces(name, risks[name], what) if risk_pieces is not None
-                else collect(tape, risks[name], per_sample=True, what=what))
-
-    rows_of = {}
-    if any(isinstance(m, shards.Sharded) for m in m_obj.values()):
-        # each shard is broadcast once for all risks (their pieces held together meanwhile)
-        held = {name: pieces_of(name) for name in risks}
-        rows_of = dict(zip(held, contract_all([g.pieces for g in held.values()], m_obj)))
-        pieces_of = held.__getitem__
+    under torch.distributed already summed over the ranks; sharded parameters as shards.Sharded;
+    possibly formed when read), for the risks' collected `pieces` (name -> Grads); with `g_obj`,
+    the objective's per-sample pieces, the PG-effect too."""
+    held = list(pieces.values())
+    sq = {} if opts.norms else None
+    rows, preds = _products(tape, held, [m_obj, opts.direction], sq)
+    obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
     result = GEffect()
-    for name in risks:
-        g_risk = pieces_of(name)
-        rows = rows_of[name] if name in rows_of else contract_all([g_risk.pieces], m_obj)[0]
-        cols = None
-        if g_obj is not None:
-            cols = contract_all([g_obj.pieces], aggregated(tape, g_risk, opts.process_group))[0]
-        result[name] = _effect(tape, name, g_risk, rows, opts, obj_sq, cols, None if g_obj is None else g_obj.batch)
+    for (name, g), r, pred in zip(pieces.items(), rows, preds):
+        cols = None if g_obj is None else _instances(tape, g_obj, g, opts.process_group)
+        result[name] = _effect(tape, name, g, r, opts, obj_sq, cols, None if g_obj is None else g_obj.batch, pred)
     return result
+
+
+def _instances(tape: Tape, g_obj, g_risk, group) -> dict:
+    """{name: [B_obj] <grad l_s, grad R>} per parameter: one process, by the cheaper of the ghost
+    and dense forms; under torch.distributed against the risk's aggregated gradient, summed over
+    the ranks (formed and dropped one parameter at a time)."""
+    if dist.group_size(group) > 1:
+        return _products(tape, [g_obj], [aggregated(tape, g_risk, group)])[0][0]
+    return {n: marginals(Q, g_risk.pieces[n], dist.shape(tape.params[n]), need_cols=False)[0]
+            for n, Q in g_obj.pieces.items() if g_risk.pieces.get(n)}

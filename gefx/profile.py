@@ -15,10 +15,11 @@ that step's batches and before its update, the G-effect of the objective on the 
 per objective instance (PG-effect). It measures in online mode (``backward=True``): the step's own
 backward gives the objective's gradient (in the parameters' dtype), so a measured step costs one
 partial backward per risk the step cannot give at most; records are kept by the Recorder the
-integrations use (gefx.integrations.records). The risks are the reference code's token-mean answer NLL
-(gefx.losses.token_mean_nll: each vector sums to the batch's mean NLL). At the same steps and
-after the last one the forget / retain NLL, greedy extraction and token accuracy of fixed
-evaluation subsets are recorded. Outputs: see gefx.report.
+integrations use (gefx.integrations.records), which appends each to <out>/records.jsonl as it is
+made (a new log per run): a profile killed midway keeps every completed measurement. The risks
+are the reference code's token-mean answer NLL (gefx.losses.token_mean_nll: each vector sums to
+the batch's mean NLL). At the same steps and after the last one the forget / retain NLL, greedy
+extraction and token accuracy of fixed evaluation subsets are recorded. Outputs: see gefx.report.
 """
 from __future__ import annotations
 
@@ -245,7 +246,7 @@ def run(args) -> dict:
     ref_model = frozen_copy(model) if any(o.needs_ref for o in objs) else None
     from tqdm.auto import tqdm
     bar = tqdm(total=len(objs) * args.steps, desc="gefx profile", disable=not progress, unit="step", file=sys.stderr)
-    session = Session(args, model, ref_model, plan, risks, lr_of, bar, tok)
+    session = Session(args, model, ref_model, plan, risks, lr_of, bar, tok, Recorder(out_dir, resume=False))
     for obj, label in zip(objs, specs):
         model.load_state_dict(init_state)
         unlearn(session, obj, label)
@@ -429,8 +430,9 @@ def step_once(session: Session, obj, label: str, opt, step: int):
         out = obj(cur, ref)
         _check_finite(out.loss, label, step)
         risks = {r: token_mean_nll(cur[r].logits, cur[r].labels) for r in session.risks}
-        effects = g_effect(tape, out.for_g_effect(), risks, groups=session.args.groups, backward=True,
-                           optimizer=opt, norms=True)
+        objective = out.for_g_effect()
+        effects = g_effect(tape, objective, risks, groups=session.args.groups, backward=True,
+                           optimizer=opt, norms=True, objective_instances=objective.dim() == 1)
     extra = {f"batch_{r}_nll": float(v.detach().sum()) for r, v in risks.items()}
     extra["loss"] = float(out.loss.detach())
     extra.update({f"weight:{k}": v for k, v in out.weight_means().items()})

@@ -20,7 +20,8 @@ recorded call plus the gradients at the call's outputs into per-sample pieces fo
                                  recorded output, then per-sample vector-Jacobian products
 
 Every rule but the generic one is *verified* on the first call of each module (per training
-mode): its pieces for a random output gradient must equal autograd's gradient of the re-run
+mode), except on stock modules whose rule is exact by construction (``_stock``: nn.Linear,
+nn.Embedding and transformers' Conv1D of exactly those classes, running torch's own ops): its pieces for a random output gradient must equal autograd's gradient of the re-run
 module (``verdict``). A rule that does not fit the module (a subclass whose forward does more, a
 norm that is not elementwise-affine in its weight) is replaced by the generic rule for that module.
 The verdicts are kept in :data:`CHECKED` (module -> verdicts; ``gefx.soundness.forget`` clears it).
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, replace
@@ -47,7 +49,6 @@ from . import ops
 from .dist import full, shape as full_shape
 from .pieces import Factored, PerSample, dense, merge
 from .precision import acc_dtype
-from .shards import layout
 
 
 class Refused(ValueError):
@@ -485,9 +486,9 @@ CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionar
 
 def checked_rule(tape, call) -> Rule:
     """The rule to use for this call: the module's own rule once it is verified on this module,
-    else the generic rule."""
+    else the generic rule. Stock modules (:func:`_stock`) need no verification."""
     rule = tape.rules[call.module]
-    if rule.exact or _stock_and_sharded(call.module):
+    if rule.exact or _stock(call.module, rule):
         return rule
     key = (rule.name, call.module.training)
     verdicts = CHECKED.setdefault(call.module, {})
@@ -496,12 +497,26 @@ def checked_rule(tape, call) -> Rule:
     return rule if verdicts[key].exact else replace(GENERIC, batch_dim=rule.batch_dim)
 
 
-def _stock_and_sharded(m: nn.Module) -> bool:
-    """A sharded (FSDP2, ZeRO-3) nn.Linear / nn.Embedding running torch's own forward: its rule is
-    exact by construction, and verifying it would gather the whole weight."""
-    stock = {nn.Linear: nn.Linear.forward, nn.Embedding: nn.Embedding.forward}
-    return (any(isinstance(m, cls) and type(m).forward is fwd for cls, fwd in stock.items())
-            and any(layout(p) is not None for p in m.parameters(recurse=False)))
+_F_EMBEDDING = torch.nn.functional.embedding  # as torch defines it (a later monkey-patch is not stock)
+
+
+def _stock(m: nn.Module, rule: Rule) -> bool:
+    """An nn.Linear, nn.Embedding (without scale_grad_by_freq, sparse gradients or max_norm) or
+    transformers Conv1D of exactly that class, running the class's own forward (none bound on the
+    instance) through torch's own functional op, with no parameters of its own but its weight and
+    bias, under its built-in rule: the rule is then exact by construction (the gradient formulas
+    of F.linear, F.embedding and addmm), so verifying it would only cost a re-run of the module with
+    a backward (and, for a sharded one, gather the whole weight)."""
+    if "forward" in vars(m) or {n for n, _ in m.named_parameters(recurse=False)} - {"weight", "bias"}:
+        return False
+    F = torch.nn.functional
+    if type(m) is nn.Linear:
+        return rule.pieces is linear_pieces and F.linear is torch._C._nn.linear
+    if type(m) is nn.Embedding:
+        return (rule.pieces is embedding_pieces and F.embedding is _F_EMBEDDING
+                and not m.scale_grad_by_freq and not m.sparse and m.max_norm is None)
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and type(m) is conv1d and rule.pieces is conv1d_pieces
 
 
 def _verify(tape, call, rule: Rule) -> Verdict:

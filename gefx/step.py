@@ -84,10 +84,12 @@ class StepBackward:
 
     Use as a context manager: on a normal exit the gradients held in ``.grad`` before the step
     are added back (``.grad = earlier + step``, as ``loss.backward()`` accumulates); on an
-    exception ``.grad`` is restored to what it was before.
+    exception ``.grad`` is restored to what it was before. Only nonzero earlier gradients are
+    moved aside (a parameter-sized copy while the step's gradient is read); when every earlier
+    gradient is None or zero the backward accumulates into them in place and nothing is copied.
     """
 
-    def __init__(self, tape: Tape, loss: torch.Tensor, risks: Mapping[str, torch.Tensor]):
+    def __init__(self, tape: Tape, loss: torch.Tensor, risks: Mapping[str, torch.Tensor], keep_all: bool = False):
         tape.check_open()
         self.tape, self.loss = tape, loss
         self.outs = [o for c in tape.calls for o in c.outputs]
@@ -101,7 +103,7 @@ class StepBackward:
             self._nodes.setdefault(e.node, []).append(k)
         self._bypass: dict = {}  # head node -> L does not reach it, or reaches its upstream around it
         self.plans = {name: self._plan(risk) for name, risk in risks.items()}
-        self.keep_all = loss.dim() == 1  # a vector objective's pieces need every captured gradient
+        self.keep_all = keep_all  # the objective's own per-sample pieces need every captured gradient
         self._heads: dict[int, list[_Plan]] = {}  # head output index -> its reusable plans
         for name, plan in self.plans.items():
             if plan is not None and plan.reusable:
@@ -120,10 +122,17 @@ class StepBackward:
         self._earlier: dict[str, torch.Tensor | None] = {}
 
     def __enter__(self) -> "StepBackward":
-        # the step's gradient alone lands in .grad; earlier gradients wait aside
-        self._earlier = {n: p.grad for n, p in self.tape.params.items()}
-        for p in self.tape.params.values():
-            p.grad = None
+        if not _reaches(self.loss, self.tape):
+            raise ValueError("the objective's backward reaches none of the counted parameters")
+        # the step's gradient alone must land in .grad: gradients already there (mid-accumulation)
+        # wait aside; zeros (zero_grad(set_to_none=False)) stay, as 0 + g = g exactly
+        self._earlier = {n: p.grad for n, p in self.tape.params.items() if p.grad is not None}
+        zero = _all_zero(list(self._earlier.values()))
+        self._zeros = set(self._earlier) if zero else set()
+        if zero:
+            self._earlier = {}
+        for n in self._earlier:
+            self.tape.params[n].grad = None
 
         # Backward reaches a head before anything upstream of it: the head's hook fits the row
         # factors at once, and the upstream hooks keep a gradient only while someone can use it.
@@ -164,11 +173,14 @@ class StepBackward:
     def _restore(self, failed: bool) -> None:
         for n, p in self.tape.params.items():
             old = self._earlier.get(n)
-            if failed or p.grad is None:
+            if n in self._zeros:
+                if failed:
+                    p.grad.zero_()
+            elif failed or p.grad is None:
                 p.grad = old
             elif old is not None:
                 p.grad = old.add_(p.grad)
-        self._earlier = {}
+        self._earlier, self._zeros = {}, set()
 
     # -- planning (graph only, before the backward) -------------------------------------------------
     def _plan(self, risk: torch.Tensor) -> _Plan | None:
@@ -260,6 +272,33 @@ class StepBackward:
                 g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: a DTensor
                 shared.add(g.untyped_storage().data_ptr())
         return shared
+
+
+def _reaches(loss: torch.Tensor, tape: Tape) -> bool:
+    """Whether the loss's graph reaches an accumulator of a counted parameter (a walk that stops
+    at the first one)."""
+    seen, todo = set(), [loss.grad_fn] if loss.grad_fn is not None else []
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None and tape.canonical(var) is not None:
+            return True
+        todo.extend(n for n, _ in node.next_functions if n is not None and n not in seen)
+    return False
+
+
+def _all_zero(grads: list) -> bool:
+    """Whether every gradient is zero (one reduction each, one synchronisation in all); DTensors
+    (FSDP2) are read shard-wise, each rank deciding for its own shards."""
+    if not grads:
+        return True
+    flags = [(g.to_local() if hasattr(g, "to_local") else g).any() for g in grads]
+    if len({f.device for f in flags}) == 1:
+        return not bool(torch.stack(flags).any())
+    return not any(bool(f) for f in flags)
 
 
 def _row_factors(g_loss: torch.Tensor, g_head: torch.Tensor) -> torch.Tensor | None:

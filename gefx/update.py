@@ -53,7 +53,7 @@ from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim import optimizer as _optim_mod
 
-__all__ = ["update"]
+__all__ = ["update", "updates"]
 
 GradOf = Callable[[Tensor], "Tensor | None"]
 
@@ -78,21 +78,50 @@ def update(optimizer: Optimizer, grads: Mapping[Tensor, Tensor | None] | None = 
             a parameter of the optimizer.
         TypeError: the optimizer has no closed form and cannot be stepped as a throw-away copy.
     """
-    grad_of = _grad_lookup(optimizer, grads)
+    return dict(updates(optimizer, grads))
+
+
+def updates(optimizer: Optimizer, grads: Mapping[Tensor, Tensor | None] | Callable | None = None,
+            has_grad: Callable[[Tensor], bool] | None = None) -> Mapping[Tensor, Tensor]:
+    """:func:`update` as a mapping whose deltas are formed when read (closed forms: one parameter's
+    delta at a time, nothing parameter-sized kept; the fallback twin is stepped at once).
+    `grads` may also be a callable parameter -> gradient or None, read only for the parameters
+    whose delta is read; `has_grad(p)` then says which parameters have one without forming it."""
+    grad_of = grads if callable(grads) else _grad_lookup(optimizer, grads)
+    has_grad = has_grad or (lambda p: grad_of(p) is not None)
     _warn_hooks(optimizer)
     closed = _closed_form(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    with_grad = [p for p in params if grad_of(p) is not None]
-    if closed is None or any(grad_of(p).is_sparse for p in with_grad) or _kernel_only(optimizer, closed, with_grad):
+    with_grad = [p for p in params if has_grad(p)]
+    sparse = any(p.grad is not None and p.grad.is_sparse for p in with_grad) if callable(grads) else \
+        any(grad_of(p).is_sparse for p in with_grad)
+    if closed is None or sparse or _kernel_only(optimizer, closed, with_grad):
         return _fallback(optimizer, grad_of)
-    out = {}
-    with torch.no_grad():
+    return _Deltas(optimizer, closed, grad_of, has_grad)
+
+
+class _Deltas(Mapping):
+    """{parameter: delta} of a closed form, each delta formed when read."""
+
+    def __init__(self, optimizer: Optimizer, closed, grad_of: GradOf, has_grad):
+        self.optimizer, self.closed, self.grad_of = optimizer, closed, grad_of
+        self.where = {}
         for group in optimizer.param_groups:
-            pairs = [(p, g) for p in group["params"] if (g := grad_of(p)) is not None]
-            impl = _implementation(group, [p for p, _ in pairs])
-            for p, g in pairs:
-                out[p] = closed(optimizer.state.get(p, {}), group, impl, p.detach(), g.detach(), optimizer)
-    return out
+            mine = [p for p in group["params"] if has_grad(p)]
+            impl = _implementation(group, mine)
+            self.where.update((p, (group, impl)) for p in mine)
+
+    def __getitem__(self, p: Tensor) -> Tensor:
+        group, impl = self.where[p]
+        g = self.grad_of(p)
+        with torch.no_grad():
+            return self.closed(self.optimizer.state.get(p, {}), group, impl, p.detach(), g.detach(), self.optimizer)
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
 
 
 def _grad_lookup(optimizer: Optimizer, grads) -> GradOf:

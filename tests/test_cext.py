@@ -496,7 +496,7 @@ def _g_effect(model, seed=0):
         f = sequence_nll(model(input_ids=fi, attention_mask=fm).logits, fl)
         r = sequence_nll(model(input_ids=ri).logits, rl)
         eff = gefx.g_effect(tape, -f * torch.tensor([0.5, 1.0, 2.0], dtype=f.dtype), {"forget": f, "retain": r},
-                            groups="param")
+                            groups="param", objective_instances=True)
     return eff
 
 

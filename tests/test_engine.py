@@ -45,7 +45,8 @@ def test_matches_brute_force(oracle, dtype, form, monkeypatch):
         pair = gefx.grad_dots(tape, f, r, groups="param")
         norms = gefx.grad_dots(tape, f, groups="param")
         vs = gefx.grad_dots(tape, f, gd_loss, groups="param")
-        eff = gefx.g_effect(tape, objective, {"forget": f, "retain": r}, groups="param")
+        eff = gefx.g_effect(tape, objective, {"forget": f, "retain": r}, groups="param",
+                             objective_instances=True)
         eff_gd = gefx.g_effect(tape, gd_loss, {"retain": r}, groups="block")
         where = slices(tape, list(model.parameters()))
     assert rel_err(pair.total, Gf @ Gr.T) < tol
@@ -90,7 +91,7 @@ def test_block_groups_and_objective_instances_against_the_oracle():
     params = list(model.parameters())
     with gefx.trace(model) as tape:
         f, r, objective, _ = _forward_losses(model)
-        eff = gefx.g_effect(tape, objective, {"forget": f, "retain": r})
+        eff = gefx.g_effect(tape, objective, {"forget": f, "retain": r}, objective_instances=True)
         Gf, Gr, Go = (per_sample_grads(x, params) for x in (f, r, objective))
         where = slices(tape, params)
         group_of = gefx.groups.resolve(tape, "block")[0]

@@ -74,7 +74,7 @@ def test_toy_structures_match_brute_force(form, monkeypatch):
         pair = gefx.grad_dots(tape, f, r, groups="param")
         norms = gefx.grad_dots(tape, f)
         vs = gefx.grad_dots(tape, f, r.sum())
-        eff = gefx.g_effect(tape, -f, {"retain": r}, groups="module")
+        eff = gefx.g_effect(tape, -f, {"retain": r}, groups="module", objective_instances=True)
         Gf, Gr = per_sample_grads(f, params), per_sample_grads(r, params)
         where = slices(tape, params)
         # dense references given explicitly, e.g. an optimizer's .grad

@@ -55,7 +55,8 @@ def _measure(model, params, fb, rb):
         objective = -(w * f)
         got = {"pair": gefx.grad_dots(tape, f, r, groups="param").per_group,
                "norms": gefx.grad_dots(tape, f, groups="param").per_group}
-        eff = gefx.g_effect(tape, objective, {"forget": f, "retain": r}, groups="param")["retain"]
+        eff = gefx.g_effect(tape, objective, {"forget": f, "retain": r}, groups="param",
+                            objective_instances=True)["retain"]
         got["retain"] = dict(zip(eff.groups, eff.per_instance_group))
         got["objective"] = dict(zip(eff.groups, eff.per_objective_instance_group))
         Gf, Gr, Go = (per_sample_grads(x, params) for x in (f, r, objective))

@@ -305,7 +305,7 @@ def test_g_effect_tiny_llama_triton_equals_torch(monkeypatch):
             out_f, out_r = model(input_ids=ids_f), model(input_ids=ids_r)
             nll_f = gefx.losses.sequence_nll(out_f.logits, lab_f)
             nll_r = gefx.losses.sequence_nll(out_r.logits, lab_r)
-            eff = gefx.g_effect(tape, -nll_f, {"forget": nll_f, "retain": nll_r})
+            eff = gefx.g_effect(tape, -nll_f, {"forget": nll_f, "retain": nll_r}, objective_instances=True)
         return eff
 
     want = run("torch")

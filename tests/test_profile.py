@@ -17,6 +17,7 @@ import torch
 from gefx import cli, models
 from gefx import data as D
 from gefx import profile as P
+from gefx.integrations import read_records
 
 STEPS = 6
 
@@ -74,6 +75,15 @@ def test_unlearning_raises_forget_nll(run):
 
 
 # ------------------------------------------------------------------ outputs
+def test_records_log_holds_every_measurement(run):
+    """records.jsonl, appended as each measurement is made, holds exactly what the report shows."""
+    got = read_records(run["out"])
+    assert [(r.objective, r.step) for r in got] == [(o, s) for o in ("ga", "npo", "po") for s in range(STEPS)]
+    totals = {(r["objective"], r["step"], r["risk"]): r["value"] for r in run["rows"] if r["group"] == "total"}
+    assert {(r.objective, r.step, name): e.total for r in got for name, e in r.effects.items()} == totals
+    assert all(r.data_rows and r.actual_change for r in got)
+
+
 def test_csv_json_and_group_sums(run):
     out = run["out"]
     with open(out / "g_effects.csv") as fh:
@@ -186,27 +196,38 @@ def _check_step(arrays, spec, k, obj, m64, ref64, batches, delta, after64):
         assert (got - actual).abs().max() <= 1e-3 * actual.abs().max() + 1e-6, (spec, k, risk, got, actual)
 
 
-def test_extraction_equals_greedy_generation(default):
-    model, tok, folder, _ = default
-    rows = D.load_folder(folder, "forget10").forget[:8]
-    noisy = models.frozen_copy(model)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():   # damage the model so that greedy answers are partly wrong
-        for p in noisy.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.08 * p.std())
-    enc = P.Rows(tok, [r["question"] for r in rows], [r["answer"] for r in rows], 512, "cpu")
-    got = P.evaluate(noisy, enc)["extraction"]
+def _greedy_fractions(model, tok, rows) -> list[float]:
+    """Independently of gefx: generate token by token and compare with each gold answer."""
     fracs = []
-    for r in rows:   # independent: generate token by token, compare with the gold answer
+    for r in rows:
         prompt = D.encode_prompts(tok, [r["question"]])
         gold = tok(" " + r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        gen = noisy.generate(**prompt, max_new_tokens=len(gold), do_sample=False,
+        gen = model.generate(**prompt, max_new_tokens=len(gold), do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=None)[0, prompt["input_ids"].shape[1]:]
         k = 0
         while k < len(gold) and k < len(gen) and int(gen[k]) == gold[k]:
             k += 1
         fracs.append(k / len(gold))
-    assert 0 < np.mean(fracs) < 1
+    return fracs
+
+
+def test_extraction_equals_greedy_generation(default):
+    model, tok, folder, _ = default
+    rows = D.load_folder(folder, "forget10").forget[:8]
+    # damage the model so that greedy answers are partly wrong: how much noise that takes depends on
+    # the fine-tune, which differs between CPUs, so the scale grows until they are
+    for scale in (0.08, 0.15, 0.3, 0.6):
+        noisy = models.frozen_copy(model)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in noisy.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * scale * p.std())
+        fracs = _greedy_fractions(noisy, tok, rows)
+        if 0 < np.mean(fracs) < 1:
+            break
+    assert 0 < np.mean(fracs) < 1, f"no noise scale left the answers partly right: {fracs}"
+    enc = P.Rows(tok, [r["question"] for r in rows], [r["answer"] for r in rows], 512, "cpu")
+    got = P.evaluate(noisy, enc)["extraction"]
     assert got == pytest.approx(np.mean(fracs), abs=1e-6)
 
 

@@ -45,7 +45,7 @@ def assert_exact(model, losses=lm_losses, params=None, tol=TOL, online=True):
                 a, b = losses(model)
                 pair = gefx.grad_dots(tape, a, b).total
                 norms = gefx.grad_dots(tape, a).total
-                eff = gefx.g_effect(tape, -a, {"b": b})["b"]
+                eff = gefx.g_effect(tape, -a, {"b": b}, objective_instances=True)["b"]
                 Ga, Gb = per_sample_grads(a, params), per_sample_grads(b, params)
         assert rel_err(pair, Ga @ Gb.T) < tol, form
         assert rel_err(norms, (Ga * Ga).sum(1)) < tol, form

@@ -1,0 +1,210 @@
+"""Peak memory and time of a measured unlearning step against the plain step (issue 23), each case in
+its own process, at a billion-parameter shape.
+
+    python bench/bench_memory.py                              # TinyLlama-1.1B shape, float32, CPU
+    python bench/bench_memory.py --dtype bfloat16
+    python bench/bench_memory.py --model llama-10m --cases plain,online   # quick look
+    python bench/bench_memory.py --device cuda --model llama-7b --batch 4 --seq 256 --dtype bfloat16
+
+Workload: GA on B forget + B retain sequences of T tokens (random weights, sdpa attention, train
+mode), the objective as a per-sample vector (as the README writes it), forget and retain risks
+(``sequence_nll``). Cases (each in a fresh process, so that "first" really is the process's first
+measurement): the measured step (*first*), a plain step, the measured step again (*steady*), a
+plain step; each measured step is compared with the plain step after it (same process, same
+.grad, same optimizer state). The plain step: forwards of both batches, ``loss.backward()``.
+
+    online      ``g_effect(tape, objective, risks, backward=True)``
+    before      ``g_effect(tape, objective, risks)``, then ``loss.backward()``
+    prepare     ``prepare(tape, risks)``, ``loss.backward()``, ``.against({p: p.grad})`` (the Trainer path)
+    norms       online with ``norms=True``
+    optimizer   online with ``optimizer=`` an AdamW that has stepped once (its state exists)
+
+Peak: the process's resident set (RSS, sampled every 2 ms by a thread reading /proc/self/statm) on
+the CPU, ``torch.cuda.max_memory_allocated`` on a GPU, during each step; *left resident* is the growth of the resident set from before the first
+measurement to after the last plain step (freed heap memory handed back with malloc_trim first),
+i.e. what gefx keeps between measurements.
+Results: stdout (a markdown table) and --out (JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CASES = ("online", "before", "prepare", "norms", "optimizer")
+
+
+class Peak:
+    """The largest resident set of this process while active (CPU), or the CUDA peak."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak, self._on = 0, False
+
+    def rss(self) -> int:
+        if self.cuda:
+            return torch.cuda.memory_allocated()
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self):
+        self.peak = self.rss()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self._on = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while self._on:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+            return
+        self._on = False
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def _step(case: str, w, opt):
+    import gefx
+    from gefx.losses import sequence_nll
+
+    model = w.model
+    if case == "plain":
+        lf, lr = w.logits(w.f_ids), w.logits(w.r_ids)
+        (-sequence_nll(lf, w.f_lab)).sum().backward()
+        return
+    with gefx.trace(model) as tape:
+        nll_f = sequence_nll(w.logits(w.f_ids), w.f_lab)
+        nll_r = sequence_nll(w.logits(w.r_ids), w.r_lab)
+        objective = -nll_f
+        risks = {"forget": nll_f, "retain": nll_r}
+        if case == "before":
+            eff = gefx.g_effect(tape, objective, risks)
+            objective.sum().backward()
+        elif case == "prepare":
+            prepared = gefx.prepare(tape, risks)
+            objective.sum().backward()
+            eff = prepared.against({p: p.grad for p in model.parameters()})
+        else:
+            eff = gefx.g_effect(tape, objective, risks, backward=True, norms=case == "norms",
+                                optimizer=opt if case == "optimizer" else None)
+        del eff
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the system (glibc), so that RSS shows what is still allocated."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_case(args) -> dict:
+    import e2e_providers as E
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    w = E.Workload(args.model, args.batch, args.seq, "ga", device=device, dtype=dtype)
+    model = w.model
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # .grad exists from the start, as in a running loop
+    opt = None
+    if args.case == "optimizer":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        opt.step()  # AdamW's state exists, as in a running loop
+    meter = Peak(device)
+    out = {"case": args.case, "params": E.n_params(model)}
+    for label, case in (("first", args.case), ("plain_first", "plain"), ("steady", args.case), ("plain_steady", "plain")):
+        model.zero_grad(set_to_none=False)
+        _trim()
+        base = meter.rss()
+        t = time.perf_counter()
+        with meter:
+            _step(case, w, opt)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out[label] = {"seconds": time.perf_counter() - t, "peak": meter.peak, "before": base}
+    model.zero_grad(set_to_none=False)
+    _trim()
+    out["resident"] = meter.rss() - out["first"]["before"]  # what stayed allocated since the first measurement
+    return out
+
+
+def _spawn(args, case: str) -> dict:
+    cmd = [sys.executable, __file__, "--one", case, "--model", args.model, "--batch", str(args.batch),
+           "--seq", str(args.seq), "--dtype", args.dtype, "--device", args.device]
+    got = subprocess.run(cmd, capture_output=True, text=True)
+    if got.returncode != 0:
+        return {"case": case, "error": got.stderr.strip().splitlines()[-1] if got.stderr.strip() else "failed"}
+    return json.loads(got.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict]) -> str:
+    """Each measured step against the plain step that follows it in the same process."""
+    gib = 2 ** 30
+    lines = ["| case | plain peak (GiB) | measured peak first / steady (GiB) | extra first / steady | "
+             "time first / steady (x plain) | left resident (MiB) |", "|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['case']} | error: {r['error']} | | | | |")
+            continue
+        f, s, pf, ps = r["first"], r["steady"], r["plain_first"], r["plain_steady"]
+        lines.append(f"| {r['case']} | {ps['peak'] / gib:.2f} | {f['peak'] / gib:.2f} / {s['peak'] / gib:.2f} | "
+                     f"{(f['peak'] - pf['peak']) / pf['peak']:+.1%} / {(s['peak'] - ps['peak']) / ps['peak']:+.1%} | "
+                     f"{f['seconds'] / pf['seconds']:.2f} / {s['seconds'] / ps['seconds']:.2f} | "
+                     f"{r['resident'] / 2 ** 20:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--out", default="bench/out/memory.json")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        args.case = args.one
+        print(json.dumps(run_case(args)))
+        return 0
+    torch.set_num_threads(torch.get_num_threads())
+    results = []
+    for case in args.cases.split(","):
+        print(f"[{time.strftime('%H:%M:%S')}] {case} ...", file=sys.stderr, flush=True)
+        results.append(_spawn(args, case))
+    meta = {"model": args.model, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "device": args.device,
+            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+    print(table(results))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

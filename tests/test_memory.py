@@ -1,0 +1,159 @@
+"""Memory of a measurement (issue 23): gefx adds no parameter-sized tensor per parameter.
+
+The invariant the engine keeps: besides the step's own tensors and the risks' pieces (which scale
+with B x T), a measurement holds at most a few parameter-sized tensors, all of one parameter at a
+time (an aggregated gradient, an update and its temporaries), formed and dropped parameter by
+parameter; ``.grad`` is contracted in place. So the extra memory of a measurement over the plain
+step does not grow with the number of layers. Checked by counting, with a dispatch mode, the
+bytes of every live tensor of at least half a layer weight's size created during the step (the
+torch backend, so that every allocation goes through the dispatcher), at depths 2 and 6.
+Also here: the online mode's .grad handling (zeros accumulated in place, nonzero earlier gradients
+added back), and PG-effects being opt-in.
+"""
+import copy
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import gefx
+from gefx.losses import sequence_nll
+from helpers import batch, per_sample_grads, rel_err, tiny_model
+
+WIDTH, MLP = 64, 128          # the largest weights: the MLP's 64 x 128
+MIN_NUMEL = WIDTH * WIDTH     # half the largest weight: counts every layer weight, no activation
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of live tensors of >= MIN_NUMEL elements allocated while active (by storage;
+    views and in-place results of existing tensors are not new memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() >= MIN_NUMEL and t.device.type != "meta":
+                key = t.untyped_storage().data_ptr()
+                if key not in self.live and key not in inputs:  # new memory, not a view or in-place result
+                    self.live[key] = t.untyped_storage().nbytes()
+                    self.now += self.live[key]
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(t, self._free, key)
+        return out
+
+
+def _model(layers: int):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=61, hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      tie_word_embeddings=False, attn_implementation="eager")
+    model = LlamaForCausalLM(cfg).train()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    return model
+
+
+def _step(model, case: str, opt=None):
+    fi, fm, fl = batch(3, 7, seed=1)
+    ri, rm, rl = batch(2, 6, seed=2)
+    with gefx.trace(model) as tape:
+        f = sequence_nll(model(input_ids=fi, attention_mask=fm).logits, fl)
+        r = sequence_nll(model(input_ids=ri, attention_mask=rm).logits, rl)
+        risks = {"forget": f, "retain": r}
+        if case == "plain":
+            (-f).sum().backward()
+        elif case == "before":
+            gefx.g_effect(tape, -f, risks)
+            (-f).sum().backward()
+        elif case == "prepare":
+            prepared = gefx.prepare(tape, risks)
+            (-f).sum().backward()
+            prepared.against({p: p.grad for p in model.parameters()})
+        else:
+            gefx.g_effect(tape, -f, risks, backward=True, norms=case == "norms",
+                          optimizer=opt if case == "optimizer" else None,
+                          objective_instances=case == "instances")
+
+
+def _extra(layers: int, case: str, monkeypatch) -> int:
+    """Peak counted bytes of a measured step minus those of the plain step (both warm)."""
+    monkeypatch.setenv("GEFX_BACKEND", "torch")
+    monkeypatch.setenv("GEFX_DOT_FORM", "dense")  # the form that forms aggregated gradients
+    model = _model(layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt.step()
+    peaks = {}
+    for c in ("plain", case, "plain", case):  # the second of each counts (first-time checks done)
+        model.zero_grad(set_to_none=False)
+        with LiveBytes() as meter:
+            _step(model, c, opt)
+        peaks[c] = meter.peak
+    return peaks[case] - peaks["plain"]
+
+
+@pytest.mark.parametrize("case", ["online", "before", "prepare", "norms", "optimizer", "instances"])
+def test_extra_memory_does_not_grow_with_depth(case, monkeypatch):
+    largest = WIDTH * MLP * 4
+    shallow, deep = _extra(2, case, monkeypatch), _extra(6, case, monkeypatch)
+    # six layers hold 4 more layers' worth of weights (4 x 6 weights): an engine that kept one
+    # tensor per parameter would add >= 4 x 6 x WIDTH^2 x 4 bytes = 12 largest weights more
+    assert deep <= shallow + largest, (case, shallow, deep, largest)
+    assert deep <= 6 * largest, (case, deep, largest)
+
+
+def test_online_contracts_grad_in_place_and_accumulates():
+    """Zero .grad: the step's backward accumulates into it (no copy aside), values as without;
+    nonzero earlier gradients: added back after the step, values of the step's gradient alone."""
+    base = tiny_model("llama")
+    fi, fm, fl = batch(3, 7, seed=1)
+    ri, rm, rl = batch(2, 6, seed=2)
+    results = {}
+    for start in ("none", "zeros", "earlier"):
+        model = copy.deepcopy(base)
+        params = list(model.parameters())
+        earlier = [torch.randn_like(p) for p in params]
+        for p, e in zip(params, earlier):
+            p.grad = None if start == "none" else torch.zeros_like(p) if start == "zeros" else e.clone()
+        storages = [None if p.grad is None else p.grad.untyped_storage().data_ptr() for p in params]
+        with gefx.trace(model) as tape:
+            f = sequence_nll(model(input_ids=fi, attention_mask=fm).logits, fl)
+            r = sequence_nll(model(input_ids=ri, attention_mask=rm).logits, rl)
+            eff = gefx.g_effect(tape, -f, {"forget": f, "retain": r}, backward=True)
+            g = per_sample_grads(-f, params).sum(0)
+            Gr = per_sample_grads(r, params)
+        results[start] = eff["retain"].per_instance
+        assert rel_err(eff["retain"].per_instance, Gr @ g) < 1e-9, start
+        flat = torch.cat([p.grad.flatten() for p in params])
+        if start == "earlier":
+            assert rel_err(flat, g + torch.cat([e.flatten() for e in earlier])) < 1e-12
+        else:
+            assert rel_err(flat, g) < 1e-12
+        if start == "zeros":  # accumulated in place: the same storages
+            assert storages == [p.grad.untyped_storage().data_ptr() for p in params]
+    assert torch.equal(results["none"], results["zeros"])
+
+
+def test_objective_instances_opt_in():
+    model = tiny_model("llama")
+    fi, fm, fl = batch(3, 7, seed=1)
+    ri, rm, rl = batch(2, 6, seed=2)
+    with gefx.trace(model) as tape:
+        f = sequence_nll(model(input_ids=fi, attention_mask=fm).logits, fl)
+        r = sequence_nll(model(input_ids=ri, attention_mask=rm).logits, rl)
+        plain = gefx.g_effect(tape, -f, {"retain": r})
+        full = gefx.g_effect(tape, -f, {"retain": r}, objective_instances=True)
+        with pytest.raises(ValueError, match="per-sample vector"):
+            gefx.g_effect(tape, -f.sum(), {"retain": r}, objective_instances=True)
+    assert plain["retain"].per_objective_instance is None
+    assert full["retain"].per_objective_instance is not None
+    assert rel_err(plain["retain"].per_instance, full["retain"].per_instance) < 1e-12
