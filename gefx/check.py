@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import checkpointing
 from .geffect import g_effect
 from .dots import grad_dots
 from .losses import sequence_nll
+from .memory import footprint
 from .rules import CHECKED, Refused
 from .tape import trace
 
@@ -78,6 +80,7 @@ class Report:
     dtype: torch.dtype = torch.float64
     tol: float = 0.0
     notes: list[str] = field(default_factory=list)
+    memory: dict | None = None    # gefx.memory.footprint on the model itself (bytes)
 
     @property
     def ok(self) -> bool:
@@ -91,6 +94,12 @@ class Report:
         for r in self.rows:
             lines.append(f"{r.mode:10}  {r.kind[:32]:32}  {r.rule[:20]:20}  {r.params:6d}  {r.status:7}  "
                          + (f"{r.error:.2e}" if r.status != "refused" else r.reason[:200]))
+        if self.memory:
+            m, mib = self.memory, 2 ** 20
+            lines.append(f"memory (tensors, the model's dtype, this batch): a plain step peaks at {m['plain'] / mib:.1f} MiB; "
+                         f"measured online +{(m['steady'] - m['plain']) / mib:.1f} MiB "
+                         f"(first measurement: +{(m['first'] - m['plain']) / mib:.1f} MiB, with the one-time checks); "
+                         f"largest parameter {m['largest_param'] / mib:.1f} MiB, all counted {m['params'] / mib:.1f} MiB")
         lines.append("ok: every counted parameter exact or refused" if self.ok else
                      "NOT OK: gefx gave a wrong number for the rows marked WRONG (please report it)")
         return "\n".join(lines)
@@ -140,7 +149,8 @@ def _losses(model, a: dict, b: dict):
 def _oracle(model, params: dict, a: dict, b: dict):
     """Per parameter: [samples] squared norms and inner products with grad sum(b), each with its
     magnitude sum S, by autograd one sample at a time."""
-    la, lb = _losses(model, a, b)
+    with checkpointing.rerouted():  # reentrant checkpoints as in a trace (torch.autograd.grad refuses them)
+        la, lb = _losses(model, a, b)
     names, tensors = list(params), list(params.values())
     gb = torch.autograd.grad(lb.sum(), tensors, retain_graph=True, allow_unused=True)
     out = {n: torch.zeros(4, la.shape[0], dtype=torch.float64) for n in names}
@@ -271,6 +281,17 @@ def check(model: nn.Module, batch: dict | None = None, *, modes=("eval", "train"
                 target.train(mode == "train")
                 for online in (False, True):
                     _mode(target, counted, a, b, mode + ("+step" if online else ""), tol, report.rows, online)
+            report.memory = _footprint(model, a, b, report.notes)
     finally:
         model.train(was_training)
     return report
+
+
+def _footprint(model, a: dict, b: dict, notes: list) -> dict | None:
+    """gefx.memory.footprint on the model itself in train mode, or a note saying why not."""
+    model.train(True)
+    try:
+        return footprint(model, a, b)
+    except Exception as exc:  # noqa: BLE001 - a refused model: the rows above say why
+        notes.append(f"(memory not measured: {type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+        return None

@@ -20,7 +20,7 @@ recorded call plus the gradients at the call's outputs into per-sample pieces fo
                                  recorded output, then per-sample vector-Jacobian products
 
 Every rule but the generic one is *verified* on the first call of each module (per training
-mode), except on stock modules whose rule is exact by construction (``_stock``: nn.Linear,
+mode), except on stock modules whose rule is exact by construction (``stock``: nn.Linear,
 nn.Embedding and transformers' Conv1D of exactly those classes, running torch's own ops): its pieces for a random output gradient must equal autograd's gradient of the re-run
 module (``verdict``). A rule that does not fit the module (a subclass whose forward does more, a
 norm that is not elementwise-affine in its weight) is replaced by the generic rule for that module.
@@ -486,9 +486,9 @@ CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionar
 
 def checked_rule(tape, call) -> Rule:
     """The rule to use for this call: the module's own rule once it is verified on this module,
-    else the generic rule. Stock modules (:func:`_stock`) need no verification."""
+    else the generic rule. Stock modules (:func:`stock`) need no verification."""
     rule = tape.rules[call.module]
-    if rule.exact or _stock(call.module, rule):
+    if rule.exact or stock(call.module, rule):
         return rule
     key = (rule.name, call.module.training)
     verdicts = CHECKED.setdefault(call.module, {})
@@ -500,7 +500,7 @@ def checked_rule(tape, call) -> Rule:
 _F_EMBEDDING = torch.nn.functional.embedding  # as torch defines it (a later monkey-patch is not stock)
 
 
-def _stock(m: nn.Module, rule: Rule) -> bool:
+def stock(m: nn.Module, rule: Rule) -> bool:
     """An nn.Linear, nn.Embedding (without scale_grad_by_freq, sparse gradients or max_norm) or
     transformers Conv1D of exactly that class, running the class's own forward (none bound on the
     instance) through torch's own functional op, with no parameters of its own but its weight and

@@ -10,6 +10,14 @@ the values the module produced even if they are changed in place later. Before a
 contracted, ``gefx.soundness`` proves on the autograd graph that the losses reach the counted
 parameters only through recorded calls whose rules account for them, and checks the per-sample
 contract.
+
+Gradient checkpointing (``gefx.checkpointing``): the forward of a checkpointed segment is recorded
+as any other; its recompute, which every backward through the segment runs (the step's and each
+of gefx's partial ones), runs inside autograd's backward, where nothing is recorded
+(``in_backward``). Reentrant checkpoints run non-reentrantly while the trace is open. Inside a
+segment the graph keeps no activation, so the tape is what keeps the recorded calls' inputs and
+outputs alive: the outputs of stock ``nn.Linear`` / ``nn.Embedding`` / ``Conv1D`` layers, whose
+rules never read them, are replaced there by stand-ins of their shape (one element, stride 0).
 """
 from __future__ import annotations
 
@@ -22,9 +30,10 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
-from . import shards
+from . import checkpointing, shards
+from .checkpointing import in_backward
 from .dist import check_engine, check_supported, hook_managers
-from .rules import GENERIC, Refused, Rule, own_params, rule_for
+from .rules import GENERIC, Refused, Rule, own_params, rule_for, stock
 from .soundness import Graph
 
 
@@ -36,7 +45,8 @@ class Call:
     name: str                              # the module's path in the model
     args: tuple
     kwargs: dict
-    outputs: list[torch.Tensor]            # flattened tensor outputs that require grad
+    outputs: list[torch.Tensor]            # flattened tensor outputs that require grad (stand-ins of their
+                                           # shape inside a checkpointed segment where no rule reads them)
     output_index: list[int]                # their positions in the flattened output
     edges: list                            # their autograd edges when the module returned them
     out_versions: list[int]                # their version counters then
@@ -187,9 +197,6 @@ class Tape:
         if check not in ("auto", "full"):
             raise ValueError(f"check={check!r}: use 'auto' (the per-sample probe once per graph "
                              "structure) or 'full' (on every loss)")
-        if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
-            raise ValueError("gradient checkpointing re-runs the forward inside backward, which "
-                             "gefx does not trace; disable it while measuring")
         if next(model.parameters(), None) is None:
             raise ValueError(f"no parameterised module found in {type(model).__name__}")
         check_supported(model)
@@ -232,6 +239,7 @@ class Tape:
         self._batch: list[tuple] = []  # (batch, length) of each model forward in progress
         self.engine_hooks: list = []  # DeepSpeed's hooks on the traced engine's outputs (gefx.dist.engine_hooks_off)
         self._before: dict[nn.Module, tuple] = {}  # RNG state, node number and entry order at the pre-hook
+        self._zeros: dict = {}  # (dtype, device) -> a zero scalar, expanded into stand-ins (see _record)
         self._entered = 0
 
     # -- context protocol -------------------------------------------------------------------
@@ -251,10 +259,12 @@ class Tape:
             torch.compiler.disable(self._enter_forward), with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(
             torch.compiler.disable(self._leave_forward), always_call=True))
+        checkpointing.install(self)  # reentrant checkpoints run non-reentrantly while the trace is open
         self._open = True
         return self
 
     def __exit__(self, *exc) -> None:
+        checkpointing.uninstall(self)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -264,6 +274,7 @@ class Tape:
         self._aliases.clear()
         self.graph = Graph(self)  # drops what the checks held of this trace's calls
         self._before.clear()
+        self._zeros.clear()
         self._open = False
         self._closed = True
 
@@ -274,10 +285,12 @@ class Tape:
 
     @contextlib.contextmanager
     def paused(self):
-        """Recompute module forwards (rules, fallbacks) without recording them."""
+        """Recompute module forwards (rules, fallbacks) without recording them; checkpoints inside
+        them run plainly (gefx.checkpointing.plain)."""
         self._paused += 1
         try:
-            yield
+            with checkpointing.plain():
+                yield
         finally:
             self._paused -= 1
 
@@ -305,10 +318,14 @@ class Tape:
 
     # -- recording ---------------------------------------------------------------------------
     def _enter_forward(self, model, args, kwargs) -> None:
+        if in_backward():  # the model's forward re-run by a checkpoint's recompute
+            return
         first = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
         self._batch.append(tuple(first.shape[:2]) if first is not None else (0, 0))
 
     def _leave_forward(self, model, args, output) -> None:
+        if in_backward():
+            return
         if self._batch:
             self._batch.pop()
         self.engine_hooks.extend(hook_managers(model, output))
@@ -333,7 +350,7 @@ class Tape:
     def _rng(self, module: nn.Module, args) -> None:
         """The RNG state before the forward, so that a rule re-running the module draws the same
         random numbers (dropout masks)."""
-        if self._paused or not torch.is_grad_enabled():
+        if self._paused or not torch.is_grad_enabled() or in_backward():
             return None
         state = {"cpu": torch.get_rng_state()}
         p = next(module.parameters(), None)
@@ -347,12 +364,20 @@ class Tape:
         return None
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
-        if self._paused or not torch.is_grad_enabled():
+        # a checkpointed segment's recompute re-runs its modules inside a backward: the calls of the
+        # forward are recorded already, and the recomputed values are theirs (gefx.checkpointing)
+        if self._paused or not torch.is_grad_enabled() or in_backward():
             return None
         rng, start, order, attrs = self._before.pop(module, None) or ({"cpu": torch.get_rng_state()}, _node_number(), 0, {})
         batch, length = self._batch[-1] if self._batch else (0, 0)
         broadcast = (isinstance(module, nn.Embedding) and isinstance(output, torch.Tensor) and output.dim() == 3
                      and output.shape[:2] == (1, length) and batch > 1 and output.requires_grad)
+        if broadcast and checkpointing.depth():
+            raise Refused(f"{self.module_names.get(module, type(module).__name__)} ({type(module).__name__}) is "
+                          "looked up once for the whole batch ([1, T, d], e.g. position embeddings) inside a "
+                          "checkpointed segment: gefx expands its output per sample in the forward, which the "
+                          "segment's recompute would not repeat; checkpoint the blocks after it, or pass "
+                          "position_ids of shape [B, T]", [c for _, c in self.owned.get(module, ())])
         if broadcast:
             # An embedding looked up once for the whole batch (e.g. GPT-2's position embeddings, computed
             # for positions [1, T]): expand it, a value-identical view, so that its gradient keeps
@@ -366,13 +391,25 @@ class Tape:
         self._note_stand_ins(module)
         inputs = list(_tensors((args, kwargs)))
         autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        edges = [get_gradient_edge(o) for o in outs]
+        bases = [None if broadcast else _base(o) for o in outs]
+        if checkpointing.depth() and not broadcast and module in self.owned and stock(module, self.rules[module]):
+            # inside a checkpointed segment nothing else keeps these outputs alive, and no rule reads
+            # their values: keep their shape, dtype and device only (views keep their value)
+            outs = [o if b is not None else self._stand_in(o) for o, b in zip(outs, bases)]
         (self.calls if module in self.owned else self.hosts).append(Call(
             module, self.module_names.get(module, type(module).__name__), args, kwargs, outs, index,
-            [get_gradient_edge(o) for o in outs], [o._version for o in outs],
+            edges, [o._version for o in outs],
             [(t, t._version) for t in inputs], {get_gradient_edge(t).node for t in inputs if t.requires_grad},
-            broadcast, batch, length, rng, autocast, [None if broadcast else _base(o) for o in outs],
-            attrs, (start, _node_number(), order)))
+            broadcast, batch, length, rng, autocast, bases, attrs, (start, _node_number(), order)))
         return output if broadcast else None
+
+    def _stand_in(self, o: torch.Tensor) -> torch.Tensor:
+        """A tensor of o's shape, dtype and device that holds one element (stride 0)."""
+        key = (o.dtype, o.device)
+        if key not in self._zeros:
+            self._zeros[key] = torch.zeros((), dtype=o.dtype, device=o.device)
+        return self._zeros[key].expand(o.shape)
 
 
 def trace(model: nn.Module, params: Iterable | None = None, *, check: str = "auto") -> Tape:
@@ -392,6 +429,10 @@ def trace(model: nn.Module, params: Iterable | None = None, *, check: str = "aut
 
     Use :func:`gefx.grad_dots` and :func:`gefx.g_effect` inside the block; the tape is emptied
     and its hooks removed when the block ends. Forwards run under ``torch.no_grad`` are not
-    recorded. Gradient checkpointing is not supported.
+    recorded. Gradient checkpointing (``model.gradient_checkpointing_enable()``, reentrant or not,
+    the Trainer's ``gradient_checkpointing=True``, ``torch.utils.checkpoint.checkpoint`` in your
+    code) gives the same numbers as without it; what cannot be exact under it (``context_fn``,
+    ``preserve_rng_state=False`` with dropout, a reentrant checkpoint nested in another segment) is
+    refused by name (``gefx.checkpointing``).
     """
     return Tape(model, params, check)

@@ -6,50 +6,24 @@ time (an aggregated gradient, an update and its temporaries), formed and dropped
 parameter; ``.grad`` is contracted in place. So the extra memory of a measurement over the plain
 step does not grow with the number of layers. Checked by counting, with a dispatch mode, the
 bytes of every live tensor of at least half a layer weight's size created during the step (the
-torch backend, so that every allocation goes through the dispatcher), at depths 2 and 6.
+torch backend, so that every allocation goes through the dispatcher; ``gefx.memory.LiveBytes``), at
+depths 2 and 6.
 Also here: the online mode's .grad handling (zeros accumulated in place, nonzero earlier gradients
 added back), and PG-effects being opt-in.
 """
 import copy
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import gefx
 from gefx.losses import sequence_nll
+from gefx.memory import LiveBytes
 from helpers import batch, per_sample_grads, rel_err, tiny_model
 
 WIDTH, MLP = 64, 128          # the largest weights: the MLP's 64 x 128
 MIN_NUMEL = WIDTH * WIDTH     # half the largest weight: counts every layer weight, no activation
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of live tensors of >= MIN_NUMEL elements allocated while active (by storage;
-    views and in-place results of existing tensors are not new memory)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.now, self.peak = {}, 0, 0
-
-    def _free(self, key):
-        self.now -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.numel() >= MIN_NUMEL and t.device.type != "meta":
-                key = t.untyped_storage().data_ptr()
-                if key not in self.live and key not in inputs:  # new memory, not a view or in-place result
-                    self.live[key] = t.untyped_storage().nbytes()
-                    self.now += self.live[key]
-                    self.peak = max(self.peak, self.now)
-                    weakref.finalize(t, self._free, key)
-        return out
 
 
 def _model(layers: int):
@@ -95,9 +69,10 @@ def _extra(layers: int, case: str, monkeypatch) -> int:
     peaks = {}
     for c in ("plain", case, "plain", case):  # the second of each counts (first-time checks done)
         model.zero_grad(set_to_none=False)
-        with LiveBytes() as meter:
+        with LiveBytes(MIN_NUMEL) as meter:
             _step(model, c, opt)
         peaks[c] = meter.peak
+    assert peaks["plain"] >= WIDTH * WIDTH * 4  # the meter sees the step's own weight gradients
     return peaks[case] - peaks["plain"]
 
 
@@ -157,3 +132,12 @@ def test_objective_instances_opt_in():
     assert plain["retain"].per_objective_instance is None
     assert full["retain"].per_objective_instance is not None
     assert rel_err(plain["retain"].per_instance, full["retain"].per_instance) < 1e-12
+
+
+def test_check_reports_memory():
+    model = tiny_model("llama", dtype=torch.float32)
+    report = gefx.check(model, modes=("eval",))
+    m = report.memory
+    assert m is not None and m["plain"] > 0 and m["steady"] >= m["plain"] and m["first"] >= m["plain"]
+    assert m["largest_param"] == max(p.numel() * 4 for p in model.parameters())
+    assert "memory (tensors" in str(report) and all(p.grad is None for p in model.parameters())
