@@ -91,6 +91,12 @@ def grid(args) -> list[dict]:
     for t in args.sweep_seq:
         cases.append(dict(section="sweep_seq", model=m_small, B=args.sweep_seq_batch, T=t, objective="ga",
                           providers=sweep, rounds=sr, mem_extra=["torch_func"]))
+    for obj, b, t in ((o, args.batch, args.seq) for o in ("npo", "ga")) if args.narrow else ():
+        cases.append(dict(section="narrow", model="llama-narrow", B=b, T=t, objective=obj, rounds=sr,
+                          providers=["step_fr", "floor", "gefx_online", "reference", "per_sample_loop"]))
+    if args.narrow:  # fewer, longer sequences: where a per-sample loop is at its best
+        cases.append(dict(section="narrow", model="llama-narrow", B=4, T=512, objective="ga", rounds=sr,
+                          providers=["step_fr", "floor", "gefx_online", "reference", "per_sample_loop"]))
     if m_big:
         cases.append(dict(section="model_size", model=m_big, B=args.big_batch, T=args.big_seq, objective="ga",
                           providers=["step_f", "step_fr", "gefx_online", "reference", "torch_func"], rounds=sr))
@@ -455,6 +461,8 @@ def main(argv=None):
                          "e2e_providers, \"Agreement\")")
     ap.add_argument("--budget", type=float, default=400, help="stop starting new cases after this many seconds (0: none)")
     ap.add_argument("--quick", action="store_true", help="a small grid (~2 minutes on 2 cores)")
+    ap.add_argument("--no-narrow", dest="narrow", action="store_false",
+                    help="leave out the narrow 4-layer model (hidden 256: NPO and GA at B x T, GA at 4 x 512)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-memory pass (no timing)")
     ap.add_argument("--mem-threshold", type=int, default=1 << 20,

@@ -74,6 +74,9 @@ MODELS = {
     # TinyLlama-1.1B shape (22 layers, GQA 32/4) and Llama-2-7B shape
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                      num_key_value_heads=4, vocab_size=32000),
+    # narrow and shallow (issue 23): the step's fixed costs weigh more, the contractions less
+    "llama-narrow": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=8192),
     # the 1.1B shape's width with 4 layers (~0.4B): the memory benchmark's quick look
     "llama-1b-4l": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=32,
                         num_key_value_heads=4, vocab_size=32000),

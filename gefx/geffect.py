@@ -26,8 +26,8 @@ import torch
 
 from . import dist
 from . import shards
-from .dots import (_check_loss, aggregated, check_graph, collect, dense_gradients, group_sums,
-                   marginals, pieces_from, self_norms)
+from .dots import (Aggregates, _check_loss, aggregated, check_graph, collect, dense_gradients, group_sums,
+                   marginals, pieces_from, probe, self_norms)
 from .effects import GEffect, RiskEffect
 from .groups import resolve
 from .pieces import dense
@@ -209,31 +209,33 @@ def _step_update(tape: Tape, optimizer):
 
 
 def _collected(tape: Tape, risks) -> dict:
-    """Every risk's per-sample pieces (held together: the products then run parameter by parameter)."""
-    return {name: collect(tape, risk, per_sample=True, what=f"risk {name!r}") for name, risk in risks.items()}
+    """Every risk's per-sample pieces, formed when its turn comes: name -> () -> Grads."""
+    return {name: (lambda name=name, risk=risk: collect(tape, risk, per_sample=True, what=f"risk {name!r}"))
+            for name, risk in risks.items()}
 
 
 def _by_marginals(tape: Tape, g_obj, risks, opts: _Options, instances: bool) -> GEffect:
     """Before the step, one process: each product by the cheaper of the ghost and dense forms,
     the objective's aggregated gradient formed only where the dense form wins (or for its norm),
-    one parameter at a time and shared by the risks."""
-    pieces = _collected(tape, risks)
-    rows = {name: {} for name in pieces}
-    cols = {name: {} for name in pieces}
-    sq = {}
-    for n, Q in g_obj.pieces.items():
-        shape = dist.shape(tape.params[n])
-        memo: dict = {}  # this parameter's aggregated objective gradient, if formed: dropped after it
-        for name, g in pieces.items():
+    one parameter at a time; one risk's pieces at a time."""
+    sq = {} if opts.norms else None
+    result = GEffect()
+    for name, pieces_of in _collected(tape, risks).items():
+        g = pieces_of()
+        rows, cols = {}, {}
+        for n, Q in g_obj.pieces.items():
+            shape = dist.shape(tape.params[n])
+            memo: dict = {}  # this parameter's aggregated objective gradient, if formed: dropped after it
             if g.pieces.get(n):
-                rows[name][n], cols[name][n] = marginals(g.pieces[n], Q, shape, need_cols=instances, memo=memo)
-        if opts.norms:
-            sq[n] = (memo["q"] if "q" in memo else dense(Q, shape)).pow(2).sum()
-    obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
-    preds = _products(tape, list(pieces.values()), [opts.direction])[0]
-    return GEffect({name: _effect(tape, name, g, rows[name], opts, obj_sq, cols[name] if instances else None,
-                                  g_obj.batch if instances else None, pred)
-                    for (name, g), pred in zip(pieces.items(), preds)})
+                rows[n], cols[n] = marginals(g.pieces[n], Q, shape, need_cols=instances, memo=memo)
+            if sq is not None and n not in sq:
+                sq[n] = (memo["q"] if "q" in memo else dense(Q, shape)).pow(2).sum()
+        obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
+        pred = _products(tape, [g], [opts.direction])[0][0]
+        result[name] = _effect(tape, name, g, rows, opts, obj_sq, cols if instances else None,
+                               g_obj.batch if instances else None, pred)
+        del g
+    return result
 
 
 def _products(tape: Tape, held: list, mappings: list, squares: dict | None = None) -> list:
@@ -291,7 +293,7 @@ class Prepared:
         if not isinstance(risks, Mapping) or not risks:
             raise TypeError("risks must be a non-empty dict name -> per-sample risk vector")
         self.tape, self.opts = tape, _Options(groups, process_group, norms, None)
-        self.pieces = _collected(tape, risks)
+        self.pieces = {name: make() for name, make in _collected(tape, risks).items()}
 
     def against(self, grads: Mapping, *, optimizer=None, direction: Mapping | None = None) -> GEffect:
         """The G-effects of the objective whose gradient `grads` is ({parameter or name: tensor},
@@ -328,18 +330,24 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
                          "and .against(gefx.engine_grads(model)) after it (or g_effect without backward=True "
                          "before the step)")
     tape.check_open()
-    # every graph is checked before the step's backward touches .grad
+    # coverage is proved before the step's backward touches .grad; the risks' per-sample probes run
+    # once their gradients are at hand (a refusal then restores .grad: StepBackward)
     obj_reach = check_graph(tape, objective, "objective") if instances else None
-    reaches = {name: check_graph(tape, risk, f"risk {name!r}") for name, risk in risks.items()}
+    reaches = {name: tape.graph.reach(risk, f"risk {name!r}") for name, risk in risks.items()}
     with StepBackward(tape, objective, risks, keep_all=instances) as step:
         g_obj = pieces_from(tape, objective, step.captured, per_sample=True, what="objective",
                             users=obj_reach.calls) if instances else None
-        pieces = {}
-        for name, risk in risks.items():
+        def pieces_of(name, risk):  # formed when the risk's turn comes (see _against)
             what = f"risk {name!r}"
             grads = step.risk_grads(name, risk, what)
-            pieces[name] = (collect(tape, risk, per_sample=True, what=what, probe=False) if grads is None else
-                            pieces_from(tape, risk, grads, per_sample=True, what=what, users=reaches[name].calls))
+            if grads is None:
+                return collect(tape, risk, per_sample=True, what=what)
+            # a risk's own gradients serve its probe; reused ones (the step's, rescaled) are exact
+            # only if the contract holds, so the probe then runs both of its partial backwards
+            probe(tape, risk, reaches[name], None if step.reused(name) else grads, what)
+            return pieces_from(tape, risk, grads, per_sample=True, what=what, users=reaches[name].calls)
+
+        pieces = {name: (lambda name=name, risk=risk: pieces_of(name, risk)) for name, risk in risks.items()}
         opts = opts.along(_step_update(tape, optimizer))
         return _against(tape, dense_gradients(tape, step.grads), pieces, opts, g_obj)
 
@@ -347,16 +355,22 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
 def _against(tape: Tape, m_obj: Mapping, pieces: dict, opts: _Options, g_obj=None) -> GEffect:
     """G-effects against the objective's aggregated gradient given densely (per parameter name;
     under torch.distributed already summed over the ranks; sharded parameters as shards.Sharded;
-    possibly formed when read), for the risks' collected `pieces` (name -> Grads); with `g_obj`,
-    the objective's per-sample pieces, the PG-effect too."""
-    held = list(pieces.values())
+    possibly formed when read), for the risks' `pieces` (name -> Grads, or a callable forming
+    them); with `g_obj`, the objective's per-sample pieces, the PG-effect too. One risk's pieces
+    at a time against a gradient at hand (``.grad``); all risks' together where reading the
+    gradient costs (an aggregate formed per read, collectives under torch.distributed)."""
+    make = {name: p if callable(p) else (lambda p=p: p) for name, p in pieces.items()}
+    together = dist.group_size(opts.process_group) > 1 or isinstance(m_obj, Aggregates)
     sq = {} if opts.norms else None
-    rows, preds = _products(tape, held, [m_obj, opts.direction], sq)
-    obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
     result = GEffect()
-    for (name, g), r, pred in zip(pieces.items(), rows, preds):
-        cols = None if g_obj is None else _instances(tape, g_obj, g, opts.process_group)
-        result[name] = _effect(tape, name, g, r, opts, obj_sq, cols, None if g_obj is None else g_obj.batch, pred)
+    for names in ([list(make)] if together else [[name] for name in make]):
+        held = {name: make[name]() for name in names}
+        rows, preds = _products(tape, list(held.values()), [m_obj, opts.direction], sq if not result else None)
+        obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
+        for (name, g), r, pred in zip(held.items(), rows, preds):
+            cols = None if g_obj is None else _instances(tape, g_obj, g, opts.process_group)
+            result[name] = _effect(tape, name, g, r, opts, obj_sq, cols, None if g_obj is None else g_obj.batch, pred)
+        del held
     return result
 
 

@@ -500,18 +500,26 @@ def checked_rule(tape, call) -> Rule:
 _F_EMBEDDING = torch.nn.functional.embedding  # as torch defines it (a later monkey-patch is not stock)
 
 
+def _stock_linear(f) -> bool:
+    """F.linear is torch's, or DeepSpeed ZeRO-3's replacement (x W^T + b by its own autograd
+    function, which gathers the partitioned weight), not another patch."""
+    zero3 = getattr(sys.modules.get("deepspeed.runtime.zero.linear"), "zero3_linear_wrap", None)
+    return f is torch._C._nn.linear or (zero3 is not None and f is zero3)
+
+
 def stock(m: nn.Module, rule: Rule) -> bool:
     """An nn.Linear, nn.Embedding (without scale_grad_by_freq, sparse gradients or max_norm) or
     transformers Conv1D of exactly that class, running the class's own forward (none bound on the
-    instance) through torch's own functional op, with no parameters of its own but its weight and
-    bias, under its built-in rule: the rule is then exact by construction (the gradient formulas
-    of F.linear, F.embedding and addmm), so verifying it would only cost a re-run of the module with
-    a backward (and, for a sharded one, gather the whole weight)."""
+    instance) through torch's own functional op (F.linear: or DeepSpeed ZeRO-3's replacement),
+    with no parameters of its own but its weight and bias, under its built-in rule: the rule is
+    then exact by construction (the gradient formulas of F.linear, F.embedding and addmm), so
+    verifying it would only cost a re-run of the module with a backward (and, for a sharded one,
+    gather the whole weight)."""
     if "forward" in vars(m) or {n for n, _ in m.named_parameters(recurse=False)} - {"weight", "bias"}:
         return False
     F = torch.nn.functional
     if type(m) is nn.Linear:
-        return rule.pieces is linear_pieces and F.linear is torch._C._nn.linear
+        return rule.pieces is linear_pieces and _stock_linear(F.linear)
     if type(m) is nn.Embedding:
         return (rule.pieces is embedding_pieces and F.embedding is _F_EMBEDDING
                 and not m.scale_grad_by_freq and not m.sparse and m.max_norm is None)

@@ -141,3 +141,28 @@ def test_check_reports_memory():
     assert m is not None and m["plain"] > 0 and m["steady"] >= m["plain"] and m["first"] >= m["plain"]
     assert m["largest_param"] == max(p.numel() * 4 for p in model.parameters())
     assert "memory (tensors" in str(report) and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("start", ["none", "zeros", "earlier"])
+@pytest.mark.parametrize("mixed", ["forget", "retain"])
+def test_online_probe_refusal_restores_grad(start, mixed):
+    """Online, the risks' per-sample probes run after the step's backward (a reused risk's with both
+    partial backwards, an own-backward risk's with its own gradients): a risk whose entries mix rows
+    is refused and .grad is left exactly as it was, whatever it held."""
+    from gefx import soundness
+    soundness.forget()  # the probe runs once per graph structure: make this its first time
+    model = tiny_model("llama")
+    fi, fm, fl = batch(3, 7, seed=1)
+    ri, rm, rl = batch(2, 6, seed=2)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = None if start == "none" else torch.zeros_like(p) if start == "zeros" else torch.randn_like(p)
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    with gefx.trace(model) as tape:
+        f = sequence_nll(model(input_ids=fi, attention_mask=fm).logits, fl)
+        r = sequence_nll(model(input_ids=ri, attention_mask=rm).logits, rl)
+        risks = {"forget": f + f.mean() if mixed == "forget" else f, "retain": r + r.mean() if mixed == "retain" else r}
+        with pytest.raises(gefx.Refused, match="not per-sample"):
+            gefx.g_effect(tape, -f, risks, backward=True)
+    for p, b in zip(params, before):
+        assert (p.grad is None) if b is None else torch.equal(p.grad, b)

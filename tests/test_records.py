@@ -44,7 +44,7 @@ def measured_effects() -> GEffect:
         nll_f = sequence_nll(model(input_ids=fi, attention_mask=fm).logits, fl)
         nll_r = sequence_nll(model(input_ids=ri, attention_mask=rm).logits, rl)
         eff = gefx.g_effect(tape, -nll_f, {"forget": nll_f, "retain": nll_r}, groups="paper", norms=True,
-                            optimizer=opt)
+                            optimizer=opt, objective_instances=True)
     assert all(getattr(e, n) is not None for e in eff.values() for n in RiskEffect.tensor_fields())
     return eff
 
