@@ -330,11 +330,17 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
                          "and .against(gefx.engine_grads(model)) after it (or g_effect without backward=True "
                          "before the step)")
     tape.check_open()
-    # coverage is proved before the step's backward touches .grad; the risks' per-sample probes run
-    # once their gradients are at hand (a refusal then restores .grad: StepBackward)
+    # coverage is proved before the step's backward touches .grad; the per-sample probe of a risk
+    # the step's gradients may serve (reused ones are exact only if the contract holds) runs before
+    # it too, with both partial backwards; the others' once their own gradients are at hand, with
+    # one (a refusal then restores .grad: StepBackward)
     obj_reach = check_graph(tape, objective, "objective") if instances else None
     reaches = {name: tape.graph.reach(risk, f"risk {name!r}") for name, risk in risks.items()}
-    with StepBackward(tape, objective, risks, keep_all=instances) as step:
+    step = StepBackward(tape, objective, risks, keep_all=instances)
+    for name, risk in risks.items():  # a risk the step's gradients may serve: probed now, while memory is low
+        if step.reusable(name):
+            probe(tape, risk, reaches[name], None, f"risk {name!r}")
+    with step:
         g_obj = pieces_from(tape, objective, step.captured, per_sample=True, what="objective",
                             users=obj_reach.calls) if instances else None
         def pieces_of(name, risk):  # formed when the risk's turn comes (see _against)
@@ -342,9 +348,8 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
             grads = step.risk_grads(name, risk, what)
             if grads is None:
                 return collect(tape, risk, per_sample=True, what=what)
-            # a risk's own gradients serve its probe; reused ones (the step's, rescaled) are exact
-            # only if the contract holds, so the probe then runs both of its partial backwards
-            probe(tape, risk, reaches[name], None if step.reused(name) else grads, what)
+            if not step.reused(name):  # its own gradients serve its probe (done already: no cost)
+                probe(tape, risk, reaches[name], grads, what)
             return pieces_from(tape, risk, grads, per_sample=True, what=what, users=reaches[name].calls)
 
         pieces = {name: (lambda name=name, risk=risk: pieces_of(name, risk)) for name, risk in risks.items()}

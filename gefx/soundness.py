@@ -330,10 +330,10 @@ class Graph:
             return [c.as_output(k, g) for (c, k, _), g in zip(slots, got)]
 
         g_s = grad(s)
-        if grads is None:
-            g_c = grad(~s)
-        else:
-            g_c = [None if g is None else (g if a is None else g - a) for g, a in zip(grads, g_s)]
+        # the complement's gradient: by its own backward, or from the loss's at hand one slot at a
+        # time (no second set of output gradients held)
+        g_c = grad(~s) if grads is None else (None if g is None else (g if a is None else g - a)
+                                                for g, a in zip(grads, g_s))
         leaks = []
         for (call, *_), a, b in zip(slots, g_s, g_c):
             if a is None and b is None:
