@@ -49,20 +49,9 @@ def check_graph(tape: Tape, loss: torch.Tensor, what: str):
     (the online mode checks its losses before the step's backward touches ``.grad``). Returns the
     loss's :class:`gefx.soundness.Reach`."""
     reach = tape.graph.reach(loss, what)
-    probe(tape, loss, reach, None, what)
-    return reach
-
-
-def probe(tape: Tape, loss: torch.Tensor, reach, grads: list | None, what: str) -> None:
-    """The per-sample probe of `loss` (``gefx.soundness``), given its gradient at every recorded
-    output in tape order (None where it does not reach) when at hand, which saves one of its two
-    partial backward passes; `grads` None: both are run."""
-    at = None
-    if grads is not None:
-        index = {(id(c), k): i for i, (c, k) in enumerate((c, k) for c in tape.calls for k in range(len(c.edges)))}
-        at = [grads[index[(id(c), k)]] for c, k, _ in reach.slots()]
     with dist.engine_hooks_off(tape):
-        tape.graph.probe(loss, reach, reach.slots(), at, what)
+        tape.graph.probe(loss, reach, reach.slots(), None, what)
+    return reach
 
 
 def _check_loss(loss, what: str, per_sample: bool) -> torch.Tensor:

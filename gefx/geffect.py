@@ -27,7 +27,7 @@ import torch
 from . import dist
 from . import shards
 from .dots import (Aggregates, _check_loss, aggregated, check_graph, collect, dense_gradients, group_sums,
-                   marginals, pieces_from, probe, self_norms)
+                   marginals, pieces_from, self_norms)
 from .effects import GEffect, RiskEffect
 from .groups import resolve
 from .pieces import dense
@@ -330,26 +330,18 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
                          "and .against(gefx.engine_grads(model)) after it (or g_effect without backward=True "
                          "before the step)")
     tape.check_open()
-    # coverage is proved before the step's backward touches .grad; the per-sample probe of a risk
-    # the step's gradients may serve (reused ones are exact only if the contract holds) runs before
-    # it too, with both partial backwards; the others' once their own gradients are at hand, with
-    # one (a refusal then restores .grad: StepBackward)
+    # every graph is checked before the step's backward touches .grad (the per-sample probes too:
+    # run then, they add the least to the step's peak memory)
     obj_reach = check_graph(tape, objective, "objective") if instances else None
-    reaches = {name: tape.graph.reach(risk, f"risk {name!r}") for name, risk in risks.items()}
-    step = StepBackward(tape, objective, risks, keep_all=instances)
-    for name, risk in risks.items():  # a risk the step's gradients may serve: probed now, while memory is low
-        if step.reusable(name):
-            probe(tape, risk, reaches[name], None, f"risk {name!r}")
-    with step:
+    reaches = {name: check_graph(tape, risk, f"risk {name!r}") for name, risk in risks.items()}
+    with StepBackward(tape, objective, risks, keep_all=instances) as step:
         g_obj = pieces_from(tape, objective, step.captured, per_sample=True, what="objective",
                             users=obj_reach.calls) if instances else None
         def pieces_of(name, risk):  # formed when the risk's turn comes (see _against)
             what = f"risk {name!r}"
             grads = step.risk_grads(name, risk, what)
             if grads is None:
-                return collect(tape, risk, per_sample=True, what=what)
-            if not step.reused(name):  # its own gradients serve its probe (done already: no cost)
-                probe(tape, risk, reaches[name], grads, what)
+                return collect(tape, risk, per_sample=True, what=what, probe=False)
             return pieces_from(tape, risk, grads, per_sample=True, what=what, users=reaches[name].calls)
 
         pieces = {name: (lambda name=name, risk=risk: pieces_of(name, risk)) for name, risk in risks.items()}

@@ -247,17 +247,6 @@ class StepBackward:
             self._release(plan.upstream)
         return out
 
-    def reusable(self, name: str) -> bool:
-        """Whether the graph conditions let the step's gradients serve the risk (decided before
-        the backward; the row-factor fit in the backward may still fail)."""
-        plan = self.plans.get(name)
-        return plan is not None and plan.reusable
-
-    def reused(self, name: str) -> bool:
-        """Whether :meth:`risk_grads` gave the risk the step's gradients, rescaled (no backward)."""
-        plan = self.plans.get(name)
-        return plan is not None and plan.scale is not None
-
     def _as_output(self, k: int, g):
         call, j = self.slots[k]
         return call.as_output(j, g)

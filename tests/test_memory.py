@@ -146,9 +146,9 @@ def test_check_reports_memory():
 @pytest.mark.parametrize("start", ["none", "zeros", "earlier"])
 @pytest.mark.parametrize("mixed", ["forget", "retain"])
 def test_online_probe_refusal_restores_grad(start, mixed):
-    """Online, the risks' per-sample probes run after the step's backward (a reused risk's with both
-    partial backwards, an own-backward risk's with its own gradients): a risk whose entries mix rows
-    is refused and .grad is left exactly as it was, whatever it held."""
+    """Online, a risk whose entries mix rows (one the step's gradients would serve, or one with its
+    own backward) is refused and .grad is left exactly as it was, whatever it held (the step's
+    backward accumulates into zeros in place)."""
     from gefx import soundness
     soundness.forget()  # the probe runs once per graph structure: make this its first time
     model = tiny_model("llama")
