@@ -92,6 +92,7 @@ def _step(case: str, w, opt):
     if case == "plain":
         lf, lr = w.logits(w.f_ids), w.logits(w.r_ids)
         (-sequence_nll(lf, w.f_lab)).sum().backward()
+        del lr  # the retain forward's graph was alive through the step, as in the measured steps
         return
     with gefx.trace(model) as tape:
         nll_f = sequence_nll(w.logits(w.f_ids), w.f_lab)
