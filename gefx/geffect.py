@@ -217,7 +217,9 @@ def _collected(tape: Tape, risks) -> dict:
 def _by_marginals(tape: Tape, g_obj, risks, opts: _Options, instances: bool) -> GEffect:
     """Before the step, one process: each product by the cheaper of the ghost and dense forms,
     the objective's aggregated gradient formed only where the dense form wins (or for its norm),
-    one parameter at a time; one risk's pieces at a time."""
+    one parameter at a time; one risk's pieces at a time (so, where the dense form wins, that
+    aggregate is formed once per risk: one GEMM per parameter and extra risk, traded for holding
+    one risk's output gradients instead of all of them)."""
     sq = {} if opts.norms else None
     result = GEffect()
     for name, pieces_of in _collected(tape, risks).items():
