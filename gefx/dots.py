@@ -12,9 +12,14 @@ of a matrix parameter:
                            one GEMM-shaped contraction), whichever needs fewer flops for that
                            parameter and call (see ``_costs``)
 
+``collect_each`` does what ``collect`` does for a per-sample loss, but hands each parameter's
+pieces on while the loss's backward runs (``gefx.streaming``), so that a layer's output gradients
+are dropped once used: what g_effect uses for its risks.
+
 Memory: besides the recorded activations and one output gradient per recorded output (the same
-as a backward keeps), the ghost forms use at most two Gram tiles of GEFX_TILE_MB MiB each (torch
-backend) and the dense form one float32 tensor the size of the parameter.
+as a backward keeps; with ``collect_each`` a layer's at a time), the ghost forms use at most two
+Gram tiles of GEFX_TILE_MB MiB each (torch backend) and the dense form one float32 tensor the size
+of the parameter.
 """
 from __future__ import annotations
 
@@ -30,8 +35,9 @@ from .backends import dispatch
 from .groups import resolve
 from .pieces import Factored, PerSample, Piece, contract, dense, masked, merge
 from .precision import acc_dtype
-from .rules import Refused, checked_rule
+from .rules import Refused, checked_rule, ready
 from .soundness import batch_dim, sample_view
+from .streaming import stream
 from .tape import Tape
 
 
@@ -87,7 +93,8 @@ def collect(tape: Tape, loss: torch.Tensor, *, per_sample: bool, what: str = "lo
         return _collect(tape, loss, per_sample, what, probe)
 
 
-def _collect(tape: Tape, loss: torch.Tensor, per_sample: bool, what: str, probe: bool) -> Grads:
+def _reached(tape: Tape, loss: torch.Tensor, what: str):
+    """The loss's :class:`gefx.soundness.Reach` and its slots (refused if it reaches nothing)."""
     if not tape.calls:
         raise ValueError("nothing was recorded: run the model's forward inside the gefx.trace block")
     reach = tape.graph.reach(loss, what)
@@ -95,6 +102,11 @@ def _collect(tape: Tape, loss: torch.Tensor, per_sample: bool, what: str, probe:
     if not slots:
         raise ValueError(f"{what} does not depend on any forward traced by this gefx.trace "
                          "(or on none of its counted parameters)")
+    return reach, slots
+
+
+def _collect(tape: Tape, loss: torch.Tensor, per_sample: bool, what: str, probe: bool) -> Grads:
+    reach, slots = _reached(tape, loss, what)
     try:
         got = torch.autograd.grad(loss.sum(), [e for *_, e in slots], retain_graph=True, allow_unused=True)
     except RuntimeError as exc:
@@ -120,32 +132,119 @@ def pieces_from(tape: Tape, loss: torch.Tensor, grads, *, per_sample: bool, what
     for call in tape.calls:
         gs = grads[k:k + len(call.edges)]
         k += len(call.edges)
-        if all(g is None for g in gs) or (users is not None and call not in users):
-            continue
-        if per_sample:
-            for g in gs:
-                if g is not None:
-                    sample_view(tape, call, g, samples, what)  # the rows are the loss's samples, or refused
-        call.check_unmodified()
-        first = next(g for g in gs if g is not None)
-        view = replace(call, samples=samples, batch_dim=batch_dim(tape, call, first, samples) if per_sample else 0)
-        if call.broadcast:  # its inputs are shared by all rows too: expand them like the output
-            b = call.outputs[0].shape[0]
-            expand = lambda x: x.expand(b, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1 else x  # noqa: E731
-            view = replace(view, args=tree_map(expand, call.args), kwargs=tree_map(expand, call.kwargs))
-        owned = dict(tape.owned[call.module])
-        try:
-            rule = checked_rule(tape, view)
-            gs = _direct(call, gs)
-            gs = [torch.zeros_like(o) if g is None else g for o, g in zip(call.outputs, gs)]
-            got = rule.pieces(tape, view, gs)
-        except Refused as exc:
-            exc.names = exc.names or list(owned.values())
-            raise
-        for local, piece in got.items():
-            if local in owned:
-                pieces.setdefault(owned[local], []).extend(piece if isinstance(piece, list) else [piece])
+        if users is None or call in users:
+            for name, piece in _call_pieces(tape, call, gs, samples if per_sample else None, what):
+                pieces.setdefault(name, []).extend(piece)
     return Grads({n: merge(ps) for n, ps in pieces.items()}, samples)
+
+
+def _call_pieces(tape: Tape, call, gs: list, samples: int | None, what: str) -> list[tuple[str, list[Piece]]]:
+    """[(canonical name, pieces)] of one recorded call from the gradients at its outputs (None
+    where the loss does not reach); `samples` None: the loss is summed (one sample)."""
+    if all(g is None for g in gs):
+        return []
+    if samples is not None:
+        for g in gs:
+            if g is not None:
+                sample_view(tape, call, g, samples, what)  # the rows are the loss's samples, or refused
+    call.check_unmodified()
+    first = next(g for g in gs if g is not None)
+    view = replace(call, samples=samples or 1,
+                   batch_dim=batch_dim(tape, call, first, samples) if samples is not None else 0)
+    if call.broadcast:  # its inputs are shared by all rows too: expand them like the output
+        b = call.outputs[0].shape[0]
+        expand = lambda x: x.expand(b, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1 else x  # noqa: E731
+        view = replace(view, args=tree_map(expand, call.args), kwargs=tree_map(expand, call.kwargs))
+    owned = dict(tape.owned[call.module])
+    try:
+        rule = checked_rule(tape, view)
+        gs = _direct(call, gs)
+        gs = [torch.zeros_like(o) if g is None else g for o, g in zip(call.outputs, gs)]
+        got = rule.pieces(tape, view, gs)
+    except Refused as exc:
+        exc.names = exc.names or list(owned.values())
+        raise
+    return [(owned[local], piece if isinstance(piece, list) else [piece])
+            for local, piece in got.items() if local in owned]
+
+
+def collect_each(tape: Tape, loss: torch.Tensor, take, *, what: str = "loss", probe: bool = True) -> int:
+    """``collect(tape, loss, per_sample=True)`` handed over parameter by parameter: ``take(name,
+    pieces)`` for every counted parameter the loss reaches, as soon as its pieces are complete
+    (once, or twice on the loss's first use: then each call gives a part of the samples, zeros for
+    the others, and `take` must add up what it makes of them),
+    while the loss's backward is still running (``gefx.streaming``): the output gradients of a
+    layer are dropped once its parameters are taken, so no set of them for the whole model is ever
+    alive. Calls whose rule needs more than its own output gradient (verification on first use,
+    autograd inside the rule, several outputs) are kept and handled after the backward. Returns
+    the number of samples."""
+    tape.check_open()
+    _check_loss(loss, what, True)
+    with dist.engine_hooks_off(tape):
+        reach, slots = _reached(tape, loss, what)
+        for call in reach.calls:  # verified before the backward (once per module), so that it streams
+            checked_rule(tape, call)
+        # on first use the per-sample probe's two passes (the loss's entries on a part of the
+        # samples, then on the rest) are the backward: pieces are linear in the output gradients,
+        # and each sample's come whole from one pass, zeros from the other
+        feeds = [_Feed(tape, reach.calls, loss.shape[0], what, take) for _ in range(2)]
+        try:
+            if not (probe and tape.graph.probe(loss, reach, slots, None, what,
+                                               also=(feeds[0].arrived, feeds[1].arrived))):
+                feeds = feeds[:1]
+                stream(loss.sum(), slots, feeds[0].arrived)
+        except RuntimeError as exc:
+            if "backward through the graph a second time" not in str(exc) and "freed" not in str(exc):
+                raise
+            raise RuntimeError(f"could not differentiate {what} through the traced forward: {exc} "
+                               "(was its graph freed by a backward without retain_graph=True?)") from exc
+        for feed in feeds:
+            feed.finish()
+    return loss.shape[0]
+
+
+class _Feed:
+    """Gradients arriving slot by slot (in ``Reach.slots()`` order) turned into each call's pieces
+    when the call's outputs are all in, and handed to `take` parameter by parameter when every call
+    using the parameter is done."""
+
+    def __init__(self, tape: Tape, calls: list, samples: int, what: str, take):
+        self.tape, self.samples, self.what, self.take = tape, samples, what, take
+        self.at = [(c, k) for c in calls for k in range(len(c.edges))]
+        self.gs = {c: [None] * len(c.edges) for c in calls}
+        self.left = {c: len(c.edges) for c in calls}
+        self.users = {}  # canonical name -> calls still to come
+        for c in calls:
+            for _, name in tape.owned[c.module]:
+                self.users[name] = self.users.get(name, 0) + 1
+        self.order = {c: i for i, c in enumerate(calls)}
+        self.pieces: dict[str, list] = {}  # name -> [(call's position, its pieces)]
+        self.later: list = []  # calls handled after the backward
+
+    def arrived(self, j: int, g) -> None:
+        call, k = self.at[j]
+        self.gs[call][k] = g
+        self.left[call] -= 1
+        if self.left[call] == 0:
+            if len(call.edges) == 1 and ready(self.tape, call):
+                self._done(call)
+            else:
+                self.later.append(call)
+
+    def finish(self) -> None:
+        for call in self.tape.calls:  # tape order
+            if call in self.later:
+                self._done(call)
+        self.later = []
+
+    def _done(self, call) -> None:
+        gs, self.gs[call] = self.gs[call], None
+        for name, piece in _call_pieces(self.tape, call, gs, self.samples, self.what):
+            self.pieces.setdefault(name, []).append((self.order[call], piece))
+        for _, name in self.tape.owned[call.module]:
+            self.users[name] -= 1
+            if self.users[name] == 0 and name in self.pieces:  # merged in tape order, as collect does
+                self.take(name, merge([p for _, ps in sorted(self.pieces.pop(name), key=lambda x: x[0]) for p in ps]))
 
 
 def _downstream(call) -> list[list[int]]:

@@ -19,18 +19,18 @@ these divided by B (``gefx.losses.token_mean_nll`` gives the reference code's to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
 
 from . import dist
 from . import shards
-from .dots import (Aggregates, _check_loss, aggregated, check_graph, collect, dense_gradients, group_sums,
-                   marginals, pieces_from, self_norms)
+from .dots import (Aggregates, Grads, _check_loss, aggregated, check_graph, collect, collect_each, dense_gradients,
+                   group_sums, marginals, pieces_from, self_norms)
 from .effects import GEffect, RiskEffect
 from .groups import resolve
-from .pieces import dense
+from .pieces import dense, merge
 from .step import StepBackward
 from .tape import Tape
 from .update import updates
@@ -92,11 +92,16 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
     ``.grad`` is untouched and the graph is kept for the caller's own backward; on an error it is
     always left as it was.
 
-    Memory: besides the step's own tensors, the risks' pieces (one output gradient per recorded
-    output and risk: scales with B x T) and at most about one parameter-sized float32 tensor at a
-    time (an aggregated gradient or an update, formed per parameter and dropped after use); online,
-    ``.grad`` is contracted in place (earlier gradients wait aside only when they are nonzero,
-    i.e. mid-accumulation). See bench/RESULTS.md ("Memory of large runs").
+    Memory: besides the step's own tensors, a risk's output gradients only a layer at a time
+    (each risk's backward is streamed: ``gefx.dots.collect_each``; on a risk's first use the
+    per-sample probe's two passes are that backward), the objective's output gradients before the
+    step (one set, summed over samples), online those of the step that serve a risk (GA's, NPO's
+    forget NLL: one set, released when that risk is done), and at most about one parameter-sized
+    float32 tensor at a time (an aggregated gradient or an update, formed per parameter and dropped
+    after use); online, ``.grad`` is contracted in place (earlier gradients wait aside only when
+    they are nonzero, i.e. mid-accumulation). Under torch.distributed, or against a gradient
+    formed per read (``optimizer=`` before the step), every risk's pieces are held at once. See
+    bench/RESULTS.md ("Memory of large runs").
     """
     if not isinstance(risks, Mapping) or not risks:
         raise TypeError("risks must be a non-empty dict name -> per-sample risk vector")
@@ -115,7 +120,7 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
             raise ValueError("backward=True needs the objective as a tensor (the loss to backpropagate), "
                              "not a mapping of gradients")
         m_obj = dense_gradients(tape, objective)
-        return _against(tape, m_obj, _collected(tape, risks), opts.along(_pending_update(tape, optimizer, m_obj)))
+        return _against(tape, m_obj, _feeds(tape, risks), opts.along(_pending_update(tape, optimizer, m_obj)))
     if not isinstance(objective, torch.Tensor) or objective.dim() > 1:
         raise ValueError("objective must be a scalar tensor or a per-sample vector [B]; got "
                          + (f"shape {tuple(objective.shape)}" if isinstance(objective, torch.Tensor)
@@ -128,7 +133,7 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
         if dist.group_size(process_group) > 1:
             dist.check_supported(tape.model)
         m_obj = aggregated(tape, g_obj, process_group)
-        return _against(tape, m_obj, _collected(tape, risks), opts.along(_pending_update(tape, optimizer, m_obj)),
+        return _against(tape, m_obj, _feeds(tape, risks), opts.along(_pending_update(tape, optimizer, m_obj)),
                         g_obj if objective_instances else None)
     return _by_marginals(tape, g_obj, risks, opts, objective_instances)
 
@@ -208,35 +213,91 @@ def _step_update(tape: Tape, optimizer):
     return _named(tape, updates(optimizer))
 
 
-def _collected(tape: Tape, risks) -> dict:
-    """Every risk's per-sample pieces, formed when its turn comes: name -> () -> Grads."""
-    return {name: (lambda name=name, risk=risk: collect(tape, risk, per_sample=True, what=f"risk {name!r}"))
+# -- a risk's pieces, fed parameter by parameter: feed(take) calls take(name, pieces), returns B --
+def _feeds(tape: Tape, risks, probe: bool = True) -> dict:
+    """name -> feed of each risk's per-sample pieces, streamed out of its backward when its turn
+    comes (``gefx.dots.collect_each``: no set of output gradients for the whole model is held)."""
+    return {name: (lambda take, name=name, risk=risk: collect_each(tape, risk, take, what=f"risk {name!r}",
+                                                                   probe=probe))
             for name, risk in risks.items()}
+
+
+def _held(tape: Tape, g: Grads):
+    """The feed of pieces at hand, in tape order."""
+    def feed(take) -> int:
+        for n in tape.params:
+            if g.pieces.get(n):
+                take(n, g.pieces[n])
+        return g.batch
+    return feed
+
+
+def _gathered(feed) -> Grads:
+    """All of a feed's pieces at once (a parameter's parts merged)."""
+    pieces: dict = {}
+    batch = feed(lambda n, P: pieces.__setitem__(n, merge(pieces[n] + P) if n in pieces else P))
+    return Grads(pieces, batch)
+
+
+@dataclass
+class _Values:
+    """One risk's per-parameter products ({name: [B]}): with the objective (`rows`), its
+    per-objective-instance transpose (`cols`), along a direction (`pred`), its self products (`norms`)."""
+
+    rows: dict = field(default_factory=dict)
+    cols: dict | None = None
+    pred: dict | None = None
+    norms: dict | None = None
+
+    @classmethod
+    def asked(cls, opts: "_Options", instances: bool) -> "_Values":
+        return cls({}, {} if instances else None, None if opts.direction is None else {}, {} if opts.norms else None)
+
+    @staticmethod
+    def add(to: dict, n: str, x) -> None:
+        """A parameter's pieces may come in parts (``gefx.dots.collect_each``): their products add."""
+        if x is not None:
+            to[n] = x if n not in to else to[n] + x
+
+    def extras(self, n: str, P, opts: "_Options") -> None:
+        """What does not depend on the objective: the direction's product, the self products."""
+        if self.pred is not None and n in opts.direction:
+            self.add(self.pred, n, shards.contract_with([P], opts.direction[n])[0])
+        if self.norms is not None:
+            self.add(self.norms, n, self_norms(P))
 
 
 def _by_marginals(tape: Tape, g_obj, risks, opts: _Options, instances: bool) -> GEffect:
     """Before the step, one process: each product by the cheaper of the ghost and dense forms,
     the objective's aggregated gradient formed only where the dense form wins (or for its norm),
-    one parameter at a time; one risk's pieces at a time (so, where the dense form wins, that
-    aggregate is formed once per risk: one GEMM per parameter and extra risk, traded for holding
-    one risk's output gradients instead of all of them)."""
+    one parameter at a time; each risk streamed out of its backward, parameter by parameter (so,
+    where the dense form wins, that aggregate is formed once per risk: one GEMM per parameter and
+    extra risk, traded for holding no risk's output gradients beyond a layer's)."""
     sq = {} if opts.norms else None
     result = GEffect()
-    for name, pieces_of in _collected(tape, risks).items():
-        g = pieces_of()
-        rows, cols = {}, {}
-        for n, Q in g_obj.pieces.items():
-            shape = dist.shape(tape.params[n])
-            memo: dict = {}  # this parameter's aggregated objective gradient, if formed: dropped after it
-            if g.pieces.get(n):
-                rows[n], cols[n] = marginals(g.pieces[n], Q, shape, need_cols=instances, memo=memo)
-            if sq is not None and n not in sq:
-                sq[n] = (memo["q"] if "q" in memo else dense(Q, shape)).pow(2).sum()
+    for name, feed in _feeds(tape, risks).items():
+        v = _Values.asked(opts, instances)
+
+        def take(n, P):
+            Q = g_obj.pieces.get(n)
+            if Q:
+                shape = dist.shape(tape.params[n])
+                memo: dict = {}  # this parameter's aggregated objective gradient, if formed: dropped after it
+                row, col = marginals(P, Q, shape, need_cols=instances, memo=memo)
+                v.add(v.rows, n, row)
+                if instances:
+                    v.add(v.cols, n, col)
+                if sq is not None and n not in sq:
+                    sq[n] = (memo["q"] if "q" in memo else dense(Q, shape)).pow(2).sum()
+            v.extras(n, P, opts)
+
+        batch = feed(take)
+        if sq is not None:  # the objective's norm where this risk did not reach
+            for n, Q in g_obj.pieces.items():
+                if n not in sq:
+                    sq[n] = dense(Q, dist.shape(tape.params[n])).pow(2).sum()
         obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
-        pred = _products(tape, [g], [opts.direction])[0][0]
-        result[name] = _effect(tape, name, g, rows, opts, obj_sq, cols if instances else None,
-                               g_obj.batch if instances else None, pred)
-        del g
+        result[name] = _effect(tape, name, batch, v, opts, obj_sq, g_obj.batch if instances else None)
     return result
 
 
@@ -261,25 +322,24 @@ def _products(tape: Tape, held: list, mappings: list, squares: dict | None = Non
     return out
 
 
-def _effect(tape: Tape, name: str, g_risk, rows: dict, opts: _Options, obj_sq, cols=None,
-            obj_batch=None, pred=None) -> RiskEffect:
-    """One risk's RiskEffect from its per-parameter products with the objective (`rows`, `cols` for
-    the PG-effect, `pred` with the direction), plus norms from its pieces; per instance values
-    gathered across ranks under torch.distributed."""
-    def per_group(per_param, batch):
-        sums = group_sums(tape, per_param, opts.groups, (batch,))
+def _effect(tape: Tape, name: str, batch: int, v: _Values, opts: _Options, obj_sq, obj_batch=None) -> RiskEffect:
+    """One risk's RiskEffect from its per-parameter products (summed into groups in tape order,
+    however they came), plus its norms; per instance values gathered across ranks under
+    torch.distributed."""
+    def per_group(per_param, b):
+        ordered = {n: per_param[n] for n in tape.params if n in per_param}
+        sums = group_sums(tape, ordered, opts.groups, (b,))
         return torch.stack([sums[g] for g in names])
 
     names = resolve(tape, opts.groups)[1]
-    B = g_risk.batch
-    values = {"per_instance_group": per_group(rows, B),
-              "per_objective_instance_group": None if cols is None else per_group(cols, obj_batch)}
-    if opts.norms:
-        values["risk_norm_group"] = per_group({n: self_norms(P) for n, P in g_risk.pieces.items()}, B)
-    if opts.direction is not None:
-        values["predicted_change_group"] = per_group(pred, B)
+    values = {"per_instance_group": per_group(v.rows, batch),
+              "per_objective_instance_group": None if v.cols is None else per_group(v.cols, obj_batch)}
+    if v.norms is not None:
+        values["risk_norm_group"] = per_group(v.norms, batch)
+    if v.pred is not None:
+        values["predicted_change_group"] = per_group(v.pred, batch)
     if dist.group_size(opts.process_group) > 1:
-        values = {k: None if v is None else dist.gather_columns(v, opts.process_group) for k, v in values.items()}
+        values = {k: None if x is None else dist.gather_columns(x, opts.process_group) for k, x in values.items()}
     if "risk_norm_group" in values:
         values["risk_norm_group"] = values["risk_norm_group"].clamp(min=0).sqrt()
     obj_norm = None if obj_sq is None else torch.stack([obj_sq[g] for g in names]).clamp(min=0).sqrt()
@@ -295,7 +355,9 @@ class Prepared:
         if not isinstance(risks, Mapping) or not risks:
             raise TypeError("risks must be a non-empty dict name -> per-sample risk vector")
         self.tape, self.opts = tape, _Options(groups, process_group, norms, None)
-        self.pieces = {name: make() for name, make in _collected(tape, risks).items()}
+        # held until .against(): .grad does not exist yet (the probe reuses the loss's gradients)
+        self.pieces = {name: collect(tape, risk, per_sample=True, what=f"risk {name!r}")
+                       for name, risk in risks.items()}
 
     def against(self, grads: Mapping, *, optimizer=None, direction: Mapping | None = None) -> GEffect:
         """The G-effects of the objective whose gradient `grads` is ({parameter or name: tensor},
@@ -307,7 +369,8 @@ class Prepared:
             raise ValueError("give optimizer= (its next update) or direction=, not both")
         opts = self.opts.along(_direction(self.tape, direction) if direction is not None
                                else _step_update(self.tape, optimizer))
-        return _against(self.tape, dense_gradients(self.tape, grads), self.pieces, opts)
+        feeds = {name: _held(self.tape, g) for name, g in self.pieces.items()}
+        return _against(self.tape, dense_gradients(self.tape, grads), feeds, opts)
 
 
 def prepare(tape: Tape, risks: Mapping[str, torch.Tensor], *, groups="block", process_group=None,
@@ -332,44 +395,83 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
                          "and .against(gefx.engine_grads(model)) after it (or g_effect without backward=True "
                          "before the step)")
     tape.check_open()
-    # every graph is checked before the step's backward touches .grad (the per-sample probes too:
-    # run then, they add the least to the step's peak memory)
+    # every graph's coverage is checked before the step's backward touches .grad, and the per-sample
+    # probe of the objective and of each risk the step may serve (whose own backward would be the
+    # probe's); the other risks are probed after it by the two passes that are their backward
+    # (collect_each; a refusal then restores .grad, as any error inside StepBackward does)
     obj_reach = check_graph(tape, objective, "objective") if instances else None
-    reaches = {name: check_graph(tape, risk, f"risk {name!r}") for name, risk in risks.items()}
-    with StepBackward(tape, objective, risks, keep_all=instances) as step:
+    step = StepBackward(tape, objective, risks, keep_all=instances)
+    reaches = {name: check_graph(tape, risk, f"risk {name!r}") if step.may_serve(name)
+               else tape.graph.reach(risk, f"risk {name!r}") for name, risk in risks.items()}
+    with step:
         g_obj = pieces_from(tape, objective, step.captured, per_sample=True, what="objective",
                             users=obj_reach.calls) if instances else None
-        def pieces_of(name, risk):  # formed when the risk's turn comes (see _against)
+        def feed_of(name, risk, take):  # when the risk's turn comes (see _against)
             what = f"risk {name!r}"
+            if not step.reused(name):  # its own backward, streamed
+                step.forgo(name)
+                return collect_each(tape, risk, take, what=what, probe=not step.may_serve(name))
             grads = step.risk_grads(name, risk, what)
-            if grads is None:
-                return collect(tape, risk, per_sample=True, what=what, probe=False)
-            return pieces_from(tape, risk, grads, per_sample=True, what=what, users=reaches[name].calls)
+            return _held(tape, pieces_from(tape, risk, grads, per_sample=True, what=what,
+                                           users=reaches[name].calls))(take)
 
-        pieces = {name: (lambda name=name, risk=risk: pieces_of(name, risk)) for name, risk in risks.items()}
+        # the risks served by the step's gradients first: those are then released before the others run
+        order = sorted(risks, key=lambda name: not step.reused(name))
+        feeds = {name: (lambda take, name=name: feed_of(name, risks[name], take)) for name in order}
         opts = opts.along(_step_update(tape, optimizer))
-        return _against(tape, dense_gradients(tape, step.grads), pieces, opts, g_obj)
+        result = _against(tape, dense_gradients(tape, step.grads), feeds, opts, g_obj)
+        return GEffect({name: result[name] for name in risks})
 
 
-def _against(tape: Tape, m_obj: Mapping, pieces: dict, opts: _Options, g_obj=None) -> GEffect:
+def _against(tape: Tape, m_obj: Mapping, feeds: dict, opts: _Options, g_obj=None) -> GEffect:
     """G-effects against the objective's aggregated gradient given densely (per parameter name;
     under torch.distributed already summed over the ranks; sharded parameters as shards.Sharded;
-    possibly formed when read), for the risks' `pieces` (name -> Grads, or a callable forming
-    them); with `g_obj`, the objective's per-sample pieces, the PG-effect too. One risk's pieces
-    at a time against a gradient at hand (``.grad``); all risks' together where reading the
-    gradient costs (an aggregate formed per read, collectives under torch.distributed)."""
-    make = {name: p if callable(p) else (lambda p=p: p) for name, p in pieces.items()}
-    together = dist.group_size(opts.process_group) > 1 or isinstance(m_obj, Aggregates)
+    possibly formed when read), for the risks' pieces (name -> feed: see ``_feeds``); with `g_obj`,
+    the objective's per-sample pieces, the PG-effect too. One risk at a time, each parameter's
+    products as its pieces come, against a gradient at hand (``.grad``); all risks' pieces held
+    together where reading the gradient costs (an aggregate formed per read, collectives under
+    torch.distributed): see ``_together``."""
+    if dist.group_size(opts.process_group) > 1 or isinstance(m_obj, Aggregates):
+        return _together(tape, m_obj, feeds, opts, g_obj)
     sq = {} if opts.norms else None
     result = GEffect()
-    for names in ([list(make)] if together else [[name] for name in make]):
-        held = {name: make[name]() for name in names}
-        rows, preds = _products(tape, list(held.values()), [m_obj, opts.direction], sq if not result else None)
+    for name, feed in feeds.items():
+        v = _Values.asked(opts, g_obj is not None)
+
+        def take(n, P):
+            if n in m_obj:
+                value = m_obj[n]
+                if sq is not None and n not in sq:
+                    sq[n] = shards.sq_norm(value)
+                v.add(v.rows, n, shards.contract_with([P], value)[0])
+                del value
+            if g_obj is not None and g_obj.pieces.get(n):
+                v.add(v.cols, n, marginals(g_obj.pieces[n], P, dist.shape(tape.params[n]), need_cols=False)[0])
+            v.extras(n, P, opts)
+
+        batch = feed(take)
+        if sq is not None:  # the objective's norm where this risk did not reach
+            for n in m_obj:
+                if n not in sq:
+                    sq[n] = shards.sq_norm(m_obj[n])
         obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
-        for (name, g), r, pred in zip(held.items(), rows, preds):
-            cols = None if g_obj is None else _instances(tape, g_obj, g, opts.process_group)
-            result[name] = _effect(tape, name, g, r, opts, obj_sq, cols, None if g_obj is None else g_obj.batch, pred)
-        del held
+        result[name] = _effect(tape, name, batch, v, opts, obj_sq, None if g_obj is None else g_obj.batch)
+    return result
+
+
+def _together(tape: Tape, m_obj: Mapping, feeds: dict, opts: _Options, g_obj=None) -> GEffect:
+    """``_against`` with every risk's pieces held at once, each value of `m_obj` read once for all
+    (in tape order: under torch.distributed every rank runs the same collectives in the same order)."""
+    held = {name: _gathered(feed) for name, feed in feeds.items()}
+    sq = {} if opts.norms else None
+    rows, preds = _products(tape, list(held.values()), [m_obj, opts.direction], sq)
+    obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
+    result = GEffect()
+    for (name, g), r, pred in zip(held.items(), rows, preds):
+        v = _Values(r, None if g_obj is None else _instances(tape, g_obj, g, opts.process_group),
+                    pred if opts.direction is not None else None,
+                    {n: self_norms(P) for n, P in g.pieces.items()} if opts.norms else None)
+        result[name] = _effect(tape, name, g.batch, v, opts, obj_sq, None if g_obj is None else g_obj.batch)
     return result
 
 

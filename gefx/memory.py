@@ -33,17 +33,27 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        inputs = {_storage(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.numel() >= self.min_numel and t.device.type != "meta":
-                key = t.untyped_storage().data_ptr()
-                if key not in self.live and key not in inputs:  # new memory
+            if isinstance(t, torch.Tensor) and t.numel() >= self.min_numel:
+                key = _storage(t)
+                if key is not None and key not in self.live and key not in inputs:  # new memory
                     self.live[key] = t.untyped_storage().nbytes()
                     self.now += self.live[key]
                     self.peak = max(self.peak, self.now)
                     weakref.finalize(t, self._free, key)
         return out
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    """The address of a tensor's memory; None for tensors without their own (meta tensors, the
+    wrappers of torch.func's transforms: what they wrap is counted where it is made)."""
+    if t.device.type == "meta":
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
 
 
 def footprint(model: nn.Module, a: dict, b: dict) -> dict[str, int]:

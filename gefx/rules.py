@@ -268,15 +268,13 @@ def norm_u(tape, call) -> torch.Tensor:
     output along w -> w + t*1, by one forward-mode pass (exact, whatever dtype the module computes
     in). For a norm verified offset-free (c = 0) whose recorded output is unmodified and in the
     accumulation dtype, u = y / w (w without zeros) instead."""
+    u = _quotient_u(call)
+    if u is not None:
+        return u
     m = call.module
     x = _input(call)
     dt = acc_dtype(x)
     w, b = _norm_params(m, dt)
-    y = call.outputs[0]
-    verdict = CHECKED.get(m, {}).get(("norm", m.training))
-    if (verdict is not None and verdict.offset_free and b is None and y.dtype == dt
-            and y._version == call.out_versions[0] and y.shape == x.shape and bool((w != 0).all())):
-        return y.detach() / w
     args, kwargs = _with_input(call, x.detach().to(dt, copy=True))
     params = {} if b is None else {"bias": b}
 
@@ -288,11 +286,30 @@ def norm_u(tape, call) -> torch.Tensor:
     return u
 
 
+def _quotient_u(call) -> torch.Tensor | None:
+    """u = y / w for a norm verified offset-free whose recorded output is unmodified and in the
+    accumulation dtype (w without zeros); None otherwise."""
+    m = call.module
+    x = _input(call)
+    dt = acc_dtype(x)
+    y = call.outputs[0]
+    verdict = CHECKED.get(m, {}).get(("norm", m.training))
+    if (verdict is None or not verdict.offset_free or getattr(m, "bias", None) is not None or y.dtype != dt
+            or y._version != call.out_versions[0] or y.shape != x.shape):
+        return None
+    w = _norm_params(m, dt)[0]
+    return y.detach() / w if bool((w != 0).all()) else None
+
+
 def norm_pieces(tape, call, grads):
     m = call.module
     d = full_shape(m.weight).numel()
+    # u by a quotient of recorded tensors each time (nothing kept), or by forward-mode AD once per
+    # trace (kept for its other losses)
     u = call.memo.get("norm_u")
-    if u is None:  # the same for every loss of this trace
+    if u is None:
+        u = _quotient_u(call)
+    if u is None:
         u = call.memo["norm_u"] = norm_u(tape, call)
     if u.shape[-1] != d:
         raise Refused(f"{call.name}: its weight does not act on the last dimension")
@@ -495,6 +512,19 @@ def checked_rule(tape, call) -> Rule:
     if key not in verdicts:
         verdicts[key] = _verify(tape, call, rule)
     return rule if verdicts[key].exact else replace(GENERIC, batch_dim=rule.batch_dim)
+
+
+def ready(tape, call) -> bool:
+    """Whether the call's pieces can be formed inside autograd's backward, as its output gradient
+    arrives (``gefx.dots.collect_each``): a built-in rule that forms them from the recorded tensors
+    alone (no autograd of its own), with nothing left to verify on this module."""
+    rule = tape.rules[call.module]
+    if rule.pieces not in (linear_pieces, conv1d_pieces, embedding_pieces, norm_pieces):
+        return False
+    if rule.exact or stock(call.module, rule):
+        return True
+    verdict = CHECKED.get(call.module, {}).get((rule.name, call.module.training))
+    return verdict is not None and verdict.exact
 
 
 _F_EMBEDDING = torch.nn.functional.embedding  # as torch defines it (a later monkey-patch is not stock)

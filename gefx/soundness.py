@@ -49,6 +49,7 @@ from torch import nn
 from . import dist
 from .precision import acc_dtype
 from .rules import CHECKED, GENERIC, Refused
+from .streaming import stream
 
 #: model -> structures (hashes) of loss graphs whose per-sample contract was probed in this process
 PROBED: "weakref.WeakKeyDictionary[nn.Module, set[int]]" = weakref.WeakKeyDictionary()
@@ -303,10 +304,16 @@ class Graph:
         return out, users
 
     # -- (c) the per-sample probe -----------------------------------------------------------------
-    def probe(self, loss: torch.Tensor, reach: Reach, slots: list, grads: list | None, what: str) -> None:
+    def probe(self, loss: torch.Tensor, reach: Reach, slots: list, grads: list | None, what: str,
+              also: tuple | None = None) -> bool:
         """Check that loss entry i depends only on the rows of sample i of every reached recorded
         output. `slots` are ``reach.slots()`` and `grads` the gradient of ``loss.sum()`` at each
-        output (None: computed here)."""
+        output (None: computed here). The check runs two backward passes, of the loss's entries
+        on a random part S of the samples and on the rest, whose gradients sum to the loss's:
+        with `also` = (visit_s, visit_rest) (and no `grads`), each pass's gradient at slot j is
+        also handed to ``visit(j, g)`` as it comes (``gefx.dots.collect_each`` uses them instead
+        of a backward of its own). Returns whether the passes ran (not when the structure was
+        probed before)."""
         samples = loss.shape[0]
         done = PROBED.setdefault(self.tape.model, set())
         want = self.tape.check == "full" or reach.signature not in done
@@ -314,53 +321,76 @@ class Graph:
             # the backward passes below run FSDP's hooks (collectives): every rank probes or none
             want = bool(dist.all_reduce_sum(torch.tensor([float(want)], device=loss.device)) > 0)
         elif samples < 2 or not slots:
-            return
+            return False
         if not want:
-            return
+            return False
         gen = torch.Generator(device="cpu").manual_seed(samples)
         s = torch.rand(samples, generator=gen) < 0.5
         s[0] = True
         s[-1] = samples < 2  # both parts non-empty (one sample: only S)
         s = s.to(loss.device)
-        targets = [e for *_, e in slots]
+        # per slot: the largest row norm of the S part's gradient on S's rows (own) and on the others
+        # (leak), the same for the complement; seen as the gradients stream by, none of them kept
+        own: list = [[None, None] for _ in slots]
+        leak: list = [[None, None] for _ in slots]
+        loose = [1.0] * len(slots)  # a complement formed by subtraction leaks its operands' roundoff
 
-        def grad(weights):
-            got = torch.autograd.grad((loss * weights.to(loss.dtype)).sum(), targets, retain_graph=True,
-                                      allow_unused=True)
-            return [c.as_output(k, g) for (c, k, _), g in zip(slots, got)]
+        def note(j, part, rows, g) -> None:
+            r = sample_view(self.tape, slots[j][0], g, samples, what).to(acc_dtype(g))
+            own[j][part], leak[j][part] = _largest_row(r[rows]), _largest_row(r[~rows])
 
-        g_s = grad(s)
-        # the complement's gradient: by its own backward, or from the loss's at hand one slot at a
-        # time (no second set of output gradients held)
-        g_c = grad(~s) if grads is None else (None if g is None else (g if a is None else g - a)
-                                                for g, a in zip(grads, g_s))
-        leaks = []
-        for (call, *_), a, b in zip(slots, g_s, g_c):
-            if a is None and b is None:
-                continue
-            like = a if a is not None else b
-            wide = acc_dtype(like)
-            ra = None if a is None else sample_view(self.tape, call, a, samples, what).to(wide)
-            rb = None if b is None else sample_view(self.tape, call, b, samples, what).to(wide)
-            full = ra if rb is None else (rb if ra is None else ra + rb)
-            scale = _largest_row(full)
-            leak = 0.0 if ra is None else _largest_row(ra[~s])
-            if rb is not None:
-                tol_b = torch.finfo(like.dtype).eps / torch.finfo(wide).eps if grads is not None else 1.0
-                leak = max(leak, _largest_row(rb[s]) / tol_b)
-            if leak > _LEAK_ROUNDOFFS * torch.finfo(wide).eps * scale:
-                leaks.append((call, leak / max(scale, 1e-300)))
+        def visit_s(j, g) -> None:
+            if g is not None:
+                note(j, 0, s, g)
+            if grads is not None and grads[j] is not None:  # the complement from the loss's gradient at hand
+                note(j, 1, ~s, grads[j] if g is None else grads[j] - g)
+                loose[j] = torch.finfo(grads[j].dtype).eps / torch.finfo(acc_dtype(grads[j])).eps
+            if also is not None:
+                also[0](j, g)
+
+        def visit_rest(j, g) -> None:
+            if g is not None:
+                note(j, 1, ~s, g)
+            if also is not None:
+                also[1](j, g)
+
+        stream((loss * s.to(loss.dtype)).sum(), slots, visit_s)
+        if grads is None:
+            stream((loss * (~s).to(loss.dtype)).sum(), slots, visit_rest)
+        leaks = self._leaks(slots, own, leak, loose)
         if leaks:
             raise Refused(_leak_message(what, leaks, reach.heads))
         done.add(reach.signature)
+        return True
+
+    @staticmethod
+    def _leaks(slots: list, own: list, leak: list, loose: list) -> list:
+        """[(call, relative leak)] for the slots whose gradients reach rows of other samples by more
+        than roundoff (one synchronisation for all slots)."""
+        at = [j for j in range(len(slots)) if own[j] != [None, None]]
+        if not at:
+            return []
+        zero = next(x for j in at for x in own[j] if x is not None) * 0
+        table = torch.stack([torch.stack([zero if x is None else x.to(zero.dtype) for x in own[j] + leak[j]])
+                             for j in at]).tolist()
+        out = []
+        for j, (own_s, own_c, leak_s, leak_c) in zip(at, table):
+            scale = max(own_s, own_c, leak_s, leak_c / loose[j])
+            amount = max(leak_s, leak_c / loose[j])
+            wide = own[j][0] if own[j][0] is not None else own[j][1]
+            if amount > _LEAK_ROUNDOFFS * torch.finfo(wide.dtype).eps * scale:
+                out.append((slots[j][0], amount / max(scale, 1e-300)))
+        return out
 
 
 _PARAMETRIZATION = ("it belongs to a parametrization (torch.nn.utils.parametrize); remove it while measuring "
                     "(parametrize.remove_parametrizations) or leave the parameter out of `params`")
 
 
-def _largest_row(x: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(x, dim=1).max()) if x.shape[0] else 0.0
+def _largest_row(x: torch.Tensor) -> torch.Tensor:
+    if not x.shape[0]:
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.linalg.vector_norm(x, dim=1).max()
 
 
 def _loose_message(name: str, parent) -> str:

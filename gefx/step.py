@@ -202,6 +202,28 @@ class StepBackward:
         return _Plan(h, upstream, ok)
 
     # -- risks ------------------------------------------------------------------------------------
+    def may_serve(self, name: str) -> bool:
+        """Whether the step's gradients may serve this risk (the graph conditions hold; decided
+        before the backward)."""
+        plan = self.plans.get(name)
+        return plan is not None and plan.reusable
+
+    def reused(self, name: str) -> bool:
+        """Whether the step's gradients serve this risk (its row factors were fitted)."""
+        plan = self.plans.get(name)
+        return plan is not None and plan.scale is not None
+
+    def forgo(self, name: str) -> None:
+        """The caller differentiates this risk itself: its claim on the captured gradients ends
+        (released when no other risk needs them)."""
+        plan = self.plans.get(name)
+        if plan is None or not plan.reusable or plan.g_head is None:
+            return
+        plan.g_head = None
+        self._users[plan.head] -= 1
+        if self._users[plan.head] == 0 and not self.keep_all:
+            self._release(plan.upstream)
+
     def risk_grads(self, name: str, risk: torch.Tensor, what: str) -> list[torch.Tensor | None] | None:
         """The risk's gradient at every recorded output (None where it does not reach), reusing
         the step's where the module docstring's conditions hold and otherwise by one backward

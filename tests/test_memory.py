@@ -166,3 +166,39 @@ def test_online_probe_refusal_restores_grad(start, mixed):
             gefx.g_effect(tape, -f, risks, backward=True)
     for p, b in zip(params, before):
         assert (p.grad is None) if b is None else torch.equal(p.grad, b)
+
+
+def _online_extra(layers: int, first: bool, monkeypatch) -> int:
+    """Peak bytes of all tensors (activations included) of an online measurement of a retain risk
+    the step does not serve, minus the plain step's, on its first use or warm."""
+    from gefx import soundness
+    monkeypatch.setenv("GEFX_BACKEND", "torch")
+    model = _model(layers)
+    fi, fm, fl = batch(3, 7, seed=1)
+    ri, rm, rl = batch(2, 6, seed=2)
+    peaks = {}
+    for case in ("plain", "online") if first else ("plain", "online", "plain", "online"):
+        if first:
+            soundness.forget()
+        model.zero_grad(set_to_none=False)
+        with LiveBytes(1) as meter, gefx.trace(model) as tape:
+            f = sequence_nll(model(input_ids=fi, attention_mask=fm).logits, fl)
+            r = sequence_nll(model(input_ids=ri, attention_mask=rm).logits, rl)
+            if case == "plain":
+                (-f).sum().backward()
+            else:
+                gefx.g_effect(tape, -f, {"retain": r}, backward=True)
+        peaks[case] = meter.peak
+    return peaks["online"] - peaks["plain"]
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first", "steady"])
+def test_risk_output_gradients_are_streamed(first, monkeypatch):
+    """A risk's backward (and, on first use, the per-sample probe's two passes, which are then its
+    backward) hands each layer's output gradients on as they come (gefx.streaming): the extra
+    memory of the measurement does not grow with depth even counting activation-sized tensors.
+    Holding them for the whole model, as a plain autograd.grad call returns them, grows it by a
+    layer's set (the retain batch's 12 tokens x ~700 outputs x 4 bytes) per layer."""
+    layer_set = 2 * 6 * (4 * WIDTH + 3 * MLP + 2 * WIDTH) * 4
+    shallow, deep = _online_extra(2, first, monkeypatch), _online_extra(6, first, monkeypatch)
+    assert deep - shallow < layer_set, (shallow, deep, layer_set)
