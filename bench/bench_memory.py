@@ -20,7 +20,12 @@ plain step; each measured step is compared with the plain step after it (same pr
     optimizer   online with ``optimizer=`` an AdamW that has stepped once (its state exists)
 
 Peak: the process's resident set (RSS, sampled every 2 ms by a thread reading /proc/self/statm) on
-the CPU, ``torch.cuda.max_memory_allocated`` on a GPU, during each step; *left resident* is the growth of the resident set from before the first
+the CPU, ``torch.cuda.max_memory_allocated`` on a GPU, during each step. On the CPU, glibc's malloc
+keeps freed buffers of up to 32 MiB in its heap once it has seen them freed (its dynamic mmap
+threshold), so the RSS also counts heap holes that no tensor occupies; ``--mmap-threshold BYTES``
+(``MALLOC_MMAP_THRESHOLD_``, as ``make bench``'s memory pass) makes every buffer from that size a
+fresh mapping returned on free: the RSS then follows the memory tensors occupy, the CPU's
+counterpart of ``max_memory_allocated``; *left resident* is the growth of the resident set from before the first
 measurement to after the last plain step (freed heap memory handed back with malloc_trim first),
 i.e. what gefx keeps between measurements.
 Results: stdout (a markdown table) and --out (JSON).
@@ -155,7 +160,8 @@ def run_case(args) -> dict:
 def _spawn(args, case: str) -> dict:
     cmd = [sys.executable, __file__, "--one", case, "--model", args.model, "--batch", str(args.batch),
            "--seq", str(args.seq), "--dtype", args.dtype, "--device", args.device]
-    got = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else {}))
+    got = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if got.returncode != 0:
         return {"case": case, "error": got.stderr.strip().splitlines()[-1] if got.stderr.strip() else "failed"}
     return json.loads(got.stdout.strip().splitlines()[-1])
@@ -187,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--out", default="bench/out/memory.json")
+    ap.add_argument("--mmap-threshold", type=int, default=0,
+                    help="MALLOC_MMAP_THRESHOLD_ for the cases' processes (0: glibc's default, dynamic)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -200,7 +208,7 @@ def main(argv=None) -> int:
         results.append(_spawn(args, case))
     meta = {"model": args.model, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "device": args.device,
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "mmap_threshold": args.mmap_threshold}
     print(table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
