@@ -188,55 +188,63 @@ def _sgd(state: dict, group: dict, impl: str, p: Tensor, g: Tensor, optimizer: O
 
 
 def _adam(state: dict, group: dict, impl: str, p: Tensor, g: Tensor, optimizer: Optimizer) -> Tensor:
-    """torch.optim.adam's update of one parameter, on a copy of `p` and of its state."""
+    """torch.optim.adam's update of one parameter, from copies of its state: two parameter-sized
+    temporaries in float32 / float64 (the moments; the second becomes the denominator, then the
+    new value), three in 16-bit (the new value apart)."""
     lr, wd, eps = _scalar(group["lr"]), group["weight_decay"], group["eps"]
     if impl == "fused" and isinstance(lr, Tensor):
         lr = lr.item()  # the fused kernels take lr as a double; the others keep the tensor's dtype
     beta1, beta2 = (_scalar(b) for b in group["betas"])
     decoupled = group.get("decoupled_weight_decay", False) or isinstance(optimizer, AdamW)
-    grad, new = (-g if group["maximize"] else g), p.clone()
-    if wd != 0:
-        if decoupled:
-            new.mul_(1 - lr * wd)
-        else:
-            grad = grad.add(p, alpha=wd)
+    grad = -g if group["maximize"] else g
+    if wd != 0 and not decoupled:
+        grad = grad.add(p, alpha=wd)
 
-    def moment(key: str) -> Tensor:  # zeros on the first step, as torch initializes them
-        t = state[key] if key in state else torch.zeros_like(p)
+    def real(t: Tensor) -> Tensor:
         return torch.view_as_real(t) if t.is_complex() else t
 
-    if p.is_complex():
-        new, grad = torch.view_as_real(new), torch.view_as_real(grad)
-    b1 = beta1.to(device=p.device, dtype=new.dtype) if isinstance(beta1, Tensor) else beta1
+    def moment(key: str) -> Tensor:  # zeros on the first step, as torch initializes them
+        return real(state[key] if key in state else torch.zeros_like(p))
+
+    grad = real(grad)
+    b1 = beta1.to(device=p.device, dtype=grad.dtype) if isinstance(beta1, Tensor) else beta1
     m = moment("exp_avg").lerp(grad, 1 - b1)
     v = moment("exp_avg_sq").mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    del grad
     if group["amsgrad"]:
         v = torch.maximum(moment("max_exp_avg_sq"), v)
     tensor_branch = impl != "fused" and (group["capturable"] or group["differentiable"])
-    _adam_descend(new, m, v, _next_step(state, group, p), lr, beta1, beta2, eps,
-                  ("foreach_tensor" if impl == "foreach" else "tensor") if tensor_branch else "float")
+    value = _adam_denominator(v, _next_step(state, group, p), lr, beta1, beta2, eps,
+                              ("foreach_tensor" if impl == "foreach" else "tensor") if tensor_branch else "float")
+    decay = 1 - lr * wd if wd != 0 and decoupled else None
+    if v.dtype in (torch.float16, torch.bfloat16):  # addcdiv computes in float32 there, one rounding: as torch
+        new = real(p) * decay if decay is not None else real(p).clone()
+        new.addcdiv_(m, v, value=value)
+    else:  # torch's addcdiv is self + (value * t1) / t2: the same roundings, the new value formed in v
+        m.mul_(value).div_(v)
+        new = torch.mul(real(p), decay, out=v) if decay is not None else v.copy_(real(p))
+        new.add_(m)
+    del m, v
     return (torch.view_as_complex(new) if p.is_complex() else new).sub_(p)
 
 
-def _adam_descend(new: Tensor, m: Tensor, v: Tensor, step: Tensor, lr, beta1, beta2, eps: float, branch: str) -> None:
-    """new -= lr/(1-beta1^t) * m / (sqrt(v)/sqrt(1-beta2^t) + eps), in the operation order of
-    torch's `branch`: "float" (bias corrections as Python floats: for-loop, foreach and fused
-    without capturable), "tensor" (for-loop with capturable or differentiable: from the step
-    tensor, in its dtype) or "foreach_tensor" (foreach with capturable)."""
-    # v is this update's own temporary: the denominator is formed in it, in place (the same
-    # operations as torch's, so the same values, with one parameter-sized temporary less each)
+def _adam_denominator(v: Tensor, step: Tensor, lr, beta1, beta2, eps: float, branch: str):
+    """v <- denom (in place: v is this update's own temporary), returning the `value` of torch's
+    ``param.addcdiv_(exp_avg, denom, value)``, in the operation order of torch's `branch`: "float"
+    (bias corrections as Python floats: for-loop, foreach and fused without capturable), "tensor"
+    (for-loop with capturable or differentiable: from the step tensor, in its dtype; the step size
+    folded into denom, value 1) or "foreach_tensor" (foreach with capturable: likewise)."""
     if branch == "float":
         t = step.item()
-        denom = v.sqrt_().div_((1 - beta2 ** t) ** 0.5).add_(eps)
-        new.addcdiv_(m, denom, value=-(lr / (1 - beta1 ** t)))
-    elif branch == "tensor":
+        v.sqrt_().div_((1 - beta2 ** t) ** 0.5).add_(eps)
+        return -(lr / (1 - beta1 ** t))
+    if branch == "tensor":
         step_size_neg = (lr / (1 - beta1 ** step)).neg()
-        denom = v.sqrt_().div_((1 - beta2 ** step).sqrt() * step_size_neg).add_(eps / step_size_neg)
-        new.addcdiv_(m, denom)
-    else:
-        step_size = ((beta1 ** step - 1) / lr).reciprocal()  # = -lr/(1-beta1^t)
-        denom = v.sqrt_().div_((-(beta2 ** step - 1)).sqrt()).add_(eps).div_(step_size)
-        new.addcdiv_(m, denom)
+        v.sqrt_().div_((1 - beta2 ** step).sqrt() * step_size_neg).add_(eps / step_size_neg)
+        return 1
+    step_size = ((beta1 ** step - 1) / lr).reciprocal()  # = -lr/(1-beta1^t)
+    v.sqrt_().div_((-(beta2 ** step - 1)).sqrt()).add_(eps).div_(step_size)
+    return 1
 
 
 def _implementation(group: dict, params: list[Tensor]) -> str:
