@@ -232,8 +232,9 @@ class _Feed:
                 self.later.append(call)
 
     def finish(self) -> None:
+        later = set(self.later)
         for call in self.tape.calls:  # tape order
-            if call in self.later:
+            if call in later:
                 self._done(call)
         self.later = []
 
