@@ -15,7 +15,12 @@ plain step; each measured step is compared with the plain step after it (same pr
 
     online      ``g_effect(tape, objective, risks, backward=True)``
     before      ``g_effect(tape, objective, risks)``, then ``loss.backward()``
-    prepare     ``prepare(tape, risks)``, ``loss.backward()``, ``.against({p: p.grad})`` (the Trainer path)
+    prepare     ``prepare(tape, risks)``, ``loss.backward()``, ``.against({p: p.grad})`` (the Trainer
+                path under DeepSpeed ZeRO-3)
+    prepare_obj ``prepare(tape, risks, objective=objective)``: the retain risk (a forward of its own)
+                is left for ``.against``, streamed; the forget risk held
+    trainer     the plain step, then each risk's own forward and ``g_effect(tape, {p: p.grad}, {name:
+                risk})``, one risk at a time (the Trainer path: ``gefx.integrations.GEffectMixin``)
     norms       online with ``norms=True``
     optimizer   online with ``optimizer=`` an AdamW that has stepped once (its state exists)
 
@@ -46,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CASES = ("online", "before", "prepare", "norms", "optimizer")
+CASES = ("online", "before", "prepare", "prepare_obj", "trainer", "norms", "optimizer")
 
 
 class Peak:
@@ -94,10 +99,16 @@ def _step(case: str, w, opt):
     from gefx.losses import sequence_nll
 
     model = w.model
-    if case == "plain":
+    if case in ("plain", "trainer"):
         lf, lr = w.logits(w.f_ids), w.logits(w.r_ids)
         (-sequence_nll(lf, w.f_lab)).sum().backward()
-        del lr  # the retain forward's graph was alive through the step, as in the measured steps
+        del lf, lr  # the retain forward's graph was alive through the step, as in the measured steps
+        if case == "trainer":
+            for name, ids, labels in (("forget", w.f_ids, w.f_lab), ("retain", w.r_ids, w.r_lab)):
+                with gefx.trace(model) as tape:
+                    risk = {name: sequence_nll(w.logits(ids), labels)}
+                    eff = gefx.g_effect(tape, {p: p.grad for p in model.parameters()}, risk)
+                    del risk, eff
         return
     with gefx.trace(model) as tape:
         nll_f = sequence_nll(w.logits(w.f_ids), w.f_lab)
@@ -107,8 +118,8 @@ def _step(case: str, w, opt):
         if case == "before":
             eff = gefx.g_effect(tape, objective, risks)
             objective.sum().backward()
-        elif case == "prepare":
-            prepared = gefx.prepare(tape, risks)
+        elif case.startswith("prepare"):
+            prepared = gefx.prepare(tape, risks, objective=objective if case == "prepare_obj" else None)
             objective.sum().backward()
             eff = prepared.against({p: p.grad for p in model.parameters()})
         else:

@@ -290,12 +290,13 @@ def test_accelerate_loop_with_deepspeed_zero2(tmp_path):
 def _trainer_worker(rank, port, out, stage, accumulation):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
-    import deepspeed
     import transformers
     from gefx.integrations import GEffectMixin
     from test_integrations import GradDiff, Pairs, collate
 
-    deepspeed.utils.logger.setLevel(logging.WARNING)
+    if stage:
+        import deepspeed
+        deepspeed.utils.logger.setLevel(logging.WARNING)
 
     class Seen(GradDiff):  # remembers its first micro-batch (the data loader picks each rank's)
         def compute_loss(self, model, inputs, *args, **kwargs):
@@ -304,7 +305,7 @@ def _trainer_worker(rank, port, out, stage, accumulation):
 
     ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-          "zero_allow_untested_optimizer": True, "gradient_clipping": "auto"}
+          "zero_allow_untested_optimizer": True, "gradient_clipping": "auto"} if stage else None
 
     def train(cls, name):
         args = transformers.TrainingArguments(
@@ -316,7 +317,7 @@ def _trainer_worker(rank, port, out, stage, accumulation):
                       data_collator=collate)
         trainer.train()
         params = list(trainer.model.parameters())
-        with deepspeed.zero.GatheredParameters(params):
+        with deepspeed.zero.GatheredParameters(params) if stage else contextlib.nullcontext():
             values = [p.detach().clone() for p in params]
         return trainer, values
 
@@ -330,11 +331,12 @@ def _trainer_worker(rank, port, out, stage, accumulation):
     dist.barrier()
 
 
-@pytest.mark.parametrize("stage,accumulation", [(2, 1), (3, 1), (2, 2)])
+@pytest.mark.parametrize("stage,accumulation", [(2, 1), (3, 1), (2, 2), (0, 1)])
 def test_trainer_mixin_under_accelerate_deepspeed(tmp_path, stage, accumulation):
     """The mixin on transformers' Trainer with a DeepSpeed ZeRO-2 / ZeRO-3 config (accelerate builds
     the engine, and its backward runs the engine's step, which clips the gradient in place and, under
-    ZeRO-2, releases it): online measurements taken before that step, training bit-identical to the
+    ZeRO-2, releases it), and under plain DDP (stage 0: the risks' forwards after the backward must
+    not leave DDP's reducer waiting): online measurements taken before that step, training bit-identical to the
     unmeasured Trainer, and the first step's per-instance values equal float64 autograd of the ranks'
     mean loss on each rank's micro-batch, unclipped. ZeRO-2 with gradient accumulation gives its
     reduced gradient only at the boundary: the mixin measures before the step there (the ranks'
@@ -358,7 +360,7 @@ def test_trainer_mixin_under_accelerate_deepspeed(tmp_path, stage, accumulation)
             want += [float(full_grad(r[i], params) @ g_loss) for i in range(r.shape[0])]
         for rank, g in enumerate(got):
             online = accumulation == 1
-            assert g["engine"] == "DeepSpeedEngine" and g["steps"] == [0, 1]
+            assert g["engine"] == ("DeepSpeedEngine" if stage else "DistributedDataParallel") and g["steps"] == [0, 1]
             assert g["mode"] == "online" if online else g["mode"].startswith("before the step (DeepSpeed ZeRO-1/2")
             assert g["trained_alike"], f"rank {rank}: measuring changed the Trainer's training"
             scale = 1 if online else WORLD

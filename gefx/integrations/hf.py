@@ -10,13 +10,15 @@ holds "forget" and "retain" sub-batches, each a dict with input_ids, attention_m
     trainer.train()                                       # records written to <output_dir>/gefx
 
 On a measured step (every ``gefx_every`` optimizer steps, the window's first micro-batch),
-compute_loss runs inside ``gefx.trace`` with the optimizer's parameters as the counted ones, the
-risks (``gefx_risk`` of the forget and retain sub-batches, plus ``gefx_probes``) come from one
-extra forward each and their per-sample gradient pieces are collected; after the Trainer's own
-backward the pieces are contracted with the step's ``.grad`` (online mode: no backward of the
-objective is added, and the step's backward is the Trainer's). Where that gradient is not the
-loss's plain gradient (fp16 loss scaling, DataParallel, gradients already accumulated)
-the mixin measures before the step instead (``g_effect`` of the loss compute_loss returns) and
+the risks (``gefx_risk`` of the forget and retain sub-batches, plus ``gefx_probes``) are measured
+against the step's own gradient once the Trainer's backward has left it (online mode: no backward
+of the objective is added, the step's backward is the Trainer's, and nothing of the measurement is
+alive during it): each risk from one extra forward inside ``gefx.trace`` (the optimizer's
+parameters counted), its backward streamed against ``.grad``, one risk at a time (under
+DeepSpeed, just before the engine's step; under ZeRO-3 the risks' pieces are collected inside
+compute_loss and held through the backward, ``gefx.prepare``). Where that gradient is not the
+loss's plain gradient (fp16 loss scaling, DataParallel, gradients already accumulated) the mixin
+measures before the step instead (compute_loss traced, ``g_effect`` of the loss it returns) and
 says why (``gefx_mode``). Training is unchanged either way: the loss, its graph, ``.grad`` and the
 random number state are left as they were (tested bit for bit).
 
@@ -44,7 +46,7 @@ import random
 
 import torch
 
-from ..geffect import GEffect, g_effect, prepare
+from ..geffect import GEffect, Prepared, g_effect, prepare
 from ..losses import RISKS
 from ..dist import before_engine_step
 from ..shards import engine_grads
@@ -167,16 +169,18 @@ class GEffectMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         self._gefx_last_step = self.state.global_step
         blocker = self._gefx_online_blocker(model)
-        # DeepSpeed's optimizer holds flat partitions, not the model's parameters: count the trainable ones
-        counted = None if type(model).__name__ == "DeepSpeedEngine" else self.optimizer
-        with trace(model, params=counted) as tape:
+        batches = {name: inputs[name] for name in self.gefx_risks if name in inputs}
+        device = _device_of(inputs) or self.args.device
+        batches.update({name: _to(b, device) for name, b in (self.gefx_probes or {}).items()})
+        if blocker is None and not _zero3(model):  # measured after the Trainer's backward: _gefx_contract
+            self._gefx_pending = batches
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        with trace(model, params=_counted(self, model)) as tape:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
             loss = result[0] if isinstance(result, tuple) else result
             with preserved_rng():
-                batches = {name: inputs[name] for name in self.gefx_risks if name in inputs}
-                batches.update({name: _to(b, loss.device) for name, b in (self.gefx_probes or {}).items()})
                 risks = {name: risk_of(model, b, self.gefx_risk) for name, b in batches.items()}
-                if blocker is None:
+                if blocker is None:  # ZeRO-3: the risks' pieces now, contracted after the backward
                     self._gefx_pending = prepare(tape, risks, groups=self.gefx_groups)
                 else:
                     self._gefx_record(g_effect(tape, loss, risks, groups=self.gefx_groups),
@@ -190,9 +194,22 @@ class GEffectMixin:
             return super().training_step(model, inputs, *args, **kwargs)
 
     def _gefx_contract(self, model) -> None:
-        if self._gefx_pending is not None:
-            pending, self._gefx_pending = self._gefx_pending, None
-            self._gefx_record(pending.against(engine_grads(model)), "online")
+        """The online measurement, once the step's backward has left its gradient: each risk's
+        forward now (one at a time, under the Trainer's autocast, the random state as it was), its
+        backward streamed against that gradient. Nothing of the measurement is alive during the
+        step's backward, and the risk's graph only while it is measured."""
+        if self._gefx_pending is None:
+            return
+        pending, self._gefx_pending = self._gefx_pending, None  # the risks' batches, or (ZeRO-3) Prepared
+        if isinstance(pending, Prepared):
+            return self._gefx_record(pending.against(engine_grads(model)), "online")
+        grads, effects = engine_grads(model), GEffect()
+        with self.compute_loss_context_manager(), preserved_rng():
+            for name, b in pending.items():  # every rank: the same names in the same order
+                with trace(model, params=_counted(self, model)) as tape:
+                    risk = {name: risk_of(model, b, self.gefx_risk)}
+                    effects.update(g_effect(tape, grads, risk, groups=self.gefx_groups))
+        self._gefx_record(effects, "online")
 
     def _gefx_record(self, effects: GEffect, mode: str) -> None:
         self.gefx_mode = mode
@@ -264,6 +281,28 @@ def _train_begin_callback(trainer):
         def on_train_begin(self, args, state, control, **kwargs):
             trainer._gefx_begin()
     return GEffectLog()
+
+
+def _counted(trainer, model):
+    """The counted parameters: the optimizer's (DeepSpeed's optimizer holds flat partitions, not the
+    model's parameters: there the trainable ones)."""
+    return None if type(model).__name__ == "DeepSpeedEngine" else trainer.optimizer
+
+
+def _zero3(model) -> bool:
+    """DeepSpeed ZeRO-3, whose partitioned weights a risk's backward cannot use after the engine's
+    backward: there the risks' pieces are collected before it (``gefx.prepare``) and held."""
+    return type(model).__name__ == "DeepSpeedEngine" and model.zero_optimization_stage() == 3
+
+
+def _device_of(inputs: dict):
+    """The device of the first tensor in a (nested) batch."""
+    for v in inputs.values():
+        if isinstance(v, torch.Tensor):
+            return v.device
+        if isinstance(v, dict) and (d := _device_of(v)) is not None:
+            return d
+    return None
 
 
 def _to(batch: dict, device) -> dict:
