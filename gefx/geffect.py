@@ -349,15 +349,23 @@ def _effect(tape: Tape, name: str, batch: int, v: _Values, opts: _Options, obj_s
 class Prepared:
     """Risks' per-sample gradient pieces, collected before a backward gefx does not run, to be
     contracted with that backward's ``.grad`` afterwards: the online mode for training loops that
-    own their backward (a Hugging Face Trainer's ``accelerator.backward``). See :func:`prepare`."""
+    own their backward (a DeepSpeed engine's ``engine.backward``). See :func:`prepare`."""
 
-    def __init__(self, tape: Tape, risks: Mapping[str, torch.Tensor], groups, process_group, norms: bool):
+    def __init__(self, tape: Tape, risks: Mapping[str, torch.Tensor], groups, process_group, norms: bool,
+                 objective: torch.Tensor | None):
         if not isinstance(risks, Mapping) or not risks:
             raise TypeError("risks must be a non-empty dict name -> per-sample risk vector")
         self.tape, self.opts = tape, _Options(groups, process_group, norms, None)
+        later = _untouched(tape, objective, risks)
+        # differentiated in .against(), streamed (their graphs kept until then): checked now
+        self.later = {name: risk for name, risk in risks.items() if name in later}
+        for name, risk in self.later.items():
+            _check_loss(risk, f"risk {name!r}", per_sample=True)
+            tape.graph.reach(risk, f"risk {name!r}")
         # held until .against(): .grad does not exist yet (the probe reuses the loss's gradients)
         self.pieces = {name: collect(tape, risk, per_sample=True, what=f"risk {name!r}")
-                       for name, risk in risks.items()}
+                       for name, risk in risks.items() if name not in later}
+        self.order = list(risks)
 
     def against(self, grads: Mapping, *, optimizer=None, direction: Mapping | None = None) -> GEffect:
         """The G-effects of the objective whose gradient `grads` is ({parameter or name: tensor},
@@ -367,19 +375,65 @@ class Prepared:
         `direction`."""
         if optimizer is not None and direction is not None:
             raise ValueError("give optimizer= (its next update) or direction=, not both")
+        if self.later:
+            self.tape.check_open()  # the risks left for now are differentiated through the trace
         opts = self.opts.along(_direction(self.tape, direction) if direction is not None
                                else _step_update(self.tape, optimizer))
-        feeds = {name: _held(self.tape, g) for name, g in self.pieces.items()}
-        return _against(self.tape, dense_gradients(self.tape, grads), feeds, opts)
+        later = self.later
+        feeds = {**{name: _held(self.tape, g) for name, g in self.pieces.items()}, **_feeds(self.tape, later)}
+        try:
+            result = _against(self.tape, dense_gradients(self.tape, grads), feeds, opts)
+        except RuntimeError as exc:
+            if not later or "graph freed" not in str(exc):
+                raise
+            raise RuntimeError(f"the risks {sorted(later)} were left for .against() because the objective given to "
+                               "prepare(objective=...) does not reach their graphs, but the backward run since "
+                               "freed them: name the loss that backward differentiates") from exc
+        return GEffect({name: result[name] for name in self.order})
 
 
 def prepare(tape: Tape, risks: Mapping[str, torch.Tensor], *, groups="block", process_group=None,
-            norms: bool = False) -> Prepared:
+            norms: bool = False, objective: torch.Tensor | None = None) -> Prepared:
     """Collect the risks' pieces now (inside the trace, before the step's backward frees the graph);
     ``.against(grads)`` gives the G-effects against the step's own gradient later, the trace closed
     or not. One partial backward per risk, none for the objective (as ``backward=True`` without the
-    reuse), and the step's backward untouched: what the Trainer mixin uses."""
-    return Prepared(tape, risks, groups, process_group, norms)
+    reuse), and the step's backward untouched.
+
+    With `objective`, the loss your backward will differentiate: a risk whose graph that backward
+    does not touch (a forward of its own, e.g. the retain NLL under GA) is not collected now but
+    differentiated in ``.against``, streamed against the gradient (``g_effect``'s memory: no set of
+    its output gradients is held through your backward; its graph is kept until then, and
+    ``.against`` must then run inside the trace). Not under DeepSpeed ZeRO-3, whose partitioned
+    weights a backward after the engine's cannot use."""
+    return Prepared(tape, risks, groups, process_group, norms, objective)
+
+
+def _untouched(tape: Tape, objective, risks: Mapping) -> set:
+    """The risks whose autograd graph shares no node with the objective's but the parameters'
+    accumulators (so the objective's backward frees nothing they need)."""
+    if objective is None or any(hasattr(p, "ds_id") for p in tape.params.values()):
+        return set()
+    if not isinstance(objective, torch.Tensor) or objective.grad_fn is None:
+        raise ValueError("prepare(objective=...) must be the loss tensor your backward differentiates")
+    touched = _nodes(objective.grad_fn, set())
+    return {name for name, risk in risks.items()
+            if isinstance(risk, torch.Tensor) and risk.grad_fn is not None and not _nodes(risk.grad_fn, touched)}
+
+
+def _nodes(root, stop: set) -> set:
+    """The autograd nodes reachable from `root` but parameters' accumulators; with `stop`, only
+    those of them that are in `stop` (the walk ends at each)."""
+    seen, hit, todo = set(), set(), [root]
+    while todo:
+        node = todo.pop()
+        if node in seen or node is None or hasattr(node, "variable"):
+            continue
+        seen.add(node)
+        if node in stop:
+            hit.add(node)
+            continue
+        todo.extend(n for n, _ in node.next_functions)
+    return hit if stop else seen
 
 
 def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optimizer, instances: bool) -> GEffect:
@@ -435,7 +489,8 @@ def _against(tape: Tape, m_obj: Mapping, feeds: dict, opts: _Options, g_obj=None
         return _together(tape, m_obj, feeds, opts, g_obj)
     sq = {} if opts.norms else None
     result = GEffect()
-    for name, feed in feeds.items():
+    for name in list(feeds):
+        feed = feeds.pop(name)  # what it holds goes with it
         v = _Values.asked(opts, g_obj is not None)
 
         def take(n, P):

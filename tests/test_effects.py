@@ -10,7 +10,7 @@ from gefx.groups import resolve
 from gefx.losses import sequence_nll
 from helpers import FAMILIES, batch, full_grad, per_sample_grads, rel_err, slices, tiny_model
 
-MODES = ("before", "before_ghost", "before_dense", "mapping", "online", "prepared")
+MODES = ("before", "before_ghost", "before_dense", "mapping", "online", "prepared", "prepared_later")
 
 
 def _losses(model):
@@ -36,11 +36,23 @@ def _measure(model, mode, direction, monkeypatch):
         elif mode == "online":
             eff = gefx.g_effect(tape, obj, risks, backward=True, direction=direction, norms=True)
         else:
-            prepared = gefx.prepare(tape, risks, norms=True)
+            prepared = _prepared(tape, risks, obj, mode, norms=True)
             obj.sum().backward()
+            if mode == "prepared_later":  # the retain risk is differentiated now: inside the trace
+                eff = prepared.against({p: p.grad for p in model.parameters()}, direction=direction)
     if mode == "prepared":
         eff = prepared.against({p: p.grad for p in model.parameters()}, direction=direction)
     return eff, tape
+
+
+def _prepared(tape, risks, obj, mode, **kw):
+    """prepare(); "prepared_later" names the objective, so that the retain risk, on a forward of its
+    own, is left for .against (streamed) while the forget risk, sharing the objective's graph, is held."""
+    if mode != "prepared_later":
+        return gefx.prepare(tape, risks, **kw)
+    prepared = gefx.prepare(tape, risks, objective=obj, **kw)
+    assert set(prepared.later) == {"retain"} and set(prepared.pieces) == {"forget"}
+    return prepared
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -117,7 +129,7 @@ def _optimizer(kind, model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("mode", ("before", "online", "prepared"))
+@pytest.mark.parametrize("mode", ("before", "online", "prepared", "prepared_later"))
 @pytest.mark.parametrize("kind", ("adamw", "sgd"))
 def test_predicted_change_is_along_the_optimizers_real_update(family, mode, kind):
     """optimizer=: <grad r_i, delta theta> for the delta the real opt.step() then makes (state from
@@ -142,8 +154,10 @@ def test_predicted_change_is_along_the_optimizers_real_update(family, mode, kind
         elif mode == "online":
             eff = gefx.g_effect(tape, obj, risks, optimizer=opt, backward=True)
         else:
-            prepared = gefx.prepare(tape, risks)
+            prepared = _prepared(tape, risks, obj, mode)
             obj.sum().backward()
+            if mode == "prepared_later":
+                eff = prepared.against({p: p.grad for p in params}, optimizer=opt)
     if mode == "prepared":
         eff = prepared.against({p: p.grad for p in params}, optimizer=opt)
     assert str(opt.state_dict()) == str(state)  # untouched (values and step counts)

@@ -168,9 +168,11 @@ def test_online_probe_refusal_restores_grad(start, mixed):
         assert (p.grad is None) if b is None else torch.equal(p.grad, b)
 
 
-def _online_extra(layers: int, first: bool, monkeypatch) -> int:
+def _online_extra(layers: int, first: bool, monkeypatch, how: str = "online") -> int:
     """Peak bytes of all tensors (activations included) of an online measurement of a retain risk
-    the step does not serve, minus the plain step's, on its first use or warm."""
+    the step does not serve (`how`: "online", g_effect(backward=True); "prepared", prepare with the
+    objective named, the caller's backward, .against), minus the plain step's, on its first use or
+    warm."""
     from gefx import soundness
     monkeypatch.setenv("GEFX_BACKEND", "torch")
     model = _model(layers)
@@ -186,19 +188,26 @@ def _online_extra(layers: int, first: bool, monkeypatch) -> int:
             r = sequence_nll(model(input_ids=ri, attention_mask=rm).logits, rl)
             if case == "plain":
                 (-f).sum().backward()
-            else:
+            elif how == "online":
                 gefx.g_effect(tape, -f, {"retain": r}, backward=True)
+            else:
+                prepared = gefx.prepare(tape, {"retain": r}, objective=-f)
+                (-f).sum().backward()
+                prepared.against({p: p.grad for p in model.parameters()})
         peaks[case] = meter.peak
     return peaks["online"] - peaks["plain"]
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["first", "steady"])
-def test_risk_output_gradients_are_streamed(first, monkeypatch):
+@pytest.mark.parametrize("how", ["online", "prepared"])
+def test_risk_output_gradients_are_streamed(first, how, monkeypatch):
     """A risk's backward (and, on first use, the per-sample probe's two passes, which are then its
     backward) hands each layer's output gradients on as they come (gefx.streaming): the extra
-    memory of the measurement does not grow with depth even counting activation-sized tensors.
-    Holding them for the whole model, as a plain autograd.grad call returns them, grows it by a
+    memory of the measurement does not grow with depth even counting activation-sized tensors,
+    online and with ``prepare(objective=...)`` (the retain risk, on its own forward, left for
+    ``.against``). Holding them for the whole model, as a plain autograd.grad call returns them (and
+    ``prepare`` without the objective holds them through the caller's backward), grows it by a
     layer's set (the retain batch's 12 tokens x ~700 outputs x 4 bytes) per layer."""
     layer_set = 2 * 6 * (4 * WIDTH + 3 * MLP + 2 * WIDTH) * 4
-    shallow, deep = _online_extra(2, first, monkeypatch), _online_extra(6, first, monkeypatch)
+    shallow, deep = _online_extra(2, first, monkeypatch, how), _online_extra(6, first, monkeypatch, how)
     assert deep - shallow < layer_set, (shallow, deep, layer_set)

@@ -94,3 +94,33 @@ def test_streamed_effects_match_oracle_first_and_warm(family, mode):
         assert rel_err(eff["forget"].per_instance, Gf @ g) < 1e-9, (mode, first)
         assert rel_err(eff["retain"].per_instance, Gr @ g) < 1e-9, (mode, first)
         assert rel_err(eff["retain"].risk_norm, Gr.norm(dim=1)) < 1e-9, (mode, first)
+
+
+def test_prepare_with_objective_refuses_what_it_cannot_finish():
+    """prepare(objective=...) leaves a risk on a forward of its own for .against(): refused clearly
+    when .against() comes after the trace closed, when the backward run in between was not of the
+    named objective (it freed the risk's graph), and when the objective is not a graph's loss."""
+    model = tiny_model("llama", torch.float64)
+    fi, fm, fl = batch(3, 7, seed=1)
+    ri, rm, rl = batch(2, 6, seed=2)
+
+    def losses():
+        return (sequence_nll(model(input_ids=fi, attention_mask=fm).logits, fl),
+                sequence_nll(model(input_ids=ri, attention_mask=rm).logits, rl))
+
+    grads = lambda: {p: p.grad for p in model.parameters()}  # noqa: E731
+    with gefx.trace(model) as tape:
+        f, r = losses()
+        prepared = gefx.prepare(tape, {"forget": f, "retain": r}, objective=-f)
+        (-f).sum().backward()
+    with pytest.raises(RuntimeError, match="trace is closed"):
+        prepared.against(grads())
+    model.zero_grad()
+    with gefx.trace(model) as tape:
+        f, r = losses()
+        prepared = gefx.prepare(tape, {"retain": r}, objective=-f)
+        (r.sum() - f.sum()).backward()
+        with pytest.raises(RuntimeError, match=r"risks \['retain'\] were left for .against.*name the loss"):
+            prepared.against(grads())
+        with pytest.raises(ValueError, match="objective=.*loss tensor"):
+            gefx.prepare(tape, {"retain": r}, objective=torch.tensor(1.0))
