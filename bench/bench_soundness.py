@@ -7,10 +7,11 @@ on a model's first measurement (rule verification, the first probes).
 
 Method: the plain forget+retain step, gefx's online mode (g_effect(..., backward=True)) and
 g_effect before the step, each with the default checks, with check="full", and with the checks
-switched off (reach and probe replaced by no-ops, for this measurement only), run in interleaved
-rounds on one workload; medians. The default checks' cost is (default - off) / plain step, and,
-free of the machine's run-to-run noise, the time spent inside the checks (Graph.reach and
-Graph.probe, timed in place) per call over the plain step. The first measurement of a fresh process (soundness.forget(): rules unverified, no structure probed)
+switched off (reach and probe replaced by no-ops and every call's conditions made equal, for this
+measurement only), run in interleaved rounds on one workload; medians. The default checks' cost is
+(default - off) / plain step, and, free of the machine's run-to-run noise, the time spent inside
+the checks (Graph.reach, Graph.probe and the conditions a verdict is keyed on, issue 24, timed in
+place) per call over the plain step. The first measurement of a fresh process (soundness.forget(): rules unverified, no structure probed)
 is timed separately. Results go to stdout and --out (JSON).
 """
 from __future__ import annotations
@@ -30,27 +31,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e_providers as E  # noqa: E402
 
 import gefx  # noqa: E402
+import gefx.rules  # noqa: E402
+import gefx.tape  # noqa: E402
 from gefx import soundness  # noqa: E402
 from gefx.losses import sequence_nll  # noqa: E402
 
 
 class Clock:
-    """Seconds spent inside the checks (Graph.reach and Graph.probe) while enabled."""
+    """Seconds spent inside the checks while enabled: Graph.reach and Graph.probe, and the
+    conditions a rule's verdict is keyed on (gefx.rules.conditions at each recorded call of a
+    non-stock module, gefx.rules.module_state at each use of its rule); nested calls count once."""
 
     def __init__(self):
-        self.spent, self.on = 0.0, False
+        self.spent, self.on, self.depth = 0.0, False, 0
         for name in ("reach", "probe"):
             setattr(soundness.Graph, name, self._timed(getattr(soundness.Graph, name)))
+        gefx.tape.conditions = self._timed(gefx.tape.conditions)
+        gefx.rules.module_state = self._timed(gefx.rules.module_state)
 
     def _timed(self, fn):
         def run(*a, **k):
-            if not self.on:
+            if not self.on or self.depth:
                 return fn(*a, **k)
+            self.depth += 1
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
                 self.spent += time.perf_counter() - t
+                self.depth -= 1
         return run
 
 
@@ -60,12 +69,16 @@ CLOCK = Clock()
 @contextmanager
 def checks_off():
     reach, probe = soundness.Graph.reach, soundness.Graph.probe
+    conditions, state = gefx.tape.conditions, gefx.rules.module_state
     soundness.Graph.reach = lambda self, loss, what: soundness.Reach(list(self.tape.calls))
     soundness.Graph.probe = lambda *a, **k: None
+    gefx.tape.conditions = lambda *a, **k: ((), ())  # every call under the same conditions
+    gefx.rules.module_state = lambda *a, **k: ()
     try:
         yield
     finally:
         soundness.Graph.reach, soundness.Graph.probe = reach, probe
+        gefx.tape.conditions, gefx.rules.module_state = conditions, state
 
 
 def step(w):
@@ -154,7 +167,7 @@ def main(argv=None):
               f"({res['default_check_cost_of_step'][m]:+.1%} of the step) | full {med[m + '_full'] * 1e3:7.1f} ms "
               f"({res['full_check_cost_of_step'][m]:+.1%})")
     for m in ("online", "geffect"):
-        print(f"  {m:8s} time inside the default checks (reach + probe, timed in place): "
+        print(f"  {m:8s} time inside the default checks (reach, probe, conditions; timed in place): "
               f"{inside[m] * 1e3:.2f} ms per call = {inside[m] / st:.2%} of the step")
     print(f"  first measurement of a fresh process: {first * 1e3:.1f} ms "
           f"({res['first_call_extra_of_step']:+.1%} of the step over a steady online call)")

@@ -192,11 +192,11 @@ def _gefx(model, params: dict, a: dict, b: dict, online: bool):
     return norms, dots, rules, kinds, modules
 
 
-def _rule_name(rule, module, training: bool) -> str:
+def _rule_name(rule, module) -> str:
     if rule.exact:
         return rule.name
-    verdict = CHECKED.get(module, {}).get((rule.name, training))
-    return rule.name if verdict is None or verdict.exact else f"generic (not {rule.name})"
+    verdicts = [v for (name, _), v in CHECKED.get(module, {}).items() if name == rule.name]
+    return rule.name if all(v.exact for v in verdicts) else f"generic (not {rule.name})"
 
 
 def _mode(model, params, a, b, mode: str, tol: float, rows: list, online: bool) -> None:
@@ -222,7 +222,7 @@ def _mode(model, params, a, b, mode: str, tol: float, rows: list, online: bool) 
         o = ref[n]
         err = max(float(relative_error(norms.get(n, 0), o[0], o[1], top[0], dtype).max()),
                   float(relative_error(dots.get(n, 0), o[2], o[3], top[1], dtype).max()))
-        key = (kinds[n], _rule_name(rules[n], modules[n], model.training))
+        key = (kinds[n], _rule_name(rules[n], modules[n]))
         row = groups.setdefault(key, Row(mode, *key, 0, "exact"))
         row.params += 1
         row.error = max(row.error, err)

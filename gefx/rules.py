@@ -19,8 +19,9 @@ recorded call plus the gradients at the call's outputs into per-sample pieces fo
                                  numbers, copies of its buffers), checked to reproduce the
                                  recorded output, then per-sample vector-Jacobian products
 
-Every rule but the generic one is *verified* on the first call of each module (per training
-mode), except on stock modules whose rule is exact by construction (``stock``: nn.Linear,
+Every rule but the generic one is *verified* on the first call of each module under each
+:func:`conditions` (its forward, hooks, training flag, plain attributes, the call's input shapes
+and dtypes, autocast), except on stock modules whose rule is exact by construction (``stock``: nn.Linear,
 nn.Embedding and transformers' Conv1D of exactly those classes, running torch's own ops): its pieces for a random output gradient must equal autograd's gradient of the re-run
 module (``verdict``). A rule that does not fit the module (a subclass whose forward does more, a
 norm that is not elementwise-affine in its weight) is replaced by the generic rule for that module.
@@ -293,7 +294,7 @@ def _quotient_u(call) -> torch.Tensor | None:
     x = _input(call)
     dt = acc_dtype(x)
     y = call.outputs[0]
-    verdict = CHECKED.get(m, {}).get(("norm", m.training))
+    verdict = CHECKED.get(m, {}).get(("norm", call.conditions))
     if (verdict is None or not verdict.offset_free or getattr(m, "bias", None) is not None or y.dtype != dt
             or y._version != call.out_versions[0] or y.shape != x.shape):
         return None
@@ -497,21 +498,43 @@ class Verdict:
     error: float = 0.0          # the largest relative difference seen
 
 
-#: module -> {(rule name, training): Verdict}, filled on the first call of each module
+#: module -> {(rule name, conditions): Verdict}: a verdict holds for calls made under the same
+#: conditions (:func:`conditions`), the last _KEPT per module
 CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_KEPT = 16
 
 
 def checked_rule(tape, call) -> Rule:
-    """The rule to use for this call: the module's own rule once it is verified on this module,
-    else the generic rule. Stock modules (:func:`stock`) need no verification."""
-    rule = tape.rules[call.module]
-    if rule.exact or stock(call.module, rule):
+    """The rule to use for this call: the module's own rule once it is verified on this module
+    under the call's conditions, else the generic rule. Stock modules (:func:`stock`) need no
+    verification. Refused when the module changed between its recorded forward and now (a re-run,
+    the verification's or a rule's, would then compute something else than the forward did)."""
+    m = call.module
+    rule = tape.rules[m]
+    if rule.exact:
         return rule
-    key = (rule.name, call.module.training)
-    verdicts = CHECKED.setdefault(call.module, {})
+    if call.conditions is None:  # stock when it ran
+        if stock(m, rule):
+            return rule
+        raise Refused(f"{call.name} ({type(m).__name__}) changed between its recorded forward and this measurement "
+                      "(it was a stock module then); measure right after the forward", [c for _, c in tape.owned[m]])
+    what = changed(call.conditions[0], module_state(m, tape.hook_ids))
+    if what:
+        raise Refused(f"{call.name} ({type(m).__name__}) changed between its recorded forward and this measurement "
+                      f"({what}): its rule would re-run another computation than the forward's; measure right "
+                      "after the forward", [c for _, c in tape.owned[m]])
+    key = (rule.name, call.conditions)
+    verdicts = CHECKED.setdefault(m, {})
     if key not in verdicts:
         verdicts[key] = _verify(tape, call, rule)
+        while len(verdicts) > _KEPT:
+            del verdicts[next(iter(verdicts))]
     return rule if verdicts[key].exact else replace(GENERIC, batch_dim=rule.batch_dim)
+
+
+def verdict_of(tape, call) -> Verdict | None:
+    """The verdict made for the call's rule under its conditions (None: none yet)."""
+    return CHECKED.get(call.module, {}).get((tape.rules[call.module].name, call.conditions))
 
 
 def ready(tape, call) -> bool:
@@ -521,10 +544,93 @@ def ready(tape, call) -> bool:
     rule = tape.rules[call.module]
     if rule.pieces not in (linear_pieces, conv1d_pieces, embedding_pieces, norm_pieces):
         return False
-    if rule.exact or stock(call.module, rule):
+    if rule.exact or (call.conditions is None and stock(call.module, rule)):
         return True
-    verdict = CHECKED.get(call.module, {}).get((rule.name, call.module.training))
+    verdict = verdict_of(tape, call)
     return verdict is not None and verdict.exact
+
+
+# -- the conditions a verdict holds under --------------------------------------------------------
+# A rule verified on one call is trusted on another only if everything gefx can see that the
+# module's computation may depend on is the same: the module's state (module_state) and the call's
+# inputs and context. What it cannot see: globals, closures and other objects the forward reads
+# (e.g. a config object's fields), tensor values beyond small buffers and attributes.
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+_SMALL = 16  # tensor attributes and buffers up to this many elements count by value
+_INTERNALS = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping (training: a part of its own)
+_ENGINES = ("ds_", "applied_pre_backward")  # DeepSpeed ZeRO-3's per-module counters, set around each call
+
+
+def _plain(v):
+    """A hashable stand-in for a value that may steer a forward: plain values as they are, tuples
+    and lists of them as tuples, small tensors by value, other tensors by shape and dtype; None
+    for anything else (not seen)."""
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v):
+        return tuple(v)
+    if isinstance(v, torch.Tensor):
+        meta = (tuple(v.shape), v.dtype)
+        return (*meta, tuple(v.detach().flatten().tolist())) if v.numel() <= _SMALL and not v.is_meta else meta
+    return None
+
+
+def _hashable(f):
+    try:
+        hash(f)
+        return f
+    except TypeError:
+        return id(f)
+
+
+def module_state(m: nn.Module, skip=()) -> tuple:
+    """What gefx can see of a module's behaviour, as named parts: its class, the forward bound at
+    call time (replaced on the instance or on the class: the function and its code), its forward
+    hooks, its training flag, its plain attributes (flags, sizes, epsilons, small tensors; on the
+    instance, and on its classes below nn.Module), its own parameters' full shapes and its buffers
+    (shape and dtype; small ones by value). `skip`: the handle ids of gefx's own hooks."""
+    forward = vars(m).get("forward") or type(m).forward
+    func = getattr(forward, "__func__", forward)
+    hooks = tuple(_hashable(h) for d in (m._forward_pre_hooks, m._forward_hooks) for k, h in d.items() if k not in skip)
+    attrs = tuple(sorted((k, x) for k, v in vars(m).items()
+                         if k not in _INTERNALS and not k.startswith(_ENGINES) and (x := _plain(v)) is not None))
+    classwide = tuple((k, x) for cls in type(m).__mro__[:type(m).__mro__.index(nn.Module)]
+                      for k, v in vars(cls).items() if not k.startswith("__") and (x := _plain(v)) is not None)
+    # parameters by their full shape only: sharding (ZeRO-3, FSDP2) and mixed precision swap them
+    tensors = (tuple((n, tuple(full_shape(t))) for n, t in m.named_parameters(recurse=False))
+               + tuple((n, _plain(t)) for n, t in m.named_buffers(recurse=False)))
+    return (("its class", type(m)), ("its forward", (_hashable(forward), _hashable(getattr(func, "__code__", None)))),
+            ("its forward hooks", hooks), ("its training flag", m.training), ("its attributes", attrs),
+            ("its class's attributes", classwide),
+            ("its parameters and buffers", tensors))
+
+
+def conditions(m: nn.Module, args, kwargs, autocast, skip=()) -> tuple:
+    """Everything a recorded call's computation may depend on that gefx can see: the module's
+    state, the call's inputs (tensors by shape and dtype, plain values as they are, keyword
+    names) and the autocast state."""
+    inputs = tuple(_seen(x) for x in tree_flatten((args, kwargs))[0])
+    return module_state(m, skip), (inputs, tuple(kwargs), tuple(autocast))
+
+
+def _seen(x):
+    """An input as the conditions see it: a tensor by shape and dtype, a plain value as it is."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape), x.dtype
+    plain = _plain(x)
+    return type(x) if plain is None else plain
+
+
+def changed(before: tuple, now: tuple) -> str:
+    """What differs between two module states ("" if nothing), named for a refusal."""
+    for (part, a), (_, b) in zip(before, now):
+        if a != b:
+            if part in ("its attributes", "its class's attributes"):
+                da, db = dict(a), dict(b)
+                keys = sorted(k for k in da.keys() | db.keys() if da.get(k) != db.get(k))
+                return f"{part} {', '.join(repr(k) for k in keys)}"
+            return part
+    return ""
 
 
 _F_EMBEDDING = torch.nn.functional.embedding  # as torch defines it (a later monkey-patch is not stock)

@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten
 from . import checkpointing, shards
 from .checkpointing import in_backward
 from .dist import check_engine, check_supported, hook_managers
-from .rules import GENERIC, Refused, Rule, own_params, rule_for, stock
+from .rules import GENERIC, Refused, Rule, conditions, own_params, rule_for, stock
 from .soundness import Graph
 
 
@@ -61,6 +61,8 @@ class Call:
     state: dict = field(default_factory=dict)       # plain tensor (or None) attributes before the call
     span: tuple = (0, 0, 0)                # autograd node numbers created during the call [start, end),
                                            # and the call's entry order (inner calls after outer ones)
+    conditions: tuple | None = None        # what its rule's verdict is keyed on (gefx.rules.conditions);
+                                           # None for stock modules and exact rules
     # set per loss by gefx.dots.pieces_from before a rule runs:
     samples: int = 0                       # how many samples the batch rows group into (1: summed)
     batch_dim: int = 0
@@ -233,6 +235,7 @@ class Tape:
         self.hosts: list[Call] = []  # calls of host modules (promoted into calls when needed)
         self.graph = Graph(self)
         self._handles: list = []
+        self.hook_ids: set = set()
         self._open = False
         self._closed = False
         self._paused = 0
@@ -259,6 +262,7 @@ class Tape:
             torch.compiler.disable(self._enter_forward), with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(
             torch.compiler.disable(self._leave_forward), always_call=True))
+        self.hook_ids = {h.id for h in self._handles}  # not part of a module's state (gefx.rules.module_state)
         checkpointing.install(self)  # reentrant checkpoints run non-reentrantly while the trace is open
         self._open = True
         return self
@@ -397,11 +401,14 @@ class Tape:
             # inside a checkpointed segment nothing else keeps these outputs alive, and no rule reads
             # their values: keep their shape, dtype and device only (views keep their value)
             outs = [o if b is not None else self._stand_in(o) for o, b in zip(outs, bases)]
+        rule = self.rules.get(module)
+        verified = module in self.owned and not rule.exact and not stock(module, rule)
         (self.calls if module in self.owned else self.hosts).append(Call(
             module, self.module_names.get(module, type(module).__name__), args, kwargs, outs, index,
             edges, [o._version for o in outs],
             [(t, t._version) for t in inputs], {get_gradient_edge(t).node for t in inputs if t.requires_grad},
-            broadcast, batch, length, rng, autocast, bases, attrs, (start, _node_number(), order)))
+            broadcast, batch, length, rng, autocast, bases, attrs, (start, _node_number(), order),
+            conditions(module, args, kwargs, autocast, self.hook_ids) if verified else None))
         return output if broadcast else None
 
     def _stand_in(self, o: torch.Tensor) -> torch.Tensor:
