@@ -440,8 +440,10 @@ def dense_gradients(tape: Tape, grads: Mapping, what: str = "objective") -> dict
     for key, value in grads.items():
         name = key if isinstance(key, str) else tape.canonical(key)
         if name not in tape.params:
-            raise ValueError(f"{what} names a parameter that this trace does not count: "
-                             f"{key if isinstance(key, str) else tuple(key.shape)}")
+            raise ValueError(f"{what} names a parameter that this trace does not count: {_path(tape, key)} "
+                             "(a gradient for it, e.g. of a parameter outside the optimizer's that still has "
+                             "requires_grad); give the counted parameters' gradients only, or count it "
+                             "(gefx.trace(model, params=...))")
         if value is None:
             continue
         full_shape = tuple(dist.shape(tape.params[name]))
@@ -449,6 +451,14 @@ def dense_gradients(tape: Tape, grads: Mapping, what: str = "objective") -> dict
             raise ValueError(f"{what}[{name!r}] has shape {tuple(value.shape)}, the parameter {full_shape}")
         out[name] = value if isinstance(value, shards.Sharded) else shards.sharded(tape.params[name], value.detach())
     return out
+
+
+def _path(tape: Tape, key) -> str:
+    """A parameter's name in the traced model (its shape if it is not one of the model's)."""
+    if isinstance(key, str):
+        return repr(key)
+    found = next((n for n, p in tape.model.named_parameters(remove_duplicate=False) if p is key), None)
+    return f"`{found}`" if found is not None else f"a tensor of shape {tuple(key.shape)} (not a parameter of the model)"
 
 
 def contract_all(pieces: list[Mapping], m: Mapping) -> list[dict[str, torch.Tensor]]:

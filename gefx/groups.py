@@ -6,7 +6,8 @@ Presets (found from the model's structure, not from name strings):
     "module"     one group per owning module (its qualified name)
     "block"      "embed", "block.0" ... "block.{n-1}", "final_norm", "lm_head"
     "paper"      "embed", "shallow", "middle", "deep", "final_norm", "lm_head"
-                 (blocks split in thirds, as the paper's figures)
+                 (blocks split in thirds, as the paper's figures; with two blocks
+                 shallow and deep, with one shallow)
     "reference"  "embed", "layers.0-9", "layers.10-19", "layers.20+", "final_norm", "lm_head"
                  (the reference code's groups)
     callable     name -> group name
@@ -47,7 +48,8 @@ def _block_name(i: int, n: int, preset: str) -> str:
     if preset == "block":
         return f"block.{i}"
     if preset == "paper":
-        return ("shallow", "middle", "deep")[min(2, i * 3 // n)]
+        # thirds; two blocks are shallow and deep (the first and the last third), one is shallow
+        return ("shallow", "middle", "deep")[2 if n == 2 and i == 1 else min(2, i * 3 // n)]
     return "layers.0-9" if i < 10 else "layers.10-19" if i < 20 else "layers.20+"
 
 

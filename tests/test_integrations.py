@@ -131,43 +131,6 @@ def test_wrong_order_and_missing_compute_loss_fail_at_class_creation():
     assert measured(every=2)(NPO).gefx_every == 2 and measured(NPO).__name__ == "MeasuredNPO"
 
 
-def test_open_unlearning_registry_recipe(tmp_path):
-    """open-unlearning builds trainers by name from TRAINER_REGISTRY (src/trainer/__init__.py:
-    _register_trainer, then the Hydra config's `handler`, with `method_args` as keywords). Its
-    source is not on the package index, so this is a faithful stand-in of that registry with the
-    contract's trainers; the recipe is the README's one line."""
-    registry = {}
-
-    def _register_trainer(trainer_class):
-        registry[trainer_class.__name__] = trainer_class
-
-    for cls in (GradAscent, GradDiff, NPO):
-        _register_trainer(cls)
-    for name in list(registry):  # the recipe
-        _register_trainer(measured(registry[name]))
-    assert {"MeasuredGradAscent", "MeasuredGradDiff", "MeasuredNPO"} <= set(registry)
-
-    base = tiny_model("llama", torch.float32)
-    cfg = {"handler": "MeasuredNPO", "method_args": {"beta": 0.5, "gefx_every": 2, "gefx_risk": "sequence"}}
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2, report_to=[],
-        logging_steps=1, save_strategy="no", use_cpu=True, remove_unused_columns=False, seed=0)
-    trainer = registry[cfg["handler"]](model=copy.deepcopy(base).train(), args=args, train_dataset=Pairs(2),
-                                       data_collator=collate, ref_model=copy.deepcopy(base).eval(),
-                                       **cfg["method_args"])
-    trainer.train()
-    assert trainer.gefx_every == 2 and trainer.gefx_risk == "sequence" and trainer.beta == 0.5
-    lines = (tmp_path / "gefx" / "g_effects.csv").read_text().splitlines()
-    assert lines[0] == "objective,step,risk,group,value"
-    assert {line.split(",")[:2][0] for line in lines[1:]} == {"NPO"}
-    assert sorted({int(line.split(",")[1]) for line in lines[1:]}) == [0, 2]
-    # the sequence risk, against brute force at step 0
-    expected = brute_force(NPO, base, collate(Pairs(2).items), {"ref_model": copy.deepcopy(base).eval()},
-                           risk=sequence_nll)
-    first = trainer.gefx_records[0][1]
-    assert rel_err(torch.tensor(first["forget"].total, dtype=torch.float64), expected["forget"]) < 1e-4
-
-
 def test_online_with_accumulation_is_the_backpropagated_share(tmp_path):
     """With k accumulated micro-batches the Trainer backpropagates loss / k: the online value is
     that share, the before-the-step value (gefx_online=False) the loss's; the risk may be a callable."""

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import types
 
 import torch
 
@@ -124,12 +125,13 @@ class GEffectMixin:
             raise TypeError(f"{cls.__name__}: GEffectMixin must come before {first.__name__} among the bases "
                             f"(it defines compute_loss, which the mixin wraps): class {cls.__name__}(GEffectMixin, "
                             f"{first.__name__}), or gefx.integrations.measured({first.__name__})")
-        below = [c for c in mro[mro.index(GEffectMixin) + 1:] if "compute_loss" in vars(c)]
-        if not below or below[0].__module__.startswith("transformers."):
+        missing = _no_unlearning_loss(mro[mro.index(GEffectMixin) + 1:])
+        if missing:
             raise TypeError(f"{cls.__name__}: the trainer must implement the unlearning method in compute_loss(model, "
-                            "inputs, return_outputs=False, num_items_in_batch=None) (open-unlearning's contract); "
-                            + ("transformers.Trainer's own compute_loss is a plain LM loss" if below else
-                               "none of its bases has a compute_loss"))
+                            f"inputs, return_outputs=False, num_items_in_batch=None) (open-unlearning's contract); {missing}")
+        for option in _OPTIONS:  # a function given as an option is called as it is, not as a method
+            if isinstance(vars(cls).get(f"gefx_{option}"), types.FunctionType):
+                setattr(cls, f"gefx_{option}", staticmethod(vars(cls)[f"gefx_{option}"]))
 
     def __init__(self, *args, **kwargs):
         for option in _OPTIONS:
@@ -169,7 +171,7 @@ class GEffectMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         self._gefx_last_step = self.state.global_step
         blocker = self._gefx_online_blocker(model)
-        batches = {name: inputs[name] for name in self.gefx_risks if name in inputs}
+        batches = _risk_batches(inputs, self.gefx_risks)
         device = _device_of(inputs) or self.args.device
         batches.update({name: _to(b, device) for name, b in (self.gefx_probes or {}).items()})
         if blocker is None and not _zero3(model):  # measured after the Trainer's backward: _gefx_contract
@@ -208,7 +210,9 @@ class GEffectMixin:
             for name, b in pending.items():  # every rank: the same names in the same order
                 with trace(model, params=_counted(self, model)) as tape:
                     risk = {name: risk_of(model, b, self.gefx_risk)}
-                    effects.update(g_effect(tape, grads, risk, groups=self.gefx_groups))
+                    # the parameters the optimizer updates (a trainer may give others .grad too: RMU)
+                    counted = {p: g for p, g in grads.items() if tape.canonical(p) is not None}
+                    effects.update(g_effect(tape, counted, risk, groups=self.gefx_groups))
         self._gefx_record(effects, "online")
 
     def _gefx_record(self, effects: GEffect, mode: str) -> None:
@@ -259,8 +263,8 @@ class GEffectMixin:
 def measured(trainer_cls=None, **options):
     """`trainer_cls` with G-effect measurement: a subclass ``Measured<Name>`` with GEffectMixin
     first and the given options (``every``, ``groups``, ``risk``, ``risks``, ``probes``, ``name``,
-    ``online``, ``out``: see GEffectMixin). Also a decorator: ``@measured(every=5)``. For
-    open-unlearning, one line registers a measured twin of every trainer (README)."""
+    ``online``, ``out``: see GEffectMixin; a function may be given as it is). Also a decorator:
+    ``@measured(every=5)``. For a registry of trainers, :func:`measured_twins`."""
     unknown = set(options) - set(_OPTIONS)
     if unknown:
         raise TypeError(f"measured(): unknown options {sorted(unknown)}; use {', '.join(_OPTIONS)}")
@@ -269,6 +273,15 @@ def measured(trainer_cls=None, **options):
     attrs = {f"gefx_{k}": v for k, v in options.items()}
     attrs["__module__"] = trainer_cls.__module__
     return type(f"Measured{trainer_cls.__name__}", (GEffectMixin, trainer_cls), attrs)
+
+
+def measured_twins(registry: dict, **options) -> dict:
+    """``{"Measured<Name>": measured(cls, **options)}`` for every trainer class in `registry`
+    (name -> class, e.g. open-unlearning's TRAINER_REGISTRY) that implements an unlearning
+    compute_loss; the others (transformers' own Trainer, a fine-tuning trainer with the plain LM
+    loss) get none. ``TRAINER_REGISTRY.update(measured_twins(TRAINER_REGISTRY))``."""
+    return {f"Measured{name}": measured(cls, **options) for name, cls in registry.items()
+            if isinstance(cls, type) and not _no_unlearning_loss(cls.__mro__)}
 
 
 def _train_begin_callback(trainer):
@@ -281,6 +294,52 @@ def _train_begin_callback(trainer):
         def on_train_begin(self, args, state, control, **kwargs):
             trainer._gefx_begin()
     return GEffectLog()
+
+
+def _no_unlearning_loss(bases) -> str:
+    """Why these bases (below the mixin) have no unlearning compute_loss ("" if they have one)."""
+    below = [c for c in bases if "compute_loss" in vars(c)]
+    if not below:
+        return "none of its bases has a compute_loss"
+    if below[0].__module__.startswith("transformers."):
+        return "transformers.Trainer's own compute_loss is a plain LM loss"
+    return ""
+
+
+def _risk_batches(inputs: dict, risks) -> dict:
+    """name -> the sub-batch each of `risks` names: a key of `inputs` ("forget"; skipped when the
+    batch has none), or a dotted path into it ("forget.original"). A preference pair
+    ({"original": ..., "alternate": ...}, open-unlearning's DPO data) stands for its original, the
+    data being unlearned. Anything else is refused, naming the key and the option that picks a part."""
+    out = {}
+    for name in risks:
+        path = name.split(".")
+        if path[0] not in inputs:
+            continue
+        b, walked = inputs, []
+        for key in path:
+            if not isinstance(b, dict) or key not in b:
+                raise ValueError(_not_a_batch(risks, name, walked, b))
+            b, walked = b[key], walked + [key]
+        if isinstance(b, dict) and "input_ids" not in b and isinstance(b.get("original"), dict):
+            b = b["original"]
+        if not isinstance(b, dict) or "input_ids" not in b:
+            raise ValueError(_not_a_batch(risks, name, walked, b))
+        out[name] = b
+    return out
+
+
+def _not_a_batch(risks, name: str, walked: list, b) -> str:
+    """The refusal of a risk entry that names no batch, with the dotted path that would."""
+    where = "inputs" + "".join(f"[{k!r}]" for k in walked)
+    inner = [k for k, v in b.items() if isinstance(v, dict) and "input_ids" in v] if isinstance(b, dict) else []
+    holds = sorted(b) if isinstance(b, dict) else type(b).__name__
+    text = f"gefx_risks entry {name!r} names no batch with input_ids: {where} holds {holds}"
+    if inner:
+        fixed = [".".join([*walked, inner[0]]) if r == name else r for r in risks]
+        text += (f"; name one of them with a dotted path, e.g. gefx_risks={fixed} "
+                 f"(from Hydra: +trainer.method_args.gefx_risks=[{','.join(fixed)}])")
+    return text
 
 
 def _counted(trainer, model):
@@ -309,4 +368,4 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-__all__ = ["GEffectMixin", "measured", "preserved_rng", "risk_of", "RISKS", "GEffect"]
+__all__ = ["GEffectMixin", "measured", "measured_twins", "preserved_rng", "risk_of", "RISKS", "GEffect"]
