@@ -1,12 +1,16 @@
 """Unlearning objectives as per-sample vectors (docs/METHOD.md §2), with the weights the paper discusses.
 
 Every objective returns an :class:`ObjectiveOutput` whose ``parts`` are per-sample vectors; their
-sums add up to the batch objective (the loss that is minimised), with exactly the normalisation of
-the reference code:
+sums add up to the batch objective (the loss that is minimised), with the normalisation of the
+reference code (tmlr-group/G-effect) except for KL's default:
 
 - token-mean objectives (GA, WGA, TNPO, WTNPO, PO, the GD/NLL regulariser, KL, RMU, RR) divide each
   sample's sum over its answer tokens by the number of valid answer tokens of the WHOLE batch, so
   the vector sums to the batch's token mean (what a Hugging Face model returns as ``loss``);
+- KL: by default over the answer positions as above; the reference code averages it over all
+  B x T positions of the retain batch instead, question and padding included
+  (``kl_div(..., reduction="batchmean")`` of the flattened, unshifted log-probabilities): that is
+  ``kl:positions=all``, which gives the reference's KL values (other values than the default);
 - sequence-level objectives (NPO, SimNPO, DPO) are a mean over the batch's sequences: entry s is
   the sequence's loss divided by the batch size.
 
@@ -224,8 +228,17 @@ def rmu(hidden: torch.Tensor, labels: torch.Tensor, u: torch.Tensor, c: float = 
     return sq.sum(1) / _ntok(m), {}
 
 
-def kl(logits, ref_logits, labels):
-    """KL(p_o(.|x) || p(.|x)) summed over the vocabulary, token mean over answer positions."""
+def kl(logits, ref_logits, labels, positions: str = "answer"):
+    """KL(p_o(.|x) || p(.|x)) summed over the vocabulary: token mean over the answer positions of
+    the batch ("answer"), or over all its B x T positions, question and padding included, unshifted
+    ("all": the reference code's ``kl_div(log p, log p_o, reduction="batchmean", log_target=True)``
+    of the flattened log-probabilities)."""
+    if positions == "all":
+        lp = torch.log_softmax(logits.to(acc_dtype(logits)), -1)
+        with torch.no_grad():
+            lpo = torch.log_softmax(ref_logits.to(lp.dtype), -1)
+        k = (lpo.exp() * (lpo - lp)).sum(-1)
+        return k.sum(1) / k.numel(), {}
     lab = labels[:, 1:].to(logits.device)
     m = lab != IGNORE_INDEX
     lp = torch.log_softmax(logits[:, :-1].to(acc_dtype(logits)), -1)
@@ -253,14 +266,19 @@ class Objective:
     batches: tuple[str, ...] = ("forget",)
     ref_batches: tuple[str, ...] = ()
     hidden: tuple[str, ...] = ()
-    hparams: dict[str, float] = {}
+    hparams: dict[str, float | str] = {}
 
     def __init__(self, **hp):
         unknown = set(hp) - set(self.hparams)
         if unknown:
             raise ValueError(f"objective {self.name!r} has no hyper-parameter(s) {', '.join(sorted(unknown))}"
                              f" (it takes: {', '.join(self.hparams) or 'none'})")
-        self.hp = {k: type(v)(hp.get(k, v)) for k, v in self.hparams.items()}
+        self.hp = {}
+        for k, v in self.hparams.items():
+            try:
+                self.hp[k] = type(v)(hp.get(k, v))
+            except ValueError:
+                raise ValueError(f"objective {self.name!r}: {k}={hp[k]!r} must be a {type(v).__name__}") from None
 
     @property
     def needs_ref(self) -> bool:
@@ -270,7 +288,7 @@ class Objective:
         raise NotImplementedError
 
     def spec(self) -> str:
-        return self.name + "".join(f":{k}={v:g}" for k, v in self.hp.items() if self.hparams[k] != v)
+        return self.name + "".join(f":{k}={_text(v)}" for k, v in self.hp.items() if self.hparams[k] != v)
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.hp.items())})"
@@ -388,11 +406,15 @@ class NLLReg(Objective):
 
 
 class KLReg(Objective):
-    name, batches, ref_batches = "kl", ("retain",), ("retain",)
+    """KL(p_o || p) on the retain batch; ``positions``: "answer" (default, the answer-token mean) or
+    "all" (the reference code's mean over every position)."""
+    name, batches, ref_batches, hparams = "kl", ("retain",), ("retain",), {"positions": "answer"}
 
     def __call__(self, cur, ref=None):
+        if self.hp["positions"] not in ("answer", "all"):
+            raise ValueError(f"kl:positions={self.hp['positions']!r}: use 'answer' or 'all'")
         r = cur["retain"]
-        return _out(self.name, *kl(r.logits, ref["retain"].logits, r.labels), rows="retain")
+        return _out(self.name, *kl(r.logits, ref["retain"].logits, r.labels, self.hp["positions"]), rows="retain")
 
 
 class RRReg(Objective):
@@ -462,9 +484,13 @@ def _parse_term(term: str) -> tuple[str, dict[str, float]]:
         k, v = b.split("=", 1)
         try:
             hp[k.strip()] = float(v)
-        except ValueError:
-            raise ValueError(f"objective option {k}={v!r} in {term!r} is not a number") from None
+        except ValueError:  # a word (kl:positions=all): the objective checks its options
+            hp[k.strip()] = v.strip()
     return name, hp
+
+
+def _text(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def make(spec: str) -> Objective:

@@ -153,6 +153,26 @@ def test_kl_formula():
     assert float(O.kl(logits, logits, labels)[0].abs().max()) < 1e-12
 
 
+def test_kl_over_all_positions_is_the_reference_codes_batchmean():
+    """kl:positions=all gives the reference code's KL (tmlr-group/G-effect dataloader.py: kl_div of
+    the flattened log-probabilities of every position, batchmean), question and padding included;
+    the default (answer positions) gives another value on the same batch."""
+    import torch.nn.functional as F
+    logits, ref, labels = _batch(9)
+    reg = O.make("ga+kl:positions=all:lambda=1").regs[0][1]
+    assert reg.spec() == "kl:positions=all"
+    f = O.Forward(logits, labels)
+    out = reg({"retain": f}, {"retain": O.Forward(ref, labels)})
+    want = F.kl_div(F.log_softmax(logits, -1).view(-1, V), F.log_softmax(ref, -1).view(-1, V),
+                    reduction="batchmean", log_target=True)
+    _close(out.loss, want)
+    assert abs(float(O.kl(logits, ref, labels)[0].sum()) - float(want)) > 1e-3
+    with pytest.raises(ValueError, match="kl:positions='some'"):
+        O.make("ga+kl:positions=some").regs[0][1]({"retain": f}, {"retain": O.Forward(ref, labels)})
+    with pytest.raises(ValueError, match="beta='x' must be a float"):
+        O.make("npo:beta=x")
+
+
 def test_rmu_and_rr_formulas():
     g = torch.Generator().manual_seed(10)
     D = 5
