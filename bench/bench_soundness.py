@@ -47,7 +47,7 @@ class Clock:
         for name in ("reach", "probe"):
             setattr(soundness.Graph, name, self._timed(getattr(soundness.Graph, name)))
         gefx.tape.conditions = self._timed(gefx.tape.conditions)
-        gefx.rules.module_state = self._timed(gefx.rules.module_state)
+        gefx.rules.state.module_state = self._timed(gefx.rules.state.module_state)
 
     def _timed(self, fn):
         def run(*a, **k):
@@ -69,16 +69,16 @@ CLOCK = Clock()
 @contextmanager
 def checks_off():
     reach, probe = soundness.Graph.reach, soundness.Graph.probe
-    conditions, state = gefx.tape.conditions, gefx.rules.module_state
+    conditions, state = gefx.tape.conditions, gefx.rules.state.module_state
     soundness.Graph.reach = lambda self, loss, what: soundness.Reach(list(self.tape.calls))
     soundness.Graph.probe = lambda *a, **k: None
     gefx.tape.conditions = lambda *a, **k: ((), ())  # every call under the same conditions
-    gefx.rules.module_state = lambda *a, **k: ()
+    gefx.rules.state.module_state = lambda *a, **k: ()
     try:
         yield
     finally:
         soundness.Graph.reach, soundness.Graph.probe = reach, probe
-        gefx.tape.conditions, gefx.rules.module_state = conditions, state
+        gefx.tape.conditions, gefx.rules.state.module_state = conditions, state
 
 
 def step(w):

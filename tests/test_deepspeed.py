@@ -98,13 +98,11 @@ def gathered_by_gefx():
             seen.append(tuple(t.ds_shape))
         return real(t)
 
-    gdist.full = counted
-    import gefx.rules as rules
-    rules.full = counted
+    gdist.full = counted  # the rules call gefx.dist.full through the module
     try:
         yield seen
     finally:
-        gdist.full = rules.full = real
+        gdist.full = real
 
 
 def full_params(engine) -> list[torch.Tensor]:
