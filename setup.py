@@ -120,7 +120,7 @@ def _extension_kwargs() -> dict:
 
 
 setup(
-    packages=["gefx", "gefx.kernels"],
+    packages=["gefx", "gefx.integrations", "gefx.rules", "gefx.unlearning", "gefx.kernels"],
     package_dir={"gefx": "gefx", "gefx.kernels": "kernels"},
     **_extension_kwargs(),
 )

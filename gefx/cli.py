@@ -51,7 +51,7 @@ def check(argv: list[str]) -> int:
     import torch
 
     from .check import check as run_check
-    from .models import default_model, load_model, parse_dtype
+    from .unlearning.models import default_model, load_model, parse_dtype
 
     p = argparse.ArgumentParser(prog="gefx check", description=run_check.__doc__.splitlines()[0] + (
         " Run it first on a new architecture: every counted parameter must come out exact or refused."))
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "check":
             return check(rest)
         if cmd == "profile":
-            from .profile import main as profile_main
+            from .unlearning.profile import main as profile_main
             return profile_main(rest)
         print(f"gefx: unknown command {cmd!r}\n{usage}", file=sys.stderr)
         return 2

@@ -51,7 +51,7 @@ from ..geffect import GEffect, Prepared, g_effect, prepare
 from ..losses import RISKS
 from ..dist import before_engine_step
 from ..shards import engine_grads
-from ..objectives import forward
+from ..unlearning.objectives import forward
 from ..tape import trace
 from .records import Recorder
 

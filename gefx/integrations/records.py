@@ -188,7 +188,7 @@ def long_rows(records: list[Record]) -> list[dict]:
 def save_records(folder, records: list[Record], plots: bool = True) -> Path:
     """g_effects.csv / .json (as ``gefx profile`` writes them), per_instance.json and, with
     `plots`, g_effects.png (G-effect vs step per group, one panel per objective and risk)."""
-    from ..report import plot_g_effects, write_g_effects
+    from ..unlearning.report import plot_g_effects, write_g_effects
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
