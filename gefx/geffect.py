@@ -31,7 +31,7 @@ from .dots import (Aggregates, Grads, _check_loss, aggregated, check_graph, coll
 from .effects import GEffect, RiskEffect
 from .groups import resolve
 from .pieces import dense, merge
-from .step import StepBackward
+from .step import StepBackward, _walk
 from .tape import Tape
 from .update import updates
 
@@ -415,25 +415,9 @@ def _untouched(tape: Tape, objective, risks: Mapping) -> set:
         return set()
     if not isinstance(objective, torch.Tensor) or objective.grad_fn is None:
         raise ValueError("prepare(objective=...) must be the loss tensor your backward differentiates")
-    touched = _nodes(objective.grad_fn, set())
-    return {name for name, risk in risks.items()
-            if isinstance(risk, torch.Tensor) and risk.grad_fn is not None and not _nodes(risk.grad_fn, touched)}
-
-
-def _nodes(root, stop: set) -> set:
-    """The autograd nodes reachable from `root` but parameters' accumulators; with `stop`, only
-    those of them that are in `stop` (the walk ends at each)."""
-    seen, hit, todo = set(), set(), [root]
-    while todo:
-        node = todo.pop()
-        if node in seen or node is None or hasattr(node, "variable"):
-            continue
-        seen.add(node)
-        if node in stop:
-            hit.add(node)
-            continue
-        todo.extend(n for n, _ in node.next_functions)
-    return hit if stop else seen
+    touched = {n for n in _walk(objective.grad_fn, set()) if not hasattr(n, "variable")}
+    return {name for name, risk in risks.items() if isinstance(risk, torch.Tensor) and risk.grad_fn is not None
+            and not _walk(risk.grad_fn, touched) & touched}
 
 
 def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optimizer, instances: bool) -> GEffect:
