@@ -12,6 +12,10 @@ mode), the objective as a per-sample vector (as the README writes it), forget an
 measurement): the measured step (*first*), a plain step, the measured step again (*steady*), a
 plain step; each measured step is compared with the plain step after it (same process, same
 .grad, same optimizer state). The plain step: forwards of both batches, ``loss.backward()``.
+With ``--warm`` a plain step runs first: the first measurement's time over the steady one's is
+then what gefx's one-time checks cost (rule verification, per-sample probe), without the costs
+of any process's first step (page faults on fresh memory, kernel set-up) that the cold order
+charges to it.
 
     online      ``g_effect(tape, objective, risks, backward=True)``
     before      ``g_effect(tape, objective, risks)``, then ``loss.backward()``
@@ -151,8 +155,9 @@ def run_case(args) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         opt.step()  # AdamW's state exists, as in a running loop
     meter = Peak(device)
-    out = {"case": args.case, "params": E.n_params(model)}
-    for label, case in (("first", args.case), ("plain_first", "plain"), ("steady", args.case), ("plain_steady", "plain")):
+    out = {"case": args.case, "params": E.n_params(model), "warm": args.warm}
+    order = (("first", args.case), ("plain_first", "plain"), ("steady", args.case), ("plain_steady", "plain"))
+    for label, case in ((("plain_cold", "plain"),) if args.warm else ()) + order:
         model.zero_grad(set_to_none=False)
         _trim()
         base = meter.rss()
@@ -170,7 +175,7 @@ def run_case(args) -> dict:
 
 def _spawn(args, case: str) -> dict:
     cmd = [sys.executable, __file__, "--one", case, "--model", args.model, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--dtype", args.dtype, "--device", args.device]
+           "--seq", str(args.seq), "--dtype", args.dtype, "--device", args.device] + (["--warm"] if args.warm else [])
     env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else {}))
     got = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if got.returncode != 0:
@@ -182,16 +187,17 @@ def table(results: list[dict]) -> str:
     """Each measured step against the plain step that follows it in the same process."""
     gib = 2 ** 30
     lines = ["| case | plain peak (GiB) | measured peak first / steady (GiB) | extra first / steady | "
-             "time first / steady (x plain) | left resident (MiB) |", "|---|---|---|---|---|---|"]
+             "time first / steady (x plain) | first - steady (plain steps) | left resident (MiB) |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['case']} | error: {r['error']} | | | | | |")
             continue
         f, s, pf, ps = r["first"], r["steady"], r["plain_first"], r["plain_steady"]
         lines.append(f"| {r['case']} | {ps['peak'] / gib:.2f} | {f['peak'] / gib:.2f} / {s['peak'] / gib:.2f} | "
                      f"{(f['peak'] - pf['peak']) / pf['peak']:+.1%} / {(s['peak'] - ps['peak']) / ps['peak']:+.1%} | "
                      f"{f['seconds'] / pf['seconds']:.2f} / {s['seconds'] / ps['seconds']:.2f} | "
-                     f"{r['resident'] / 2 ** 20:.0f} |")
+                     f"{(f['seconds'] - s['seconds']) / ps['seconds']:+.2f} | {r['resident'] / 2 ** 20:.0f} |")
     return "\n".join(lines)
 
 
@@ -206,6 +212,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/out/memory.json")
     ap.add_argument("--mmap-threshold", type=int, default=0,
                     help="MALLOC_MMAP_THRESHOLD_ for the cases' processes (0: glibc's default, dynamic)")
+    ap.add_argument("--warm", action="store_true",
+                    help="run a plain step before the first measurement: its time then shows what gefx's one-time "
+                         "checks cost, without the process's own first-step costs (page faults, kernel set-up)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -219,7 +228,7 @@ def main(argv=None) -> int:
         results.append(_spawn(args, case))
     meta = {"model": args.model, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "device": args.device,
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "mmap_threshold": args.mmap_threshold}
+            "date": time.strftime("%Y-%m-%d"), "mmap_threshold": args.mmap_threshold, "warm": args.warm}
     print(table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
