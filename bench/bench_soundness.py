@@ -10,7 +10,7 @@ g_effect before the step, each with the default checks, with check="full", and w
 switched off (reach and probe replaced by no-ops and every call's conditions made equal, for this
 measurement only), run in interleaved rounds on one workload; medians. The default checks' cost is
 (default - off) / plain step, and, free of the machine's run-to-run noise, the time spent inside
-the checks (Graph.reach, Graph.probe and the conditions a verdict is keyed on, issue 24, timed in
+the checks (Graph.reach, soundness.probe and the conditions a verdict is keyed on, issue 24, timed in
 place) per call over the plain step. The first measurement of a fresh process (soundness.forget(): rules unverified, no structure probed)
 is timed separately. Results go to stdout and --out (JSON).
 """
@@ -38,14 +38,14 @@ from gefx.losses import sequence_nll  # noqa: E402
 
 
 class Clock:
-    """Seconds spent inside the checks while enabled: Graph.reach and Graph.probe, and the
+    """Seconds spent inside the checks while enabled: Graph.reach and the probe, and the
     conditions a rule's verdict is keyed on (gefx.rules.conditions at each recorded call of a
     non-stock module, gefx.rules.module_state at each use of its rule); nested calls count once."""
 
     def __init__(self):
         self.spent, self.on, self.depth = 0.0, False, 0
-        for name in ("reach", "probe"):
-            setattr(soundness.Graph, name, self._timed(getattr(soundness.Graph, name)))
+        soundness.Graph.reach = self._timed(soundness.Graph.reach)
+        soundness.probe = self._timed(soundness.probe)
         gefx.tape.conditions = self._timed(gefx.tape.conditions)
         gefx.rules.state.module_state = self._timed(gefx.rules.state.module_state)
 
@@ -68,16 +68,16 @@ CLOCK = Clock()
 
 @contextmanager
 def checks_off():
-    reach, probe = soundness.Graph.reach, soundness.Graph.probe
+    reach, probe = soundness.Graph.reach, soundness.probe
     conditions, state = gefx.tape.conditions, gefx.rules.state.module_state
     soundness.Graph.reach = lambda self, loss, what: soundness.Reach(list(self.tape.calls))
-    soundness.Graph.probe = lambda *a, **k: None
+    soundness.probe = lambda *a, **k: False
     gefx.tape.conditions = lambda *a, **k: ((), ())  # every call under the same conditions
     gefx.rules.state.module_state = lambda *a, **k: ()
     try:
         yield
     finally:
-        soundness.Graph.reach, soundness.Graph.probe = reach, probe
+        soundness.Graph.reach, soundness.probe = reach, probe
         gefx.tape.conditions, gefx.rules.state.module_state = conditions, state
 
 

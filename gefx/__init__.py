@@ -11,7 +11,8 @@ Importing gefx queries no device, compiles nothing and does not import transform
 """
 from . import backends, losses, ops
 from .dots import Dots, grad_dots
-from .geffect import GEffect, Prepared, RiskEffect, g_effect, prepare
+from .effects import GEffect, RiskEffect
+from .geffect import Prepared, g_effect, prepare
 from .groups import PRESETS as GROUP_PRESETS
 from .rules import Refused, register_rule
 from . import soundness

@@ -24,6 +24,9 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from . import dist
+from .groups import group_sums, resolve
+
 
 def _cos(dot: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """dot / (a * b), 0 where a norm is 0 (a gradient that is zero has no direction)."""
@@ -206,3 +209,28 @@ class GEffect(dict):
     def __repr__(self) -> str:
         body = ", ".join(f"{n}: total={e.total:.6g}" for n, e in self.items())
         return f"GEffect({body})"
+
+
+def report(tape, name: str, batch: int, values, groups, process_group, obj_sq=None, obj_batch=None) -> RiskEffect:
+    """Stage 5 of a measurement, *report*: one risk's RiskEffect from its per-parameter products
+    (`values`: rows, cols, norms, pred as {name: [B]}, each None when not asked), summed into groups
+    in tape order however they came; the objective's squared norm per group `obj_sq` (a dict);
+    per-instance values gathered across the ranks under torch.distributed."""
+    def per_group(per_param, b):
+        ordered = {n: per_param[n] for n in tape.params if n in per_param}
+        sums = group_sums(tape, ordered, groups, (b,))
+        return torch.stack([sums[g] for g in names])
+
+    names = resolve(tape, groups)[1]
+    out = {"per_instance_group": per_group(values.rows, batch),
+           "per_objective_instance_group": None if values.cols is None else per_group(values.cols, obj_batch)}
+    if values.norms is not None:
+        out["risk_norm_group"] = per_group(values.norms, batch)
+    if values.pred is not None:
+        out["predicted_change_group"] = per_group(values.pred, batch)
+    if dist.group_size(process_group) > 1:
+        out = {k: None if x is None else dist.gather_columns(x, process_group) for k, x in out.items()}
+    if "risk_norm_group" in out:
+        out["risk_norm_group"] = out["risk_norm_group"].clamp(min=0).sqrt()
+    obj_norm = None if obj_sq is None else torch.stack([obj_sq[g] for g in names]).clamp(min=0).sqrt()
+    return RiskEffect(name, names, objective_norm_group=obj_norm, **out)

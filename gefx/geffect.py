@@ -19,19 +19,20 @@ these divided by B (``gefx.losses.token_mean_nll`` gives the reference code's to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from typing import Mapping
 
 import torch
 
 from . import dist
 from . import shards
-from .dots import (Aggregates, Grads, _check_loss, aggregated, check_graph, collect, collect_each, dense_gradients,
-                   group_sums, marginals, pieces_from, self_norms)
-from .effects import GEffect, RiskEffect
-from .groups import resolve
-from .pieces import dense, merge
-from .step import StepBackward, _walk
+from .collect import Grads, _check_loss, check_graph, collect, collect_each, pieces_from
+from .effects import GEffect, report
+from .groups import group_sums
+from .pieces import merge
+from .products import Against, Aggregates, ByMarginals, Values, aggregated, dense_gradients, marginals, self_norms
+from .step import Serving, StepBackward, _walk
 from .tape import Tape
 from .update import updates
 
@@ -93,7 +94,7 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
     always left as it was.
 
     Memory: besides the step's own tensors, a risk's output gradients only a layer at a time
-    (each risk's backward is streamed: ``gefx.dots.collect_each``; on a risk's first use the
+    (each risk's backward is streamed: ``gefx.collect.collect_each``; on a risk's first use the
     per-sample probe's two passes are that backward), the objective's output gradients before the
     step (one set, summed over samples), online those of the step that serve a risk (GA's, NPO's
     forget NLL: one set, released when that risk is done), and at most about one parameter-sized
@@ -216,10 +217,8 @@ def _step_update(tape: Tape, optimizer):
 # -- a risk's pieces, fed parameter by parameter: feed(take) calls take(name, pieces), returns B --
 def _feeds(tape: Tape, risks, probe: bool = True) -> dict:
     """name -> feed of each risk's per-sample pieces, streamed out of its backward when its turn
-    comes (``gefx.dots.collect_each``: no set of output gradients for the whole model is held)."""
-    return {name: (lambda take, name=name, risk=risk: collect_each(tape, risk, take, what=f"risk {name!r}",
-                                                                   probe=probe))
-            for name, risk in risks.items()}
+    comes (``gefx.collect.collect_each``: no set of output gradients for the whole model is held)."""
+    return {name: partial(collect_each, tape, risk, what=f"risk {name!r}", probe=probe) for name, risk in risks.items()}
 
 
 def _held(tape: Tape, g: Grads):
@@ -239,34 +238,6 @@ def _gathered(feed) -> Grads:
     return Grads(pieces, batch)
 
 
-@dataclass
-class _Values:
-    """One risk's per-parameter products ({name: [B]}): with the objective (`rows`), its
-    per-objective-instance transpose (`cols`), along a direction (`pred`), its self products (`norms`)."""
-
-    rows: dict = field(default_factory=dict)
-    cols: dict | None = None
-    pred: dict | None = None
-    norms: dict | None = None
-
-    @classmethod
-    def asked(cls, opts: "_Options", instances: bool) -> "_Values":
-        return cls({}, {} if instances else None, None if opts.direction is None else {}, {} if opts.norms else None)
-
-    @staticmethod
-    def add(to: dict, n: str, x) -> None:
-        """A parameter's pieces may come in parts (``gefx.dots.collect_each``): their products add."""
-        if x is not None:
-            to[n] = x if n not in to else to[n] + x
-
-    def extras(self, n: str, P, opts: "_Options") -> None:
-        """What does not depend on the objective: the direction's product, the self products."""
-        if self.pred is not None and n in opts.direction:
-            self.add(self.pred, n, shards.contract_with([P], opts.direction[n])[0])
-        if self.norms is not None:
-            self.add(self.norms, n, self_norms(P))
-
-
 def _by_marginals(tape: Tape, g_obj, risks, opts: _Options, instances: bool) -> GEffect:
     """Before the step, one process: each product by the cheaper of the ghost and dense forms,
     the objective's aggregated gradient formed only where the dense form wins (or for its norm),
@@ -276,28 +247,11 @@ def _by_marginals(tape: Tape, g_obj, risks, opts: _Options, instances: bool) -> 
     sq = {} if opts.norms else None
     result = GEffect()
     for name, feed in _feeds(tape, risks).items():
-        v = _Values.asked(opts, instances)
-
-        def take(n, P):
-            Q = g_obj.pieces.get(n)
-            if Q:
-                shape = dist.shape(tape.params[n])
-                memo: dict = {}  # this parameter's aggregated objective gradient, if formed: dropped after it
-                row, col = marginals(P, Q, shape, need_cols=instances, memo=memo)
-                v.add(v.rows, n, row)
-                if instances:
-                    v.add(v.cols, n, col)
-                if sq is not None and n not in sq:
-                    sq[n] = (memo["q"] if "q" in memo else dense(Q, shape)).pow(2).sum()
-            v.extras(n, P, opts)
-
-        batch = feed(take)
-        if sq is not None:  # the objective's norm where this risk did not reach
-            for n, Q in g_obj.pieces.items():
-                if n not in sq:
-                    sq[n] = dense(Q, dist.shape(tape.params[n])).pow(2).sum()
-        obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
-        result[name] = _effect(tape, name, batch, v, opts, obj_sq, g_obj.batch if instances else None)
+        products = ByMarginals(tape, g_obj, instances, opts.direction, sq)
+        batch = feed(products.take)
+        obj_sq = group_sums(tape, products.objective_squares(), opts.groups, ()) if opts.norms else None
+        result[name] = report(tape, name, batch, products.values, opts.groups, opts.process_group, obj_sq,
+                              g_obj.batch if instances else None)
     return result
 
 
@@ -320,30 +274,6 @@ def _products(tape: Tape, held: list, mappings: list, squares: dict | None = Non
                     out[j][k][n] = v
             del value
     return out
-
-
-def _effect(tape: Tape, name: str, batch: int, v: _Values, opts: _Options, obj_sq, obj_batch=None) -> RiskEffect:
-    """One risk's RiskEffect from its per-parameter products (summed into groups in tape order,
-    however they came), plus its norms; per instance values gathered across ranks under
-    torch.distributed."""
-    def per_group(per_param, b):
-        ordered = {n: per_param[n] for n in tape.params if n in per_param}
-        sums = group_sums(tape, ordered, opts.groups, (b,))
-        return torch.stack([sums[g] for g in names])
-
-    names = resolve(tape, opts.groups)[1]
-    values = {"per_instance_group": per_group(v.rows, batch),
-              "per_objective_instance_group": None if v.cols is None else per_group(v.cols, obj_batch)}
-    if v.norms is not None:
-        values["risk_norm_group"] = per_group(v.norms, batch)
-    if v.pred is not None:
-        values["predicted_change_group"] = per_group(v.pred, batch)
-    if dist.group_size(opts.process_group) > 1:
-        values = {k: None if x is None else dist.gather_columns(x, opts.process_group) for k, x in values.items()}
-    if "risk_norm_group" in values:
-        values["risk_norm_group"] = values["risk_norm_group"].clamp(min=0).sqrt()
-    obj_norm = None if obj_sq is None else torch.stack([obj_sq[g] for g in names]).clamp(min=0).sqrt()
-    return RiskEffect(name, names, objective_norm_group=obj_norm, **values)
 
 
 class Prepared:
@@ -438,23 +368,23 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
     # probe's); the other risks are probed after it by the two passes that are their backward
     # (collect_each; a refusal then restores .grad, as any error inside StepBackward does)
     obj_reach = check_graph(tape, objective, "objective") if instances else None
-    step = StepBackward(tape, objective, risks, keep_all=instances)
-    reaches = {name: check_graph(tape, risk, f"risk {name!r}") if step.may_serve(name)
+    serving = Serving(tape, objective, risks, keep_all=instances)
+    reaches = {name: check_graph(tape, risk, f"risk {name!r}") if serving.may_serve(name)
                else tape.graph.reach(risk, f"risk {name!r}") for name, risk in risks.items()}
-    with step:
-        g_obj = pieces_from(tape, objective, step.captured, per_sample=True, what="objective",
+    with StepBackward(serving) as step:
+        g_obj = pieces_from(tape, objective, serving.captured, per_sample=True, what="objective",
                             users=obj_reach.calls) if instances else None
         def feed_of(name, risk, take):  # when the risk's turn comes (see _against)
             what = f"risk {name!r}"
-            if not step.reused(name):  # its own backward, streamed
-                step.forgo(name)
-                return collect_each(tape, risk, take, what=what, probe=not step.may_serve(name))
-            grads = step.risk_grads(name, risk, what)
+            if not serving.reused(name):  # its own backward, streamed
+                serving.forgo(name)
+                return collect_each(tape, risk, take, what=what, probe=not serving.may_serve(name))
+            grads = serving.risk_grads(name, risk, what)
             return _held(tape, pieces_from(tape, risk, grads, per_sample=True, what=what,
                                            users=reaches[name].calls))(take)
 
         # the risks served by the step's gradients first: those are then released before the others run
-        order = sorted(risks, key=lambda name: not step.reused(name))
+        order = sorted(risks, key=lambda name: not serving.reused(name))
         feeds = {name: (lambda take, name=name: feed_of(name, risks[name], take)) for name in order}
         opts = opts.along(_step_update(tape, optimizer))
         result = _against(tape, dense_gradients(tape, step.grads), feeds, opts, g_obj)
@@ -475,26 +405,11 @@ def _against(tape: Tape, m_obj: Mapping, feeds: dict, opts: _Options, g_obj=None
     result = GEffect()
     for name in list(feeds):
         feed = feeds.pop(name)  # what it holds goes with it
-        v = _Values.asked(opts, g_obj is not None)
-
-        def take(n, P):
-            if n in m_obj:
-                value = m_obj[n]
-                if sq is not None and n not in sq:
-                    sq[n] = shards.sq_norm(value)
-                v.add(v.rows, n, shards.contract_with([P], value)[0])
-                del value
-            if g_obj is not None and g_obj.pieces.get(n):
-                v.add(v.cols, n, marginals(g_obj.pieces[n], P, dist.shape(tape.params[n]), need_cols=False)[0])
-            v.extras(n, P, opts)
-
-        batch = feed(take)
-        if sq is not None:  # the objective's norm where this risk did not reach
-            for n in m_obj:
-                if n not in sq:
-                    sq[n] = shards.sq_norm(m_obj[n])
-        obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
-        result[name] = _effect(tape, name, batch, v, opts, obj_sq, None if g_obj is None else g_obj.batch)
+        products = Against(tape, m_obj, g_obj, opts.direction, sq)
+        batch = feed(products.take)
+        obj_sq = group_sums(tape, products.objective_squares(), opts.groups, ()) if opts.norms else None
+        result[name] = report(tape, name, batch, products.values, opts.groups, opts.process_group, obj_sq,
+                              None if g_obj is None else g_obj.batch)
     return result
 
 
@@ -507,10 +422,11 @@ def _together(tape: Tape, m_obj: Mapping, feeds: dict, opts: _Options, g_obj=Non
     obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
     result = GEffect()
     for (name, g), r, pred in zip(held.items(), rows, preds):
-        v = _Values(r, None if g_obj is None else _instances(tape, g_obj, g, opts.process_group),
+        v = Values(r, None if g_obj is None else _instances(tape, g_obj, g, opts.process_group),
                     pred if opts.direction is not None else None,
                     {n: self_norms(P) for n, P in g.pieces.items()} if opts.norms else None)
-        result[name] = _effect(tape, name, g.batch, v, opts, obj_sq, None if g_obj is None else g_obj.batch)
+        result[name] = report(tape, name, g.batch, v, opts.groups, opts.process_group, obj_sq,
+                              None if g_obj is None else g_obj.batch)
     return result
 
 

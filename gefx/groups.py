@@ -24,9 +24,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .dist import shape
+from .precision import acc_dtype
 
 PRESETS = ("param", "module", "block", "paper", "reference")
 
@@ -114,3 +116,14 @@ def resolve(tape, spec: str | Callable[[str], str]) -> tuple[dict[str, str], lis
     if isinstance(spec, str):
         cache[spec] = (mapping, order)
     return mapping, order
+
+
+def group_sums(tape, per_param: dict[str, torch.Tensor], groups, shape) -> dict[str, torch.Tensor]:
+    """Sum per-parameter values into groups (every group present, zeros where nothing reached)."""
+    mapping, order = resolve(tape, groups)
+    p0 = next(iter(tape.params.values()))
+    dt = acc_dtype(*tape.params.values())
+    out = {g: torch.zeros(shape, dtype=dt, device=p0.device) for g in order}
+    for name, v in per_param.items():
+        out[mapping[name]] += v.to(dt)
+    return out

@@ -11,7 +11,7 @@
 A parameter's gradient is the sum of its pieces (one per recorded use). ``dense`` and
 ``contract`` are the two products every form of the engine reduces to on the dense side: the
 aggregated gradient sum_i grad_i, and <grad_i, m> against a dense tensor m of the parameter's
-shape. The per-sample products between pieces (ghost forms) are in ``gefx.dots``.
+shape. The per-sample products between pieces (ghost forms) are in ``gefx.products``.
 """
 from __future__ import annotations
 

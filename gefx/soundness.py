@@ -26,7 +26,7 @@ rewrites an output (gefx's hook runs first) acts downstream of them; an *input* 
 after its call is refused (``Call.check_unmodified``); rules are verified against autograd on the
 first call of each module (``gefx.rules``).
 
-(c) *The per-sample probe* (:meth:`Graph.probe`): the loss's gradient at every reached recorded
+(c) *The per-sample probe* (:func:`probe`): the loss's gradient at every reached recorded
 output is split by a random partition S of the samples, d(sum_{i in S} l_i)/dY and its complement.
 If the contract holds, rows of samples outside S receive exactly nothing from the first and rows of
 samples in S nothing from the second; any leak larger than 64 roundoffs of the largest row is
@@ -94,7 +94,7 @@ def batch_dim(tape, call, x: torch.Tensor, samples: int) -> int:
 
 def _grouped(call, n: int, samples: int) -> bool:
     """n rows are the model forward's [samples, T] tokens flattened (OPT, MoE blocks); any other
-    layout is lifted to an enclosing call (Graph._lift) or refused."""
+    layout is lifted to an enclosing call (Attribution._lift) or refused."""
     return call.batch == samples and n == samples * call.length > 0
 
 
@@ -131,14 +131,13 @@ def per_row(tape, call, values: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     shape[dim] = n
     return values.repeat_interleave(n // values.shape[0]).view(shape)
 
-
 class Graph:
-    """The soundness checks of one trace (see the module docstring)."""
+    """The coverage check of one trace, (a) of the module docstring: which recorded calls a loss
+    reaches and that they account for every counted parameter it reaches."""
 
     def __init__(self, tape):
         self._tape = weakref.ref(tape)  # no reference cycle: a closed trace frees its graph at once
-        self._spans = None          # the recorded calls' node-number spans, for attribution
-        self._lifted: dict = {}     # module whose rows are not samples -> the enclosing module answering for it
+        self.attribution = Attribution(self._tape)
 
     @property
     def tape(self):
@@ -183,7 +182,7 @@ class Graph:
                         uses.setdefault(name, []).append(node)
                     continue
                 todo.append((n, direct))
-        problems, users = self._attribute(uses, loss.shape[0] if loss.dim() == 1 else None)
+        problems, users = self.attribution.attribute(uses, loss.shape[0] if loss.dim() == 1 else None)
         for call in users:
             if not any(e.node in seen for e in call.targets()):
                 for _, name in tape.owned.get(call.module, ()):
@@ -199,6 +198,21 @@ class Graph:
         order = {c: k for k, c in enumerate(tape.calls)}
         sig += sorted((order[c], id(c.module), c.module.training) for c in users)
         return Reach(sorted(users, key=order.__getitem__), heads, hash(tuple(sig)))
+
+
+class Attribution:
+    """Which recorded call answers for each use of a counted parameter (an autograd node consuming
+    it): the innermost call whose forward created the node, lifted to an enclosing one when its rows
+    are not the samples."""
+
+    def __init__(self, tape_ref):
+        self._tape = tape_ref       # a weak reference (see Graph)
+        self._spans = None          # the recorded calls' node-number spans
+        self._lifted: dict = {}     # module whose rows are not samples -> the enclosing module answering for it
+
+    @property
+    def tape(self):
+        return self._tape()
 
     def _innermost(self, seq: int):
         """The innermost recorded or host call whose forward created autograd node number `seq`."""
@@ -255,7 +269,7 @@ class Graph:
                      and c.span[0] <= call.span[0] and call.span[1] <= c.span[1]]
         return enclosing[0] if enclosing else call
 
-    def _attribute(self, uses: dict, samples: int | None = None) -> tuple[list[tuple[str, str]], set]:
+    def attribute(self, uses: dict, samples: int | None = None) -> tuple[list[tuple[str, str]], set]:
         """(parameter, problem) for every use of a counted parameter not accounted for, and the
         calls the uses belong to (only their output gradients are needed). Each use
         (an autograd node consuming the parameter) belongs to the innermost module call whose
@@ -303,84 +317,85 @@ class Graph:
                 break
         return out, users
 
-    # -- (c) the per-sample probe -----------------------------------------------------------------
-    def probe(self, loss: torch.Tensor, reach: Reach, slots: list, grads: list | None, what: str,
-              also: tuple | None = None) -> bool:
-        """Check that loss entry i depends only on the rows of sample i of every reached recorded
-        output. `slots` are ``reach.slots()`` and `grads` the gradient of ``loss.sum()`` at each
-        output (None: computed here). The check runs two backward passes, of the loss's entries
-        on a random part S of the samples and on the rest, whose gradients sum to the loss's:
-        with `also` = (visit_s, visit_rest) (and no `grads`), each pass's gradient at slot j is
-        also handed to ``visit(j, g)`` as it comes (``gefx.dots.collect_each`` uses them instead
-        of a backward of its own). Returns whether the passes ran (not when the structure was
-        probed before)."""
-        samples = loss.shape[0]
-        done = PROBED.setdefault(self.tape.model, set())
-        want = self.tape.check == "full" or reach.signature not in done
-        if dist.group_size() > 1:
-            # the backward passes below run FSDP's hooks (collectives): every rank probes or none
-            want = bool(dist.all_reduce_sum(torch.tensor([float(want)], device=loss.device)) > 0)
-        elif samples < 2 or not slots:
-            return False
-        if not want:
-            return False
-        gen = torch.Generator(device="cpu").manual_seed(samples)
-        s = torch.rand(samples, generator=gen) < 0.5
-        s[0] = True
-        s[-1] = samples < 2  # both parts non-empty (one sample: only S)
-        s = s.to(loss.device)
-        # per slot: the largest row norm of the S part's gradient on S's rows (own) and on the others
-        # (leak), the same for the complement; seen as the gradients stream by, none of them kept
-        own: list = [[None, None] for _ in slots]
-        leak: list = [[None, None] for _ in slots]
-        loose = [1.0] * len(slots)  # a complement formed by subtraction leaks its operands' roundoff
 
-        def note(j, part, rows, g) -> None:
-            r = sample_view(self.tape, slots[j][0], g, samples, what).to(acc_dtype(g))
-            own[j][part], leak[j][part] = _largest_row(r[rows]), _largest_row(r[~rows])
+# -- (c) the per-sample probe ---------------------------------------------------------------------
+def probe(tape, loss: torch.Tensor, reach: Reach, slots: list, grads: list | None, what: str,
+          also: tuple | None = None) -> bool:
+    """Check that loss entry i depends only on the rows of sample i of every reached recorded
+    output. `slots` are ``reach.slots()`` and `grads` the gradient of ``loss.sum()`` at each
+    output (None: computed here). The check runs two backward passes, of the loss's entries
+    on a random part S of the samples and on the rest, whose gradients sum to the loss's:
+    with `also` = (visit_s, visit_rest) (and no `grads`), each pass's gradient at slot j is
+    also handed to ``visit(j, g)`` as it comes (``gefx.collect.collect_each`` uses them instead
+    of a backward of its own). Returns whether the passes ran (not when the structure was
+    probed before)."""
+    samples = loss.shape[0]
+    done = PROBED.setdefault(tape.model, set())
+    want = tape.check == "full" or reach.signature not in done
+    if dist.group_size() > 1:
+        # the backward passes below run FSDP's hooks (collectives): every rank probes or none
+        want = bool(dist.all_reduce_sum(torch.tensor([float(want)], device=loss.device)) > 0)
+    elif samples < 2 or not slots:
+        return False
+    if not want:
+        return False
+    gen = torch.Generator(device="cpu").manual_seed(samples)
+    s = torch.rand(samples, generator=gen) < 0.5
+    s[0] = True
+    s[-1] = samples < 2  # both parts non-empty (one sample: only S)
+    s = s.to(loss.device)
+    # per slot: the largest row norm of the S part's gradient on S's rows (own) and on the others
+    # (leak), the same for the complement; seen as the gradients stream by, none of them kept
+    own: list = [[None, None] for _ in slots]
+    leak: list = [[None, None] for _ in slots]
+    loose = [1.0] * len(slots)  # a complement formed by subtraction leaks its operands' roundoff
 
-        def visit_s(j, g) -> None:
-            if g is not None:
-                note(j, 0, s, g)
-            if grads is not None and grads[j] is not None:  # the complement from the loss's gradient at hand
-                note(j, 1, ~s, grads[j] if g is None else grads[j] - g)
-                loose[j] = torch.finfo(grads[j].dtype).eps / torch.finfo(acc_dtype(grads[j])).eps
-            if also is not None:
-                also[0](j, g)
+    def note(j, part, rows, g) -> None:
+        r = sample_view(tape, slots[j][0], g, samples, what).to(acc_dtype(g))
+        own[j][part], leak[j][part] = _largest_row(r[rows]), _largest_row(r[~rows])
 
-        def visit_rest(j, g) -> None:
-            if g is not None:
-                note(j, 1, ~s, g)
-            if also is not None:
-                also[1](j, g)
+    def visit_s(j, g) -> None:
+        if g is not None:
+            note(j, 0, s, g)
+        if grads is not None and grads[j] is not None:  # the complement from the loss's gradient at hand
+            note(j, 1, ~s, grads[j] if g is None else grads[j] - g)
+            loose[j] = torch.finfo(grads[j].dtype).eps / torch.finfo(acc_dtype(grads[j])).eps
+        if also is not None:
+            also[0](j, g)
 
-        stream((loss * s.to(loss.dtype)).sum(), slots, visit_s)
-        if grads is None:
-            stream((loss * (~s).to(loss.dtype)).sum(), slots, visit_rest)
-        leaks = self._leaks(slots, own, leak, loose)
-        if leaks:
-            raise Refused(_leak_message(what, leaks, reach.heads))
-        done.add(reach.signature)
-        return True
+    def visit_rest(j, g) -> None:
+        if g is not None:
+            note(j, 1, ~s, g)
+        if also is not None:
+            also[1](j, g)
 
-    @staticmethod
-    def _leaks(slots: list, own: list, leak: list, loose: list) -> list:
-        """[(call, relative leak)] for the slots whose gradients reach rows of other samples by more
-        than roundoff (one synchronisation for all slots)."""
-        at = [j for j in range(len(slots)) if own[j] != [None, None]]
-        if not at:
-            return []
-        zero = next(x for j in at for x in own[j] if x is not None) * 0
-        table = torch.stack([torch.stack([zero if x is None else x.to(zero.dtype) for x in own[j] + leak[j]])
-                             for j in at]).tolist()
-        out = []
-        for j, (own_s, own_c, leak_s, leak_c) in zip(at, table):
-            scale = max(own_s, own_c, leak_s, leak_c / loose[j])
-            amount = max(leak_s, leak_c / loose[j])
-            wide = own[j][0] if own[j][0] is not None else own[j][1]
-            if amount > _LEAK_ROUNDOFFS * torch.finfo(wide.dtype).eps * scale:
-                out.append((slots[j][0], amount / max(scale, 1e-300)))
-        return out
+    stream((loss * s.to(loss.dtype)).sum(), slots, visit_s)
+    if grads is None:
+        stream((loss * (~s).to(loss.dtype)).sum(), slots, visit_rest)
+    leaks = _leaks(slots, own, leak, loose)
+    if leaks:
+        raise Refused(_leak_message(what, leaks, reach.heads))
+    done.add(reach.signature)
+    return True
+
+
+def _leaks(slots: list, own: list, leak: list, loose: list) -> list:
+    """[(call, relative leak)] for the slots whose gradients reach rows of other samples by more
+    than roundoff (one synchronisation for all slots)."""
+    at = [j for j in range(len(slots)) if own[j] != [None, None]]
+    if not at:
+        return []
+    zero = next(x for j in at for x in own[j] if x is not None) * 0
+    table = torch.stack([torch.stack([zero if x is None else x.to(zero.dtype) for x in own[j] + leak[j]])
+                         for j in at]).tolist()
+    out = []
+    for j, (own_s, own_c, leak_s, leak_c) in zip(at, table):
+        scale = max(own_s, own_c, leak_s, leak_c / loose[j])
+        amount = max(leak_s, leak_c / loose[j])
+        wide = own[j][0] if own[j][0] is not None else own[j][1]
+        if amount > _LEAK_ROUNDOFFS * torch.finfo(wide.dtype).eps * scale:
+            out.append((slots[j][0], amount / max(scale, 1e-300)))
+    return out
 
 
 _PARAMETRIZATION = ("it belongs to a parametrization (torch.nn.utils.parametrize); remove it while measuring "

@@ -1,15 +1,15 @@
 """The training step's own backward, reused: ``g_effect(tape, loss, risks, backward=True)``.
 
 On its way to the parameters, the step's ``loss.backward()`` computes the loss's gradient at every
-recorded layer output. :class:`StepBackward` runs that backward with a hook on each recorded
-output, so that
+recorded layer output. :class:`StepBackward` runs that backward with the hooks of
+:class:`Serving` on the recorded outputs, so that
 
 * ``.grad`` ends up exactly as ``loss.backward()`` leaves it (accumulated onto earlier gradients),
   and the objective's aggregated gradient is ``.grad`` itself: no gradient GEMM is added;
 * the captured output gradients are the objective's per-sample pieces (per-objective-instance
   effects come without another backward);
 * a risk gets its output gradients without a backward of its own when the step already holds them
-  up to one factor per sample (:meth:`StepBackward.risk_grads`).
+  up to one factor per sample (:meth:`Serving.risk_grads`).
 
 Row-scaled reuse (the math). Let H be the one recorded output (the logits) through which the risk
 r reaches the traced forward, and suppose the loss L reaches the recorded outputs upstream of H
@@ -73,25 +73,22 @@ class _Plan:
     scale: torch.Tensor | None = None    # 1 / c_i, set by the head's hook when the fit succeeds
 
 
-class StepBackward:
-    """``loss.backward(retain_graph=True)`` with the recorded outputs' gradients captured.
+class Serving:
+    """Which risks the step's output gradients serve, and serving them: planned from the risks'
+    graphs before the backward (:meth:`may_serve`), the row factors fitted and the gradients
+    captured by :meth:`hooks` during it (:meth:`reused`), handed over after it
+    (:meth:`risk_grads`).
 
-    Which gradients to capture is planned before the backward from the risks' graphs: all of them
-    for a vector objective (its per-sample pieces), otherwise only those upstream of a head some
-    risk may reuse. A captured gradient is released as soon as no remaining risk needs it, and
-    rescaled in place for the last risk using it when nothing else shares its storage, so that
-    the reuse holds no more memory than the partial backward it replaces.
-
-    Use as a context manager: on a normal exit the gradients held in ``.grad`` before the step
-    are added back (``.grad = earlier + step``, as ``loss.backward()`` accumulates); on an
-    exception ``.grad`` is restored to what it was before. Only nonzero earlier gradients are
-    moved aside (a parameter-sized copy while the step's gradient is read); when every earlier
-    gradient is None or zero the backward accumulates into them in place and nothing is copied.
+    What is captured: every recorded output's gradient for a vector objective (`keep_all`: its
+    per-sample pieces), otherwise only those upstream of a head some risk may reuse. A captured
+    gradient is released as soon as no remaining risk needs it, and rescaled in place for the last
+    risk using it when nothing else shares its storage, so that the reuse holds no more memory
+    than the partial backward it replaces.
     """
 
     def __init__(self, tape: Tape, loss: torch.Tensor, risks: Mapping[str, torch.Tensor], keep_all: bool = False):
         tape.check_open()
-        self.tape, self.loss = tape, loss
+        self.tape, self.loss, self.keep_all = tape, loss, keep_all
         self.outs = [o for c in tape.calls for o in c.outputs]
         self.slots = [(c, j) for c in tape.calls for j in range(len(c.outputs))]
         # where each output's gradient is taken (the value as recorded; see Call.targets)
@@ -103,84 +100,20 @@ class StepBackward:
             self._nodes.setdefault(e.node, []).append(k)
         self._bypass: dict = {}  # head node -> L does not reach it, or reaches its upstream around it
         self.plans = {name: self._plan(risk) for name, risk in risks.items()}
-        self.keep_all = keep_all  # the objective's own per-sample pieces need every captured gradient
         self._heads: dict[int, list[_Plan]] = {}  # head output index -> its reusable plans
         for name, plan in self.plans.items():
             if plan is not None and plan.reusable:
-                risk = risks[name]
-                try:
-                    (g,) = torch.autograd.grad(risk.sum(), [self.edges[plan.head]], retain_graph=True)
-                    plan.g_head = self._as_output(plan.head, g)
-                except RuntimeError as exc:
-                    raise RuntimeError(f"could not differentiate risk {name!r} through the traced "
-                                       f"forward: {exc}") from exc
+                plan.g_head = self._head_gradient(name, risks[name], plan)
                 self._heads.setdefault(plan.head, []).append(plan)
         self._users = Counter(p.head for p in self.plans.values() if p is not None and p.reusable)
-        wanted = {k for p in self.plans.values() if p is not None and p.reusable for k in p.upstream}
-        self._wanted = range(len(self.outs)) if self.keep_all else sorted(wanted)
         self.captured: list[torch.Tensor | None] = [None] * len(self.outs)
-        self._earlier: dict[str, torch.Tensor | None] = {}
 
-    def __enter__(self) -> "StepBackward":
-        if not _reaches(self.loss, self.tape):
-            raise ValueError("the objective's backward reaches none of the counted parameters")
-        # the step's gradient alone must land in .grad: gradients already there (mid-accumulation)
-        # wait aside; zeros (zero_grad(set_to_none=False)) stay, as 0 + g = g exactly
-        self._earlier = {n: p.grad for n, p in self.tape.params.items() if p.grad is not None}
-        zero = _all_zero(list(self._earlier.values()))
-        self._zeros = set(self._earlier) if zero else set()
-        if zero:
-            self._earlier = {}
-        for n in self._earlier:
-            self.tape.params[n].grad = None
-
-        # Backward reaches a head before anything upstream of it: the head's hook fits the row
-        # factors at once, and the upstream hooks keep a gradient only while someone can use it.
-        viable = {}  # output index -> the reusable plans whose upstream holds it
-        for plan in self.plans.values():
-            if plan is not None and plan.reusable:
-                for k in plan.upstream:
-                    viable.setdefault(k, []).append(plan)
-
-        def store(k):
-            nr = self.edges[k].output_nr
-
-            def hook(grad_outputs):
-                g = self._as_output(k, grad_outputs[nr])
-                if g is None:
-                    return
-                for plan in self._heads.get(k, ()):
-                    plan.scale = self._row_factors(g, plan.g_head)
-                if self.keep_all or any(pl.scale is not None and k != pl.head for pl in viable.get(k, ())):
-                    self.captured[k] = g
-            return hook
-
-        handles = [self.edges[k].node.register_prehook(store(k)) for k in self._wanted]
+    def _head_gradient(self, name: str, risk: torch.Tensor, plan: _Plan) -> torch.Tensor:
         try:
-            self.loss.sum().backward(retain_graph=True)
-        except BaseException:
-            self._restore(failed=True)
-            raise
-        finally:
-            for h in handles:
-                h.remove()
-        self.grads = {n: p.grad for n, p in self.tape.params.items() if p.grad is not None}
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        self._restore(failed=exc_type is not None)
-
-    def _restore(self, failed: bool) -> None:
-        for n, p in self.tape.params.items():
-            old = self._earlier.get(n)
-            if n in self._zeros:
-                if failed:
-                    p.grad.zero_()
-            elif failed or p.grad is None:
-                p.grad = old
-            elif old is not None:
-                p.grad = old.add_(p.grad)
-        self._earlier, self._zeros = {}, set()
+            (g,) = torch.autograd.grad(risk.sum(), [self.edges[plan.head]], retain_graph=True)
+        except RuntimeError as exc:
+            raise RuntimeError(f"could not differentiate risk {name!r} through the traced forward: {exc}") from exc
+        return self._as_output(plan.head, g)
 
     # -- planning (graph only, before the backward) -------------------------------------------------
     def _plan(self, risk: torch.Tensor) -> _Plan | None:
@@ -200,6 +133,36 @@ class StepBackward:
                                   or bool((reached - {node}) & {self.edges[k].node for k in upstream}))
         ok = not self._bypass[node] and risk.dim() == 1 and risk.shape[0] == self.outs[h].shape[0]
         return _Plan(h, upstream, ok)
+
+    # -- during the backward ------------------------------------------------------------------------
+    def hooks(self) -> dict:
+        """{output index: pre-hook for its edge's node} for the step's backward. Backward reaches a
+        head before anything upstream of it: the head's hook fits the row factors at once, and the
+        upstream hooks keep a gradient only while someone can use it."""
+        viable = {}  # output index -> the reusable plans whose upstream holds it
+        for plan in self.plans.values():
+            if plan is not None and plan.reusable:
+                for k in plan.upstream:
+                    viable.setdefault(k, []).append(plan)
+
+        def store(k):
+            nr = self.edges[k].output_nr
+
+            def hook(grad_outputs):
+                g = self._as_output(k, grad_outputs[nr])
+                if g is None:
+                    return
+                for plan in self._heads.get(k, ()):
+                    plan.scale = self._row_factors(g, plan.g_head)
+                if self.keep_all or any(pl.scale is not None and k != pl.head for pl in viable.get(k, ())):
+                    self.captured[k] = g
+            return hook
+
+        wanted = range(len(self.outs)) if self.keep_all else sorted(viable)
+        return {k: store(k) for k in wanted}
+
+    def _row_factors(self, g_loss, g_head):
+        return _row_factors(g_loss, g_head)
 
     # -- risks ------------------------------------------------------------------------------------
     def may_serve(self, name: str) -> bool:
@@ -232,36 +195,20 @@ class StepBackward:
         plan = self.plans.get(name)
         if plan is None:
             return None
-        head = self.edges[plan.head]
-        g_head = plan.g_head
-        plan.g_head = None
-        scale, last = plan.scale, False
+        g_head, plan.g_head = plan.g_head, None
+        last = False
         if plan.reusable:
             self._users[plan.head] -= 1
             last = self._users[plan.head] == 0 and not self.keep_all
+        if plan.scale is None:
+            return self._own_backward(plan, risk, g_head, last, what)
         out: list = [None] * len(self.outs)
-        if scale is None:  # its own backward, started at the head
-            call, j = self.slots[plan.head]
-            g_at = g_head if head is call.edges[j] else None  # already at the head's edge
-            if g_at is None:
-                try:
-                    (g_at,) = torch.autograd.grad(risk.sum(), [head], retain_graph=True)
-                except RuntimeError as exc:
-                    raise RuntimeError(f"could not differentiate {what} through the traced forward: {exc}") from exc
-            if last:
-                self._release(plan.upstream)
-            got = torch.autograd.grad([head], [self.edges[k] for k in plan.upstream], [g_at],
-                                      retain_graph=True, allow_unused=True)
-            for k, g in zip(plan.upstream, got):
-                out[k] = self._as_output(k, g)
-            out[plan.head] = self._as_output(plan.head, g_at)
-            return out
-        shared = self._shared_storages(plan.upstream) if last else None
+        shared = _shared_storages([self.captured[k] for k in plan.upstream], self.tape) if last else None
         for k in plan.upstream:
             g = self.captured[k]
             if g is None or k == plan.head:
                 continue
-            factor = per_row(self.tape, *self.slots[k][:1], scale, g).to(g.dtype)
+            factor = per_row(self.tape, *self.slots[k][:1], plan.scale, g).to(g.dtype)
             in_place = last and g.untyped_storage().data_ptr() not in shared
             out[k] = g.mul_(factor) if in_place else g * factor
         out[plan.head] = g_head
@@ -269,31 +216,107 @@ class StepBackward:
             self._release(plan.upstream)
         return out
 
+    def _own_backward(self, plan: _Plan, risk: torch.Tensor, g_head, last: bool, what: str) -> list:
+        """The risk's output gradients by its own backward, started at its head (the fit failed)."""
+        head = self.edges[plan.head]
+        call, j = self.slots[plan.head]
+        g_at = g_head if head is call.edges[j] else None  # already at the head's edge
+        if g_at is None:
+            try:
+                (g_at,) = torch.autograd.grad(risk.sum(), [head], retain_graph=True)
+            except RuntimeError as exc:
+                raise RuntimeError(f"could not differentiate {what} through the traced forward: {exc}") from exc
+        if last:
+            self._release(plan.upstream)
+        got = torch.autograd.grad([head], [self.edges[k] for k in plan.upstream], [g_at],
+                                  retain_graph=True, allow_unused=True)
+        out: list = [None] * len(self.outs)
+        for k, g in zip(plan.upstream, got):
+            out[k] = self._as_output(k, g)
+        out[plan.head] = self._as_output(plan.head, g_at)
+        return out
+
     def _as_output(self, k: int, g):
         call, j = self.slots[k]
         return call.as_output(j, g)
-
-    def _row_factors(self, g_loss, g_head):
-        return _row_factors(g_loss, g_head)
 
     def _release(self, ks) -> None:
         for k in ks:
             self.captured[k] = None
 
-    def _shared_storages(self, ks) -> set:
-        """Storages that more than one captured gradient, or a parameter's .grad, points into:
-        those must not be rescaled in place."""
-        seen, shared = set(), set()
-        for k in ks:
-            g = self.captured[k]
-            if g is not None:
-                ptr = g.untyped_storage().data_ptr()
-                (shared if ptr in seen else seen).add(ptr)
-        for p in self.tape.params.values():
-            if p.grad is not None:
-                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: a DTensor
-                shared.add(g.untyped_storage().data_ptr())
-        return shared
+
+class StepBackward:
+    """``loss.backward(retain_graph=True)`` with the recorded outputs' gradients captured for
+    `serving` (:class:`Serving`: its hooks run on the way).
+
+    Use as a context manager: on a normal exit the gradients held in ``.grad`` before the step
+    are added back (``.grad = earlier + step``, as ``loss.backward()`` accumulates); on an
+    exception ``.grad`` is restored to what it was before. Only nonzero earlier gradients are
+    moved aside (a parameter-sized copy while the step's gradient is read); when every earlier
+    gradient is None or zero the backward accumulates into them in place and nothing is copied.
+    ``grads``: the step's own gradient ({name: .grad}) inside the block.
+    """
+
+    def __init__(self, serving: Serving):
+        self.serving, self.tape, self.loss = serving, serving.tape, serving.loss
+        self._earlier: dict[str, torch.Tensor | None] = {}
+        self._zeros: set = set()
+
+    def __enter__(self) -> "StepBackward":
+        self.tape.check_open()
+        if not _reaches(self.loss, self.tape):
+            raise ValueError("the objective's backward reaches none of the counted parameters")
+        # the step's gradient alone must land in .grad: gradients already there (mid-accumulation)
+        # wait aside; zeros (zero_grad(set_to_none=False)) stay, as 0 + g = g exactly
+        self._earlier = {n: p.grad for n, p in self.tape.params.items() if p.grad is not None}
+        zero = _all_zero(list(self._earlier.values()))
+        self._zeros = set(self._earlier) if zero else set()
+        if zero:
+            self._earlier = {}
+        for n in self._earlier:
+            self.tape.params[n].grad = None
+        edges = self.serving.edges
+        handles = [edges[k].node.register_prehook(hook) for k, hook in self.serving.hooks().items()]
+        try:
+            self.loss.sum().backward(retain_graph=True)
+        except BaseException:
+            self._restore(failed=True)
+            raise
+        finally:
+            for h in handles:
+                h.remove()
+        self.grads = {n: p.grad for n, p in self.tape.params.items() if p.grad is not None}
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self._restore(failed=exc_type is not None)
+
+    def _restore(self, failed: bool) -> None:
+        for n, p in self.tape.params.items():
+            old = self._earlier.get(n)
+            if n in self._zeros:
+                if failed:
+                    p.grad.zero_()
+            elif failed or p.grad is None:
+                p.grad = old
+            elif old is not None:
+                p.grad = old.add_(p.grad)
+        self._earlier, self._zeros = {}, set()
+
+
+def _shared_storages(grads: list, tape: Tape) -> set:
+    """Storages that more than one of the captured `grads`, or a parameter's .grad, points into:
+    those must not be rescaled in place."""
+    seen, shared = set(), set()
+    for g in grads:
+        if g is not None:
+            ptr = g.untyped_storage().data_ptr()
+            (shared if ptr in seen else seen).add(ptr)
+    for p in tape.params.values():
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: a DTensor
+            shared.add(g.untyped_storage().data_ptr())
+    return shared
 
 
 def _reaches(loss: torch.Tensor, tape: Tape) -> bool:

@@ -63,7 +63,7 @@ class Call:
                                            # and the call's entry order (inner calls after outer ones)
     conditions: tuple | None = None        # what its rule's verdict is keyed on (gefx.rules.conditions);
                                            # None for stock modules and exact rules
-    # set per loss by gefx.dots.pieces_from before a rule runs:
+    # set per loss by gefx.collect.pieces_from before a rule runs:
     samples: int = 0                       # how many samples the batch rows group into (1: summed)
     batch_dim: int = 0
     memo: dict = field(default_factory=dict)        # per-call values shared by the losses of a trace
@@ -190,22 +190,16 @@ def _base(o: torch.Tensor):
     return get_gradient_edge(base), o.size(), o.stride(), o.storage_offset() - base.storage_offset()
 
 
-class Tape:
-    """What :func:`trace` returns: the recorded calls plus the parameter bookkeeping."""
+class Counted:
+    """The parameter bookkeeping of a trace: which parameters are counted and under which
+    canonical names, which recorded module owns each (``owned``) and which rule covers it
+    (``rules``), and the *hosts* (modules with counted parameters below them and no claim of their
+    own). :class:`Tape` records calls on top of it."""
 
-    def __init__(self, model: nn.Module, params: Iterable | None = None, check: str = "auto"):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"gefx.trace needs a torch.nn.Module, got {type(model).__name__}")
-        if check not in ("auto", "full"):
-            raise ValueError(f"check={check!r}: use 'auto' (the per-sample probe once per graph "
-                             "structure) or 'full' (on every loss)")
+    def __init__(self, model: nn.Module, params: Iterable | None = None):
         if next(model.parameters(), None) is None:
             raise ValueError(f"no parameterised module found in {type(model).__name__}")
-        check_supported(model)
-        check_engine(model)
-        shards.check(model)
         self.model = model
-        self.check = check
         counted = _counted(model, params)
         # canonical names in model order; a shared parameter gets the first name it appears under
         self.names: dict[int, str] = {}
@@ -232,71 +226,6 @@ class Tape:
                              if m in self.owned or m in self.hosts_of}
         self.calls: list[Call] = []
         self.group_cache: dict = {}  # groups preset -> resolved groups (gefx.groups.resolve)
-        self.hosts: list[Call] = []  # calls of host modules (promoted into calls when needed)
-        self.graph = Graph(self)
-        self._handles: list = []
-        self.hook_ids: set = set()
-        self._open = False
-        self._closed = False
-        self._paused = 0
-        self._batch: list[tuple] = []  # (batch, length) of each model forward in progress
-        self.engine_hooks: list = []  # DeepSpeed's hooks on the traced engine's outputs (gefx.dist.engine_hooks_off)
-        self._before: dict[nn.Module, tuple] = {}  # RNG state, node number and entry order at the pre-hook
-        self._zeros: dict = {}  # (dtype, device) -> a zero scalar, expanded into stand-ins (see _record)
-        self._entered = 0
-
-    # -- context protocol -------------------------------------------------------------------
-    def __enter__(self) -> "Tape":
-        if self._closed:
-            raise RuntimeError("this gefx.trace was closed; open a new one")
-        if getattr(nn.modules.module, "_global_forward_hooks", None):
-            raise Refused("a global forward hook is registered (torch.nn.modules.module."
-                          "register_module_forward_hook); it runs before gefx's hooks and may rewrite "
-                          "the outputs gefx records; remove it while measuring")
-        # torch.compile'd regions run the hooks eagerly (a graph break) instead of tracing them
-        rng, record = torch.compiler.disable(self._rng), torch.compiler.disable(self._record)
-        for module in [*self.owned, *self.hosts_of]:
-            self._handles.append(module.register_forward_pre_hook(rng, prepend=True))
-            self._handles.append(module.register_forward_hook(record, with_kwargs=True, prepend=True))
-        self._handles.append(self.model.register_forward_pre_hook(
-            torch.compiler.disable(self._enter_forward), with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(
-            torch.compiler.disable(self._leave_forward), always_call=True))
-        self.hook_ids = {h.id for h in self._handles}  # not part of a module's state (gefx.rules.module_state)
-        checkpointing.install(self)  # reentrant checkpoints run non-reentrantly while the trace is open
-        self._open = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        checkpointing.uninstall(self)
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.calls.clear()
-        self.hosts.clear()
-        self.engine_hooks.clear()
-        self._aliases.clear()
-        self.graph = Graph(self)  # drops what the checks held of this trace's calls
-        self._before.clear()
-        self._zeros.clear()
-        self._open = False
-        self._closed = True
-
-    def check_open(self) -> None:
-        if not self._open:
-            raise RuntimeError("this gefx.trace is closed: call grad_dots / g_effect inside the "
-                               "`with gefx.trace(model) as tape:` block")
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Recompute module forwards (rules, fallbacks) without recording them; checkpoints inside
-        them run plainly (gefx.checkpointing.plain)."""
-        self._paused += 1
-        try:
-            with checkpointing.plain():
-                yield
-        finally:
-            self._paused -= 1
 
     def rule(self, module: nn.Module) -> Rule:
         return self.rules[module]
@@ -319,6 +248,35 @@ class Tape:
         self.promote(call)
         self.owned[call.module].append((local, name))
         self.group_cache.clear()
+
+
+class Recorder(Counted):
+    """The forward hooks of a trace: each forward of a claimed module (or of a host) becomes a
+    :class:`Call` in ``calls`` (``hosts``), with what its rule and the checks need later: inputs,
+    outputs and the autograd edges they had, RNG and autocast state, the node-number span of its
+    forward, the conditions its rule's verdict is keyed on."""
+
+    def __init__(self, model: nn.Module, params: Iterable | None = None):
+        super().__init__(model, params)
+        self.hosts: list[Call] = []  # calls of host modules (promoted into calls when needed)
+        self.hook_ids: set = set()   # gefx's own hooks (not part of a module's state)
+        self.engine_hooks: list = []  # DeepSpeed's hooks on the traced engine's outputs (gefx.dist.engine_hooks_off)
+        self._paused = 0
+        self._batch: list[tuple] = []  # (batch, length) of each model forward in progress
+        self._before: dict[nn.Module, tuple] = {}  # RNG state, node number and entry order at the pre-hook
+        self._zeros: dict = {}  # (dtype, device) -> a zero scalar, expanded into stand-ins (see _record)
+        self._entered = 0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Recompute module forwards (rules, fallbacks) without recording them; checkpoints inside
+        them run plainly (gefx.checkpointing.plain)."""
+        self._paused += 1
+        try:
+            with checkpointing.plain():
+                yield
+        finally:
+            self._paused -= 1
 
     # -- recording ---------------------------------------------------------------------------
     def _enter_forward(self, model, args, kwargs) -> None:
@@ -417,6 +375,72 @@ class Tape:
         if key not in self._zeros:
             self._zeros[key] = torch.zeros((), dtype=o.dtype, device=o.device)
         return self._zeros[key].expand(o.shape)
+
+
+class Tape(Recorder):
+    """What :func:`trace` returns: the recorded calls (:class:`Recorder`) and the parameter
+    bookkeeping (:class:`Counted`) of one trace, with its checks (``graph``, gefx.soundness); open
+    while the ``with`` block runs."""
+
+    def __init__(self, model: nn.Module, params: Iterable | None = None, check: str = "auto"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"gefx.trace needs a torch.nn.Module, got {type(model).__name__}")
+        if check not in ("auto", "full"):
+            raise ValueError(f"check={check!r}: use 'auto' (the per-sample probe once per graph "
+                             "structure) or 'full' (on every loss)")
+        if next(model.parameters(), None) is None:
+            raise ValueError(f"no parameterised module found in {type(model).__name__}")
+        check_supported(model)
+        check_engine(model)
+        shards.check(model)
+        super().__init__(model, params)
+        self.check = check
+        self.graph = Graph(self)
+        self._handles: list = []
+        self._open = False
+        self._closed = False
+
+    # -- context protocol -------------------------------------------------------------------
+    def __enter__(self) -> "Tape":
+        if self._closed:
+            raise RuntimeError("this gefx.trace was closed; open a new one")
+        if getattr(nn.modules.module, "_global_forward_hooks", None):
+            raise Refused("a global forward hook is registered (torch.nn.modules.module."
+                          "register_module_forward_hook); it runs before gefx's hooks and may rewrite "
+                          "the outputs gefx records; remove it while measuring")
+        # torch.compile'd regions run the hooks eagerly (a graph break) instead of tracing them
+        rng, record = torch.compiler.disable(self._rng), torch.compiler.disable(self._record)
+        for module in [*self.owned, *self.hosts_of]:
+            self._handles.append(module.register_forward_pre_hook(rng, prepend=True))
+            self._handles.append(module.register_forward_hook(record, with_kwargs=True, prepend=True))
+        self._handles.append(self.model.register_forward_pre_hook(
+            torch.compiler.disable(self._enter_forward), with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(
+            torch.compiler.disable(self._leave_forward), always_call=True))
+        self.hook_ids = {h.id for h in self._handles}  # not part of a module's state (gefx.rules.module_state)
+        checkpointing.install(self)  # reentrant checkpoints run non-reentrantly while the trace is open
+        self._open = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        checkpointing.uninstall(self)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.calls.clear()
+        self.hosts.clear()
+        self.engine_hooks.clear()
+        self._aliases.clear()
+        self.graph = Graph(self)  # drops what the checks held of this trace's calls
+        self._before.clear()
+        self._zeros.clear()
+        self._open = False
+        self._closed = True
+
+    def check_open(self) -> None:
+        if not self._open:
+            raise RuntimeError("this gefx.trace is closed: call grad_dots / g_effect inside the "
+                               "`with gefx.trace(model) as tape:` block")
 
 
 def trace(model: nn.Module, params: Iterable | None = None, *, check: str = "auto") -> Tape:

@@ -35,14 +35,14 @@ def _losses(model, objective: str):
 def reuse_log(monkeypatch):
     """Records, per numeric row-factor fit, whether the step's gradients were reused."""
     log = []
-    orig = S.StepBackward._row_factors
+    orig = S.Serving._row_factors
 
     def spy(self, *a, **k):
         out = orig(self, *a, **k)
         log.append(out is not None)
         return out
 
-    monkeypatch.setattr(S.StepBackward, "_row_factors", spy)
+    monkeypatch.setattr(S.Serving, "_row_factors", spy)
     return log
 
 

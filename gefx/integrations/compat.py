@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ..dots import aggregated, collect
+from ..collect import collect
+from ..products import aggregated
 from ..groups import resolve
 from ..precision import acc_dtype
 from ..tape import Tape

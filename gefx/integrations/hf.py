@@ -47,7 +47,8 @@ import types
 
 import torch
 
-from ..geffect import GEffect, Prepared, g_effect, prepare
+from ..effects import GEffect
+from ..geffect import Prepared, g_effect, prepare
 from ..losses import RISKS
 from ..dist import before_engine_step
 from ..shards import engine_grads

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from ..effects import pack, unpack
-from ..geffect import GEffect
+from ..effects import GEffect
 
 LOG = "records.jsonl"
 

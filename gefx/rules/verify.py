@@ -67,7 +67,7 @@ def verdict_of(call, rule: Rule | None = None) -> Verdict | None:
 
 def ready(tape, call) -> bool:
     """Whether the call's pieces can be formed inside autograd's backward, as its output gradient
-    arrives (``gefx.dots.collect_each``): a built-in rule that forms them from the recorded tensors
+    arrives (``gefx.collect.collect_each``): a built-in rule that forms them from the recorded tensors
     alone (no autograd of its own), with nothing left to verify on this module."""
     rule = tape.rules[call.module]
     if not rule.streams:
