@@ -34,11 +34,11 @@ class Grads:
     batch: int
 
 
-def check_graph(tape: Tape, loss: torch.Tensor, what: str):
-    """Coverage and the per-sample probe for a per-sample loss, without keeping its gradients
-    (the online mode checks its losses before the step's backward touches ``.grad``). Returns the
-    loss's :class:`gefx.soundness.Reach`."""
-    reach = tape.graph.reach(loss, what)
+def check_graph(tape: Tape, loss: torch.Tensor, what: str, reach=None):
+    """Coverage (unless its `reach` is given) and the per-sample probe for a per-sample loss,
+    without keeping its gradients (the online mode's checks of losses whose gradients come from
+    the step's backward). Returns the loss's :class:`gefx.soundness.Reach`."""
+    reach = tape.graph.reach(loss, what) if reach is None else reach
     with dist.engine_hooks_off(tape):
         soundness.probe(tape, loss, reach, reach.slots(), None, what)
     return reach

@@ -363,14 +363,14 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
                          "and .against(gefx.engine_grads(model)) after it (or g_effect without backward=True "
                          "before the step)")
     tape.check_open()
-    # every graph's coverage is checked before the step's backward touches .grad, and the per-sample
-    # probe of the objective and of each risk the step may serve (whose own backward would be the
-    # probe's); the other risks are probed after it by the two passes that are their backward
-    # (collect_each; a refusal then restores .grad, as any error inside StepBackward does)
+    # every graph's coverage is checked before the step's backward touches .grad (and the objective's
+    # per-sample contract when its instances are asked for); each risk's per-sample probe runs after
+    # it, on the risk's turn: a risk with its own backward is probed by the two passes that are that
+    # backward (collect_each), a risk the step serves before its served gradients are used; a
+    # refusal then restores .grad, as any error inside StepBackward does
     obj_reach = check_graph(tape, objective, "objective") if instances else None
     serving = Serving(tape, objective, risks, keep_all=instances)
-    reaches = {name: check_graph(tape, risk, f"risk {name!r}") if serving.may_serve(name)
-               else tape.graph.reach(risk, f"risk {name!r}") for name, risk in risks.items()}
+    reaches = {name: tape.graph.reach(risk, f"risk {name!r}") for name, risk in risks.items()}
     with StepBackward(serving) as step:
         g_obj = pieces_from(tape, objective, serving.captured, per_sample=True, what="objective",
                             users=obj_reach.calls) if instances else None
@@ -378,8 +378,9 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
             what = f"risk {name!r}"
             if not serving.reused(name):  # its own backward, streamed
                 serving.forgo(name)
-                return collect_each(tape, risk, take, what=what, probe=not serving.may_serve(name))
-            grads = serving.risk_grads(name, risk, what)
+                return collect_each(tape, risk, take, what=what)
+            check_graph(tape, risk, what, reaches[name])
+            grads = serving.risk_grads(name)
             return _held(tape, pieces_from(tape, risk, grads, per_sample=True, what=what,
                                            users=reaches[name].calls))(take)
 

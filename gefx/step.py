@@ -187,21 +187,15 @@ class Serving:
         if self._users[plan.head] == 0 and not self.keep_all:
             self._release(plan.upstream)
 
-    def risk_grads(self, name: str, risk: torch.Tensor, what: str) -> list[torch.Tensor | None] | None:
-        """The risk's gradient at every recorded output (None where it does not reach), reusing
-        the step's where the module docstring's conditions hold and otherwise by one backward
-        from the risk's head; None when the risk does not reach the forward through a single
-        recorded head (the caller then differentiates it as usual). Call once per risk."""
-        plan = self.plans.get(name)
-        if plan is None:
-            return None
+    def risk_grads(self, name: str) -> list[torch.Tensor | None]:
+        """The gradient of a risk the step serves (:meth:`reused`) at every recorded output (None
+        where it does not reach): the step's, rescaled per sample. Call once per risk."""
+        plan = self.plans[name]
+        if plan is None or plan.scale is None:
+            raise ValueError(f"the step's gradients do not serve risk {name!r}")
         g_head, plan.g_head = plan.g_head, None
-        last = False
-        if plan.reusable:
-            self._users[plan.head] -= 1
-            last = self._users[plan.head] == 0 and not self.keep_all
-        if plan.scale is None:
-            return self._own_backward(plan, risk, g_head, last, what)
+        self._users[plan.head] -= 1
+        last = self._users[plan.head] == 0 and not self.keep_all
         out: list = [None] * len(self.outs)
         shared = _shared_storages([self.captured[k] for k in plan.upstream], self.tape) if last else None
         for k in plan.upstream:
@@ -214,26 +208,6 @@ class Serving:
         out[plan.head] = g_head
         if last:
             self._release(plan.upstream)
-        return out
-
-    def _own_backward(self, plan: _Plan, risk: torch.Tensor, g_head, last: bool, what: str) -> list:
-        """The risk's output gradients by its own backward, started at its head (the fit failed)."""
-        head = self.edges[plan.head]
-        call, j = self.slots[plan.head]
-        g_at = g_head if head is call.edges[j] else None  # already at the head's edge
-        if g_at is None:
-            try:
-                (g_at,) = torch.autograd.grad(risk.sum(), [head], retain_graph=True)
-            except RuntimeError as exc:
-                raise RuntimeError(f"could not differentiate {what} through the traced forward: {exc}") from exc
-        if last:
-            self._release(plan.upstream)
-        got = torch.autograd.grad([head], [self.edges[k] for k in plan.upstream], [g_at],
-                                  retain_graph=True, allow_unused=True)
-        out: list = [None] * len(self.outs)
-        for k, g in zip(plan.upstream, got):
-            out[k] = self._as_output(k, g)
-        out[plan.head] = self._as_output(plan.head, g_at)
         return out
 
     def _as_output(self, k: int, g):
