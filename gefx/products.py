@@ -240,20 +240,52 @@ class _Products:
     """The contract stage for one risk: ``take(name, pieces)`` for each parameter its pieces
     reach, as they come; ``values`` then holds its products. `direction` ({name: tensor} or None):
     also the products along it; `squares` (a dict, or None): filled with the objective's squared
-    norm per parameter (shared by the risks: each parameter's formed once)."""
+    norm per parameter (shared by the risks: each parameter's formed once).
+
+    Samples whose pieces of a parameter are all zero are left out of its products (they are 0):
+    on a risk's first use each of the probe's two passes brings the pieces of its part of the
+    samples and zeros for the others (``gefx.collect.collect_each``), so the two passes' products
+    cost one backward's, not two."""
 
     def __init__(self, tape: Tape, instances: bool, direction, squares):
         self.tape, self.direction, self.squares = tape, direction, squares
         self.values = Values({}, {} if instances else None, None if direction is None else {},
                              None if squares is None else {})
 
-    def extras(self, n: str, P) -> None:
+    def take(self, n: str, P) -> None:
+        live, rows = _live(P)
+        batch = P[0].batch
+        self._take(n, live, lambda x: x if rows is None or x is None else
+                   x.new_zeros((batch, *x.shape[1:])).index_copy_(0, rows, x))
+
+    def extras(self, n: str, P, spread) -> None:
         """What does not depend on the objective: the direction's product, the self products."""
         v = self.values
         if v.pred is not None and n in self.direction:
-            v.add(v.pred, n, shards.contract_with([P], self.direction[n])[0])
+            v.add(v.pred, n, spread(shards.contract_with([P], self.direction[n])[0]))
         if v.norms is not None:
-            v.add(v.norms, n, self_norms(P))
+            v.add(v.norms, n, spread(self_norms(P)))
+
+
+def _live(P: list[Piece]) -> tuple[list[Piece], torch.Tensor | None]:
+    """(P restricted to the samples whose gradient is not plainly zero, their indices), or (P, None)
+    when that is every sample or none. A sample's gradient is plainly zero when, in every piece, one
+    of its factors (or its per-sample gradient) is all zeros for it: one pass over the pieces."""
+    dead = None
+    for p in P:
+        if isinstance(p, PerSample):
+            zero = ~p.grad.ne(0).flatten(1).any(1)
+        elif p.ids:
+            zero = ~p.right.ne(0).flatten(1).any(1)
+        else:
+            zero = ~(p.left.ne(0).flatten(1).any(1) & p.right.ne(0).flatten(1).any(1))
+        dead = zero if dead is None else dead & zero
+    n_dead = int(dead.sum()) if dead is not None else 0
+    if n_dead == 0 or n_dead == dead.numel():
+        return P, None
+    rows = (~dead).nonzero().squeeze(1)
+    return [PerSample(p.grad[rows]) if isinstance(p, PerSample) else
+            Factored(p.left[rows], p.right[rows], None if p.mask is None else p.mask[rows], p.block) for p in P], rows
 
 
 class Against(_Products):
@@ -264,17 +296,17 @@ class Against(_Products):
         super().__init__(tape, g_obj is not None, direction, squares)
         self.m_obj, self.g_obj = m_obj, g_obj
 
-    def take(self, n: str, P) -> None:
+    def _take(self, n: str, P, spread) -> None:
         v, sq = self.values, self.squares
         if n in self.m_obj:
             value = self.m_obj[n]
             if sq is not None and n not in sq:
                 sq[n] = shards.sq_norm(value)
-            v.add(v.rows, n, shards.contract_with([P], value)[0])
+            v.add(v.rows, n, spread(shards.contract_with([P], value)[0]))
             del value
-        if self.g_obj is not None and self.g_obj.pieces.get(n):
+        if self.g_obj is not None and self.g_obj.pieces.get(n):  # per objective instance: a sum over the risk's
             v.add(v.cols, n, marginals(self.g_obj.pieces[n], P, dist.shape(self.tape.params[n]), need_cols=False)[0])
-        self.extras(n, P)
+        self.extras(n, P, spread)
 
     def objective_squares(self) -> dict:
         """The objective's squared norm per parameter, also where this risk did not reach."""
@@ -293,18 +325,18 @@ class ByMarginals(_Products):
         super().__init__(tape, instances, direction, squares)
         self.g_obj = g_obj
 
-    def take(self, n: str, P) -> None:
+    def _take(self, n: str, P, spread) -> None:
         v, sq, Q = self.values, self.squares, self.g_obj.pieces.get(n)
         if Q:
             shape = dist.shape(self.tape.params[n])
             memo: dict = {}  # this parameter's aggregated objective gradient, if formed: dropped after it
             row, col = marginals(P, Q, shape, need_cols=v.cols is not None, memo=memo)
-            v.add(v.rows, n, row)
+            v.add(v.rows, n, spread(row))
             if v.cols is not None:
                 v.add(v.cols, n, col)
             if sq is not None and n not in sq:
                 sq[n] = (memo["q"] if "q" in memo else dense(Q, shape)).pow(2).sum()
-        self.extras(n, P)
+        self.extras(n, P, spread)
 
     def objective_squares(self) -> dict:
         for n, Q in self.g_obj.pieces.items():

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import gefx
+import gefx.products
 from gefx import soundness
 from gefx.losses import sequence_nll
 from gefx.streaming import stream
@@ -76,7 +77,17 @@ def test_stream_side_branches_and_unreached():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("mode", ["online", "before"])
-def test_streamed_effects_match_oracle_first_and_warm(family, mode):
+def test_streamed_effects_match_oracle_first_and_warm(family, mode, monkeypatch):
+    """...and on first use, each probe pass's products are taken over its own part of the samples
+    only (the other part's pieces are zeros): per parameter, the two passes handle B samples in all."""
+    handled = []
+    real = gefx.products._live
+
+    def spy(P):
+        live, rows = real(P)
+        handled.append((P[0].batch, None if rows is None else len(rows)))
+        return live, rows
+    monkeypatch.setattr(gefx.products, "_live", spy)
     model = tiny_model(family, layers=2).train()
     params = [p for p in model.parameters() if p.requires_grad]
     fi, fm, fl = batch(3, 7, seed=1)
@@ -94,6 +105,12 @@ def test_streamed_effects_match_oracle_first_and_warm(family, mode):
         assert rel_err(eff["forget"].per_instance, Gf @ g) < 1e-9, (mode, first)
         assert rel_err(eff["retain"].per_instance, Gr @ g) < 1e-9, (mode, first)
         assert rel_err(eff["retain"].risk_norm, Gr.norm(dim=1)) < 1e-9, (mode, first)
+        parts = [n for b, n in handled if n is not None]
+        if first:  # the retain risk's two passes (2 + 0 or 1 + 1 of its 2 samples), each parameter once
+            assert parts and all(0 < n < b for b, n in handled if n is not None), handled
+        else:
+            assert not parts, handled
+        handled.clear()
 
 
 def test_prepare_with_objective_refuses_what_it_cannot_finish():
