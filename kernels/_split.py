@@ -27,10 +27,11 @@ slots = SMs x PROGRAMS_PER_SM programs run at once; overhead = the per-program w
 in steps (the epilogue, and for the Gram kernels the workspace round trip: BT x BS x 4 bytes
 written and read back, against (BT + BS) x BK x elem bytes loaded per step). S = 1 is the unsplit
 kernel (overhead without the workspace). The S with the least cost wins (ties: the smaller S),
-subject to: chunks of >= MIN_STEPS steps on average (a pipelined loop needs a few iterations; chunks of
-a few hundred features are where a split stops paying for its workspace), S <= MAX_SPLIT, and the
-workspace chunks x programs x bytes per program <= workspace_bytes() (GEFX_TRITON_WORKSPACE_MB, default
-32 MiB) and <= WORKSPACE_INPUT_FRACTION (1/2) of the inputs' bytes. A grid that fills the slots gains nothing (waves grow with S as fast as the steps shrink),
+subject to: chunks of >= MIN_STEPS steps on average (a pipelined loop needs a few iterations;
+chunks of a few hundred features are where a split stops paying for its workspace),
+S <= MAX_SPLIT, and the workspace (chunks x programs x bytes per program) <= workspace_bytes()
+(GEFX_TRITON_WORKSPACE_MB, default 32 MiB) and <= WORKSPACE_INPUT_FRACTION (1/2) of the inputs'
+bytes. A grid that fills the slots gains nothing (waves grow with S as fast as the steps shrink),
 so only grids under about one wave, or with a costly partial last wave, split. The model ignores
 L2 reuse and memory bandwidth: its constants are to be checked against GPU timings, and the host
 tuner still picks among block configs, each with its own planned S (logged with the config).
@@ -56,6 +57,10 @@ MIN_STEPS = 8
 MAX_SPLIT = 32
 # a Gram split's workspace is at most this fraction of its inputs' bytes (and workspace_bytes())
 WORKSPACE_INPUT_FRACTION = 0.5
+# the chunk kernel's register cap (.maxnreg), the most a thread can have: without an explicit cap,
+# triton 3.6's ptxas held it to 80-128 registers with 4-36 B of spills on sm_80 (an occupancy
+# heuristic); with it, it takes what the tile needs (compile check: no spills, <= 214 registers)
+MAX_REGISTERS = 255
 
 
 def sm_count(device: torch.device | str | None = None) -> int:
@@ -203,15 +208,8 @@ def gram_chunk_launch(ws, chunk0: int, n_chunks: int, per: int, x1, x2, mask1, m
         HAS_M1=has1, HAS_M2=has2, SYMMETRIC=sym,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_S=cfg.get("BLOCK_S", cfg["BLOCK_T"]), BLOCK_K=cfg["BLOCK_K"],
         UPCAST=upcast, PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        maxnreg=max_registers(cfg["num_warps"]),
+        maxnreg=MAX_REGISTERS,
     )
-
-
-def max_registers(num_warps: int) -> int:
-    """The chunk kernel's register cap (.maxnreg): 255, the most a thread can have. Without an
-    explicit cap, triton 3.6's ptxas gave it 80-128 registers and 4-36 B of spills on sm_80 (an
-    occupancy heuristic); with it, it takes what the tile needs (the compile check: no spills)."""
-    return 255
 
 
 @triton.jit
