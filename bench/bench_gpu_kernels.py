@@ -16,15 +16,28 @@ Counted flops (multiply-add = 2):
     materialise      2 * B * T * Da * Dg per set (+ the dots of the B x Dg x Da gradients)
     embedding ops, norm_grad: memory-bound, no TFLOP/s.
 
-The grid is ordered by priority (T=512, B=8 first, then T=128, T=512 other B, then T=2048) and
-stops at --budget seconds; a provider whose estimated time exceeds --max-case-s or whose memory
-estimate exceeds 40% of free memory is skipped and says so.
+The grid is ordered by priority (T=512 B=8, then the small B x T cases where the split feature
+loops of kernels/_split.py act: T=512 B=4, T=128 B=4, then T=2048 B=4, the rest of T=128 and
+T=512, T=2048 B=8/16) and stops at --budget seconds; a provider whose estimated time exceeds
+--max-case-s or whose memory estimate exceeds 40% of free memory is skipped and says so.
+
+Each Triton row also gives the config the host tuner picked for the case (gefx.kernels._common.PICKS,
+the planned split included, e.g. "T64 K64 w4 s3 x3") and a cross-check against the torch
+reference's result on the same inputs (max |triton - torch| / max |torch|; flagged above 5e-2: the
+torch reference itself rounds its bf16 products, so this catches a wrong kernel, not a 1e-3 error;
+the exact accuracy checks are the tests). A failed cross-check is reported beside the timings and
+stops nothing. Where the pick split the feature loop, "triton_s1" times the same config unsplit.
+Every row is written as one JSON line to --out as soon as it is measured (default
+bench/out_gpu/kernels.jsonl; stdout is line-buffered), so a run cut short (timeout: SIGTERM) keeps
+everything it measured; the target summary is printed for the rows measured so far.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -150,7 +163,7 @@ def cases(dry: bool):
     layers = DRY_LAYERS if dry else LAYERS
     hidden, vocab = (DRY_HIDDEN, DRY_VOCAB) if dry else (HIDDEN, VOCAB)
     grid = [(16, 2), (33, 3)] if dry else (
-        [(512, 8), (128, 4), (128, 8), (128, 16), (512, 4), (512, 16), (2048, 4), (2048, 8), (2048, 16)])
+        [(512, 8), (512, 4), (128, 4), (2048, 4), (128, 8), (128, 16), (512, 16), (2048, 8), (2048, 16)])
     for t, b in grid:
         for op in ("ghost_self", "ghost_pairwise", "dense_dot"):
             for layer, (da, dg) in layers.items():
@@ -231,15 +244,53 @@ def est_seconds(c, name, peak_tflops) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
+def picked(start: int) -> list[dict]:
+    """The tuner's picks made since PICKS had `start` entries (the case's configs)."""
+    from gefx.kernels import _common as C
+    return C.PICKS[start:]
+
+
+def unsplit(op, picks):
+    """A provider running the picked config with its feature loop unsplit, or None (no split)."""
+    import importlib
+    cfgs = [p["config"] for p in picks if p["op"] == op and p["config"].get("SPLIT", 1) > 1]
+    if not cfgs:
+        return None
+    mod = importlib.import_module(f"gefx.kernels.{op}")
+    cfg = dict(cfgs[-1], SPLIT=1)
+    return lambda *x: mod._launch(*x, cfg)
+
+
+def xcheck(out, ref) -> float:
+    """max |out - ref| / max |ref| (0 when both vanish)."""
+    out, ref = out.double(), ref.double()
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    diff = float((out - ref).abs().max()) if ref.numel() else 0.0
+    return diff / scale if scale else diff
+
+
+XCHECK_TOL = 5e-2
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter, fp32")
     ap.add_argument("--budget", type=float, default=200.0, help="seconds for the whole grid")
     ap.add_argument("--max-case-s", type=float, default=6.0, help="skip a provider estimated slower than this")
     ap.add_argument("--ops", default="", help="comma-separated subset of ops")
+    ap.add_argument("--out", default=None, help="JSON lines, one per measured row (default "
+                    "bench/out_gpu/kernels.jsonl; none in a dry run unless given)")
     args = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    signal.signal(signal.SIGTERM, _stop)
 
     import gefx.kernels as K
+    from gefx.kernels import _common as C
+    from gefx.kernels.compile_check import cfg_label
 
     if K.UNAVAILABLE:
         print(f"triton backend unavailable: {K.UNAVAILABLE}")
@@ -251,65 +302,125 @@ def main(argv=None) -> int:
     dtype = torch.float32 if args.dry_run else torch.bfloat16  # bf16 is not exact under the interpreter
     vocab = DRY_VOCAB if args.dry_run else VOCAB
     gen = torch.Generator().manual_seed(0)
+    if args.dry_run:  # tiny feature sizes: let the cost model split anyway, to run that code path too
+        from gefx.kernels import _split
+        _split.MIN_STEPS = 1
     deadline = time.monotonic() + args.budget
     wanted = {s for s in args.ops.split(",") if s}
+    out_path = args.out or (None if args.dry_run else os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                   "out_gpu", "kernels.jsonl"))
+    sink = None
+    if out_path:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        sink = open(out_path, "w")
 
     import triton
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU (Triton interpreter)"
-    print(f"# device: {name}; torch {torch.__version__}; triton {triton.__version__}; dtype {dtype}")
+    head = f"# device: {name}; torch {torch.__version__}; triton {triton.__version__}; dtype {dtype}"
+    print(head)
+    if sink:
+        sink.write(json.dumps(dict(header=head)) + "\n")
+        sink.flush()
     if args.dry_run:
         print("# dry run: CPU interpreter timings say nothing about GPU speed; this checks the code path")
-    peak = matmul_tflops(dev, dtype)
-    print(f"# measured {dtype} matmul throughput (8192^3): {peak:.1f} TFLOP/s")
-    hdr = f"{'op':<20}{'layer':<8}{'B':>3}{'T':>6}  {'provider':<12}{'ms':>10}{'TFLOP/s':>9}{'speedup':>9}{'peakMiB':>10}  note"
-    print(hdr)
-    print("-" * len(hdr))
     rows, skipped = [], 0
-    for c in cases(args.dry_run):
-        if wanted and c["op"] not in wanted:
-            continue
-        if time.monotonic() > deadline:
-            skipped += 1
-            continue
-        inputs = make_inputs(c, dev, dtype, gen)
-        ref_ms = None
-        free = torch.cuda.mem_get_info()[0] if dev == "cuda" else float("inf")
-        for prov, fn in providers(c, K.OPS, vocab).items():
-            note = ""
-            est = est_seconds(c, prov, peak)
-            if not args.dry_run and est > args.max_case_s:
-                note = f"skipped: est {est:.0f}s > --max-case-s"
-            elif mem_estimate(c, prov) > 0.4 * free:
-                note = f"skipped: needs ~{mem_estimate(c, prov) / 2**30:.0f} GiB"
-            if note:
-                print(f"{c['op']:<20}{c['layer']:<8}{c['B']:>3}{c['T']:>6}  {prov:<12}{'-':>10}{'-':>9}{'-':>9}{'-':>10}  {note}")
+    try:
+        peak = matmul_tflops(dev, dtype)
+        print(f"# measured {dtype} matmul throughput (8192^3): {peak:.1f} TFLOP/s")
+        hdr = (f"{'op':<20}{'layer':<8}{'B':>3}{'T':>6}  {'provider':<12}{'ms':>10}{'TFLOP/s':>9}{'speedup':>9}"
+               f"{'peakMiB':>10}  note (triton: picked config; xcheck = max|triton - torch| / max|torch|)")
+        print(hdr)
+        print("-" * len(hdr))
+        for c in cases(args.dry_run):
+            if wanted and c["op"] not in wanted:
                 continue
-            try:
-                ms = time_ms(lambda: fn(*inputs))
-                mib = peak_extra_mib(lambda: fn(*inputs))
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                print(f"{c['op']:<20}{c['layer']:<8}{c['B']:>3}{c['T']:>6}  {prov:<12}{'OOM':>10}")
+            if time.monotonic() > deadline:
+                skipped += 1
                 continue
-            f = mat_flops(c) if prov == "materialise" and flops(c) else flops(c)
-            if prov == "cublas_gemm":
-                f = 2.0 * c["B"] * c["T"] * c["Da"] * c["Dg"]
-            tf = f / ms / 1e9 if f else float("nan")
-            if prov == "torch":
-                ref_ms = ms
-            speedup = ref_ms / ms if ref_ms else float("nan")
-            rows.append(dict(c, provider=prov, ms=ms, tflops=tf, mib=mib, speedup=speedup))
-            sp = f"{speedup:.2f}x"
-            print(f"{c['op']:<20}{c['layer']:<8}{c['B']:>3}{c['T']:>6}  {prov:<12}{ms:>10.3f}"
-                  f"{tf:>9.1f}{sp:>9}{mib:>10.1f}  ")
-        del inputs
-        if dev == "cuda":
-            torch.cuda.empty_cache()
+            run_case(c, args, dev, dtype, vocab, gen, peak, K, C, cfg_label, sink, rows)
+    except KeyboardInterrupt as exc:
+        print(f"\n# interrupted ({exc}): {len(rows)} rows measured, all written above"
+              + (f" and to {out_path}" if sink else ""))
+    finally:
+        if sink:
+            sink.close()
     if skipped:
         print(f"# {skipped} cases not run: --budget {args.budget:.0f}s reached")
     print()
+    bad = [r for r in rows if r.get("xcheck", 0.0) > XCHECK_TOL]
+    for r in bad:
+        print(f"# CROSS-CHECK FAILED: {r['op']} {r['layer']} B={r['B']} T={r['T']} {r['provider']}: "
+              f"{r['xcheck']:.2e} > {XCHECK_TOL}")
     print("# targets: not evaluated in a dry run" if args.dry_run else summary(rows, peak))
-    return 0
+    return 1 if bad else 0
+
+
+def run_case(c, args, dev, dtype, vocab, gen, peak, K, C, cfg_label, sink, rows: list) -> None:
+    """Time every provider of one case; print, write and append to `rows` each row as soon as it is
+    measured."""
+    inputs = make_inputs(c, dev, dtype, gen)
+    ref_ms, ref_out = None, None
+    free = torch.cuda.mem_get_info()[0] if dev == "cuda" else float("inf")
+    provs = providers(c, K.OPS, vocab)
+    names = list(provs)
+    n = 0
+    while n < len(names):
+        prov = names[n]
+        n += 1
+        fn = provs[prov]
+        lead = f"{c['op']:<20}{c['layer']:<8}{c['B']:>3}{c['T']:>6}  {prov:<12}"
+        note = ""
+        est = est_seconds(c, prov.split("_s1")[0], peak)
+        if not args.dry_run and est > args.max_case_s:
+            note = f"skipped: est {est:.0f}s > --max-case-s"
+        elif mem_estimate(c, prov) > 0.4 * free:
+            note = f"skipped: needs ~{mem_estimate(c, prov) / 2**30:.0f} GiB"
+        if note:
+            print(f"{lead}{'-':>10}{'-':>9}{'-':>9}{'-':>10}  {note}")
+            continue
+        start = len(C.PICKS)
+        try:
+            result = fn(*inputs)  # warm-up (compiles and tunes) and the result for the cross-check
+            ms = time_ms(lambda: fn(*inputs))
+            mib = peak_extra_mib(lambda: fn(*inputs))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            print(f"{lead}{'OOM':>10}")
+            continue
+        f = mat_flops(c) if prov == "materialise" and flops(c) else flops(c)
+        if prov == "cublas_gemm":
+            f = 2.0 * c["B"] * c["T"] * c["Da"] * c["Dg"]
+        tf = f / ms / 1e9 if f else float("nan")
+        if prov == "torch":
+            ref_ms, ref_out = ms, result
+        speedup = ref_ms / ms if ref_ms else float("nan")
+        row = dict(c, provider=prov, ms=ms, tflops=tf, mib=mib, speedup=speedup)
+        if prov == "triton":
+            picks = picked(start)
+            row["config"] = "; ".join(cfg_label(p["config"]) + (f" ({p['how']})" if p["how"] != "timed" else "")
+                                      for p in picks) or "(cached)"
+            row["picks"] = picks
+            if ref_out is not None:
+                row["xcheck"] = xcheck(result, ref_out)
+            s1 = unsplit(c["op"], picks)
+            if s1 is not None:  # time the same config unsplit, right after
+                provs["triton_s1"] = s1
+                names.insert(n, "triton_s1")
+        elif prov == "triton_s1" and ref_out is not None:
+            row["xcheck"] = xcheck(result, ref_out)
+        note = row.get("config", "")
+        if "xcheck" in row:
+            flag = " FAILED" if row["xcheck"] > XCHECK_TOL else ""
+            note += f"{'; ' if note else ''}xcheck {row['xcheck']:.1e}{flag}"
+        print(f"{lead}{ms:>10.3f}{tf:>9.1f}{speedup:>8.2f}x{mib:>10.1f}  {note}")
+        rows.append(row)
+        if sink:
+            sink.write(json.dumps(row, default=str) + "\n")
+            sink.flush()
+        del result
+    del inputs, ref_out
+    if dev == "cuda":
+        torch.cuda.empty_cache()
 
 
 def summary(rows, peak) -> str:

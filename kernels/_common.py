@@ -11,7 +11,9 @@ that the host sums in a fixed order, so results are deterministic (no atomics).
 Tuning: block sizes decide the grid and the partial buffer, so they are tuned on the host: the
 first call for a (op, shapes, dtypes, device) key times each candidate config with CUDA events and
 keeps the fastest (``GEFX_TRITON_AUTOTUNE=0`` keeps the first candidate). Under the interpreter
-only the first candidate runs, with blocks shrunk to the problem.
+only the first candidate runs, with blocks shrunk to the problem. Each pick is recorded once per key
+in ``PICKS`` and, with ``GEFX_TRITON_TUNE_LOG=path`` (or ``=1`` for stderr), logged as a JSON line.
+The pick itself (``pick`` / ``choose``) takes the timer as an argument, so it is tested on the CPU.
 """
 from __future__ import annotations
 
@@ -224,27 +226,79 @@ def _time_ms(fn: Callable[[], object], reps: int = 5, long_ms: float = 20.0) -> 
     return times[len(times) // 2]
 
 
+# Every pick in this process, one entry per (op, key, device) and config, in order: the benchmark
+# reads it to report which config each case ran with. GEFX_TRITON_TUNE_LOG=path appends each entry
+# to that file as one JSON line (=1 or =stderr: to stderr).
+PICKS: list[dict] = []
+_LOGGED: set = set()
+
+
+def pick(candidates: Sequence[dict], measure: Callable[[dict], float]) -> tuple[dict, list]:
+    """(fastest candidate, [(candidate, ms or None)]): measure(candidate) -> ms for each one; a
+    candidate whose measurement raises (does not compile or fit) is skipped (ms None)."""
+    times = []
+    for cand in candidates:
+        try:
+            ms = float(measure(cand))
+        except Exception:  # noqa: BLE001 - a config that does not compile/fit is skipped
+            ms = None
+        times.append((cand, ms))
+    ran = [(ms, n) for n, (_, ms) in enumerate(times) if ms is not None]
+    if not ran:
+        raise RuntimeError("no candidate config ran")
+    return candidates[min(ran)[1]], times  # ties: the earlier candidate
+
+
+def _log_pick(op: str, key: tuple, device: str, cfg: dict, how: str, times: list) -> None:
+    """Record a pick once per (op, key, device, config): in PICKS and in GEFX_TRITON_TUNE_LOG."""
+    ident = (op, key, device, tuple(sorted(cfg.items())))
+    if ident in _LOGGED:
+        return
+    _LOGGED.add(ident)
+    entry = dict(op=op, key=[str(k) for k in key], device=device, config=dict(cfg), how=how,
+                 times_ms=[dict(config=dict(c), ms=ms) for c, ms in times])
+    PICKS.append(entry)
+    dest = os.environ.get("GEFX_TRITON_TUNE_LOG", "").strip()
+    if dest in ("", "0"):
+        return
+    import json
+    import sys
+    line = json.dumps(entry, default=str)
+    if dest.lower() in ("1", "stderr"):
+        print(f"gefx.kernels tune: {line}", file=sys.stderr, flush=True)
+    else:
+        with open(dest, "a") as f:
+            f.write(line + "\n")
+
+
+def choose(op: str, key: tuple, device: str, candidates: Sequence[dict],
+           measure: Callable[[dict], float] | None) -> dict:
+    """The config to run for `key`: with `measure` (ms of one candidate), the fastest candidate,
+    timed once per (op, key, device) and cached; without, the first candidate (not cached, so that a
+    change of the candidate list takes effect). Each pick is logged once (_log_pick)."""
+    full = (op, key, device)
+    if full in _TUNED:
+        return _TUNED[full]
+    if measure is None or len(candidates) == 1:
+        cfg, how, times = candidates[0], "first" if len(candidates) > 1 else "only", []
+    else:
+        try:
+            cfg, times = pick(candidates, measure)
+        except RuntimeError:
+            raise RuntimeError(f"gefx.kernels.{op}: no candidate config ran for key {key}") from None
+        how = "timed"
+        _TUNED[full] = cfg
+    _log_pick(op, key, device, cfg, how, times)
+    return cfg
+
+
 def tuned(op: str, key: tuple, candidates: Sequence[dict], launch: Callable[[dict], torch.Tensor],
           device: torch.device) -> torch.Tensor:
-    """Run `launch(config)` with the fastest candidate for `key` (timed once per key on CUDA)."""
-    if interpreting() or device.type != "cuda" or len(candidates) == 1 \
-            or os.environ.get("GEFX_TRITON_AUTOTUNE", "1") == "0":
-        return launch(candidates[0])
-    full = (op, key, str(device))
-    cfg = _TUNED.get(full)
-    if cfg is None:
-        best = None
-        for cand in candidates:
-            try:
-                ms = _time_ms(lambda: launch(cand))
-            except Exception:  # noqa: BLE001 - a config that does not compile/fit is skipped
-                continue
-            if best is None or ms < best[0]:
-                best = (ms, cand)
-        if best is None:
-            raise RuntimeError(f"gefx.kernels.{op}: no candidate config ran for key {key}")
-        cfg = _TUNED[full] = best[1]
-    return launch(cfg)
+    """Run `launch(config)` with the fastest candidate for `key` (timed once per key on CUDA with
+    CUDA events; elsewhere, or with GEFX_TRITON_AUTOTUNE=0, the first candidate)."""
+    timed = not interpreting() and device.type == "cuda" and os.environ.get("GEFX_TRITON_AUTOTUNE", "1") != "0"
+    measure = (lambda cand: _time_ms(lambda: launch(cand))) if timed else None
+    return launch(choose(op, key, str(device), candidates, measure))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +368,31 @@ def _gram_tile(x_ptr, stride_xt, stride_xd, offs_t, ok_t,
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + offs_k
         ok_k = kk < D
+        kk64 = kk.to(tl.int64)
+        x = tl.load(x_rows + kk64[None, :] * stride_xd, mask=ok_t[:, None] & ok_k[None, :], other=0.0)
+        y = tl.load(y_cols + kk64[:, None] * stride_yd, mask=ok_k[:, None] & ok_s[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = _dot(x, y, acc, PRECISION)
+    return acc
+
+
+@triton.jit
+def _gram_acc(acc, x_ptr, stride_xt, stride_xd, offs_t, ok_t,
+              y_ptr, stride_yt, stride_yd, offs_s, ok_s, K_LO, K_HI, D,
+              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + the token dot products x_t . y_s over the features [K_LO, min(K_HI, D)) only (K_LO a
+    multiple of BLOCK_K; an empty range adds nothing): one chunk of a feature loop split over
+    programs (see _split.py). The pointers move to K_LO and the loop starts at 0, as _gram_tile's
+    (a loop from a runtime start cost registers: spills in the compile check). int64 offsets."""
+    n = tl.minimum(K_HI, D) - K_LO
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + K_LO.to(tl.int64) * stride_xd
+    y_cols = y_ptr + offs_s.to(tl.int64)[None, :] * stride_yt + K_LO.to(tl.int64) * stride_yd
+    for k0 in range(0, n, BLOCK_K):
+        kk = k0 + offs_k
+        ok_k = kk < n
         kk64 = kk.to(tl.int64)
         x = tl.load(x_rows + kk64[None, :] * stride_xd, mask=ok_t[:, None] & ok_k[None, :], other=0.0)
         y = tl.load(y_cols + kk64[:, None] * stride_yd, mask=ok_k[:, None] & ok_s[None, :], other=0.0)

@@ -57,6 +57,12 @@ KERNELS = tuple(FLOAT_INPUTS)
 EMBEDDING = {"embedding_dense_dot", "embedding_linear_pairwise", "embedding_pairwise", "embedding_self"}
 # kernels whose inner products use tl.dot (the others are elementwise reductions)
 DOT_KERNELS = set(KERNELS) - {"embedding_dense_dot", "norm_grad"}
+# kernels with a split feature loop (cfg["SPLIT"] > 1): the launches _launch then makes (the Gram
+# kernels: _split._gram_chunk_kernel for the activations' chunks, again for the gradients', then
+# _split._gram_reduce_kernel summing the workspace)
+SPLIT_LAUNCHES = {"dense_dot": 1, "ghost_pairwise": 3, "ghost_self": 3}
+REDUCE = 2  # the reduce kernel's launch index
+SPLIT = 2  # the split compiled (the representative sizes have >= 12 feature blocks)
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class Case:
     target: int                  # 80 or 90
     ids: str | None = None       # "i32" / "i64" for the embedding kernels
     mask: bool = False
+    launch: int = 0              # which of _launch's kernel launches (1: a split's reduce kernel)
 
     @property
     def cfg(self) -> dict:
@@ -81,7 +88,8 @@ class Case:
     def label(self) -> str:
         ids = f"-{self.ids}" if self.ids else ""
         mask = "-mask" if self.mask else ""
-        return f"{self.kernel}-{self.dtype_label}{ids}{mask}-{cfg_label(self.cfg)}-sm{self.target}"
+        launch = f"-launch{self.launch}" if self.launch else ""
+        return f"{self.kernel}-{self.dtype_label}{ids}{mask}-{cfg_label(self.cfg)}{launch}-sm{self.target}"
 
 
 @dataclass
@@ -92,6 +100,7 @@ class Record:
     mask: bool
     config: str
     target: int
+    launch: int = 0
     arch: str = ""
     signature: dict = field(default_factory=dict)
     constexprs: dict = field(default_factory=dict)
@@ -124,10 +133,12 @@ class Record:
 
 
 def cfg_label(cfg: dict) -> str:
-    """e.g. "M128 N128 K64 G8 w8 s3" (BLOCK_ / GROUP_ sizes, num_warps, num_stages)."""
+    """e.g. "M128 N128 K64 G8 w8 s3" (BLOCK_ / GROUP_ sizes, num_warps, num_stages; "x2" for a
+    feature loop split in 2)."""
     order = ("BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_S", "BLOCK_K", "BLOCK_D", "GROUP_M")
     parts = [("G" if k == "GROUP_M" else k[-1]) + str(cfg[k]) for k in order if k in cfg]
-    return " ".join(parts + [f"w{cfg['num_warps']}", f"s{cfg['num_stages']}"])
+    split = [f"x{cfg['SPLIT']}"] if cfg.get("SPLIT", 1) > 1 else []
+    return " ".join(parts + [f"w{cfg['num_warps']}", f"s{cfg['num_stages']}"] + split)
 
 
 def _module(kernel: str):
@@ -155,8 +166,10 @@ def _configs(kernel: str, fp32: bool = False) -> list[dict]:
 
 
 def cases(full: bool = False, targets=TARGETS, kernels=KERNELS) -> list[Case]:
-    """The full grid (every dtype, mixed, id dtype, mask, config, target) or the representative one
-    ({fp32, bf16} x first config x targets, plus one mixed, one int64-id and one masked case)."""
+    """The full grid (every dtype, mixed, id dtype, mask, config, target; each config of a split
+    kernel also split: for the Gram kernels both chunk-kernel launches, and the reduce kernel once
+    per tile shape) or the representative one ({fp32, bf16} x first config x targets, plus one
+    mixed, one int64-id and one masked case, and the first config split, with its launches)."""
     out = []
     for kernel in kernels:
         names, mixed = FLOAT_INPUTS[kernel]
@@ -165,17 +178,28 @@ def cases(full: bool = False, targets=TARGETS, kernels=KERNELS) -> list[Case]:
             combos.append(mixed)
         ids_opts = tuple(IDS) if kernel in EMBEDDING else (None,)
         for target in targets:
+            reduced = set()
             for dts in combos:
                 configs = _configs(kernel, fp32="fp32" in dts)
-                for cfg in configs if full else configs[:1]:
-                    items = tuple(sorted(cfg.items()))
-                    for ids in ids_opts:
-                        for mask in (False, True):
-                            if not full:
-                                # representative: int32 ids, no mask, except one extra int64 + mask case
-                                if ids == "i64" or mask:
-                                    continue
-                            out.append(Case(kernel, dts, items, target, ids, mask))
+                for n, cfg in enumerate(configs if full else configs[:1]):
+                    variants = [cfg]
+                    if kernel in SPLIT_LAUNCHES and (full or (n == 0 and mixed != dts)):
+                        variants.append(dict(cfg, SPLIT=SPLIT))
+                    for c in variants:
+                        items = tuple(sorted(c.items()))
+                        gram_split = c.get("SPLIT", 1) > 1 and SPLIT_LAUNCHES[kernel] > 1
+                        for ids in ids_opts:
+                            for mask in (False, True):
+                                if not full:
+                                    # representative: int32 ids, no mask, except one extra int64 + mask case
+                                    if ids == "i64" or mask:
+                                        continue
+                                for launch in ((0, 1) if gram_split else (0,)):
+                                    out.append(Case(kernel, dts, items, target, ids, mask, launch))
+                        tile = (c.get("BLOCK_T"), c.get("BLOCK_S"))
+                        if gram_split and tile not in reduced:
+                            reduced.add(tile)
+                            out.append(Case(kernel, dts, items, target, ids_opts[0], False, launch=REDUCE))
             if not full:
                 items = tuple(sorted(_configs(kernel)[0].items()))
                 out.append(Case(kernel, (("bf16",) * len(names)), items, target,
@@ -242,19 +266,22 @@ def record_launches():
 
 
 def record(case: Case):
-    """(fn, args, kwargs) of the one kernel launch that the module's _launch makes for this case."""
+    """(fn, args, kwargs) of the case's kernel launch (case.launch) among those the module's _launch
+    makes: one, or for a split Gram kernel three (the chunk kernel for the activations, for the
+    gradients, then the reduce kernel)."""
     from triton.runtime.jit import JITFunction
 
     mod = _module(case.kernel)
     with record_launches() as calls:
         mod._launch(*_inputs(case), case.cfg)
-    if len(calls) != 1:
-        raise RuntimeError(f"{case.kernel}._launch made {len(calls)} kernel launches, expected 1")
-    fn = calls[0][0]
+    want = SPLIT_LAUNCHES[case.kernel] if case.cfg.get("SPLIT", 1) > 1 else 1
+    if len(calls) != want:
+        raise RuntimeError(f"{case.kernel}._launch made {len(calls)} kernel launches, expected {want}")
+    fn = calls[case.launch][0]
     if not isinstance(fn, JITFunction):
         raise RuntimeError(f"{case.kernel}: kernel is {type(fn).__name__}, not a JITFunction "
                            "(TRITON_INTERPRET=1 in this process? run the cases in workers)")
-    return calls[0]
+    return calls[case.launch]
 
 
 def specialize(fn, args: tuple, kwargs: dict, target: int):
@@ -345,7 +372,7 @@ def compile_case(case: Case) -> Record:
     from triton import knobs
     from triton.compiler import ASTSource
 
-    rec = Record(case.kernel, case.dtype_label, case.ids, case.mask, cfg_label(case.cfg), case.target,
+    rec = Record(case.kernel, case.dtype_label, case.ids, case.mask, cfg_label(case.cfg), case.target, case.launch,
                  shared_limit=shared_limit(case.target),
                  shared_estimate=C.smem_estimate(case.cfg, max(C.dtype_bytes(DTYPES[d]) for d in case.dtypes),
                                                  case.target))
@@ -382,11 +409,16 @@ def compile_case(case: Case) -> Record:
 
 
 def _dot_low_precision(case: Case, names) -> bool:
+    """Whether a tl.dot of the case's launch multiplies two fp16/bf16 tiles of one dtype (a split
+    Gram kernel's launch 0 / 1 runs the activations' / the gradients' dot only, its reduce none)."""
     dt = dict(zip(names, case.dtypes))
     pairs = {"dense_dot": [("a", "m")], "embedding_linear_pairwise": [("g1", "r2")],
              "embedding_pairwise": [("g1", "g2")], "embedding_self": [("g", "g")],
              "ghost_pairwise": [("a1", "a2"), ("g1", "g2")], "ghost_self": [("a", "a"), ("g", "g")]}
-    return any(dt[x] == dt[y] and dt[x] in ("fp16", "bf16") for x, y in pairs.get(case.kernel, ()))
+    pairs = pairs.get(case.kernel, [])
+    if case.cfg.get("SPLIT", 1) > 1 and SPLIT_LAUNCHES.get(case.kernel, 1) > 1:
+        pairs = pairs[case.launch:case.launch + 1] if case.launch < REDUCE else []
+    return any(dt[x] == dt[y] and dt[x] in ("fp16", "bf16") for x, y in pairs)
 
 
 def _kernels_compilable_here() -> bool:
@@ -440,7 +472,7 @@ COLUMNS = ("kernel", "dtypes", "ids", "mask", "config", "target", "regs", "spill
 
 def _row(r: Record) -> list[str]:
     kib = lambda n: "-" if n is None else f"{n / 1024:.1f}"  # noqa: E731
-    return [r.kernel, r.dtypes, r.ids or "-", "yes" if r.mask else "no", r.config, f"sm_{r.target}",
+    return [r.kernel + (f" [launch {r.launch}]" if r.launch else ""), r.dtypes, r.ids or "-", "yes" if r.mask else "no", r.config, f"sm_{r.target}",
             "-" if r.registers is None else str(r.registers),
             "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}",
             kib(r.shared), kib(r.shared_estimate), kib(r.shared_limit), r.tensor_cores, f"{r.compile_s:.1f}",

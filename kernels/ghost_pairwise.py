@@ -7,6 +7,11 @@ tiles (activations over Da, output gradients over Dg) are accumulated in float32
 tl.dot over feature blocks, multiplied elementwise and reduced in the same program; the T x S
 Gram is never written. Each program stores one float32 partial, summed on the host in a fixed
 order (deterministic). Tiles whose tokens are all masked are skipped.
+
+Small B x T: the feature loop (Da + Dg features) can be split over SPLIT programs per tile pair
+(chosen by the cost model of _split.py): _split's chunk kernel accumulates each chunk of the Da
+or of the Dg blocks into one partial Gram tile in a bounded float32 workspace, and
+_split.gram_reduce sums them in a fixed order and forms sum(Ga * Gg).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from . import _split as S
 from ._common import _gram_tile, _load_mask
 
 # (BLOCK_T, BLOCK_S, BLOCK_K, num_warps, num_stages); the first one is the default / interpreter config
@@ -67,11 +73,19 @@ def _ghost_pairwise_kernel(
 
 
 def _launch(a1, g1, a2, g2, mask1, mask2, cfg: dict) -> torch.Tensor:
-    """Run the kernel with one config (block sizes already fitted to the problem)."""
+    """Run the kernel with one config (blocks fitted to the problem). cfg["SPLIT"] > 1: the feature
+    loops in about that many chunks (S.gram_chunks), whose partial Grams _split's chunk kernel
+    writes to a workspace and S.gram_reduce sums."""
     b1, t1, da = a1.shape
     b2, t2, dg = g2.shape
-    bt, bs = cfg["BLOCK_T"], cfg["BLOCK_S"]
+    bt, bs, bk = cfg["BLOCK_T"], cfg["BLOCK_S"], cfg["BLOCK_K"]
     n_t, n_s = triton.cdiv(t1, bt), triton.cdiv(t2, bs)
+    if cfg.get("SPLIT", 1) > 1:
+        per_a, n_ca, per_g, n_cg = S.gram_chunks(triton.cdiv(da, bk), triton.cdiv(dg, bk), cfg["SPLIT"])
+        ws = S.gram_workspace(n_ca + n_cg, b1 * b2 * n_t * n_s, bt, bs, a1.device)
+        S.gram_chunk_launch(ws, 0, n_ca, per_a, a1, a2, mask1, mask2, None, n_s, n_t * n_s, cfg, *C.pair_mode(a1, a2))
+        S.gram_chunk_launch(ws, n_ca, n_cg, per_g, g1, g2, mask1, mask2, None, n_s, n_t * n_s, cfg, *C.pair_mode(g1, g2))
+        return S.gram_reduce(ws, n_ca).view(b1, b2, n_t * n_s).sum(dim=-1)
     part = torch.empty((b1, b2, n_t * n_s), dtype=torch.float32, device=a1.device)
     m1, sm1b, sm1t, has1 = C.mask_args(mask1, a1)
     m2, sm2b, sm2t, has2 = C.mask_args(mask2, a2)
@@ -88,6 +102,16 @@ def _launch(a1, g1, a2, g2, mask1, mask2, cfg: dict) -> torch.Tensor:
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return part.sum(dim=-1)
+
+
+def plan(cfg: dict, b1: int, b2: int, t1: int, t2: int, da: int, dg: int, elem_bytes: int, device) -> dict:
+    """cfg with SPLIT set by the cost model (_split.gram_split) unless it is set already."""
+    if "SPLIT" in cfg:
+        return cfg
+    items = b1 * b2 * triton.cdiv(t1, cfg["BLOCK_T"]) * triton.cdiv(t2, cfg["BLOCK_S"])
+    bk = cfg["BLOCK_K"]
+    return dict(cfg, SPLIT=S.gram_split(cfg, items, triton.cdiv(da, bk), triton.cdiv(dg, bk), elem_bytes, device,
+                                        input_bytes=(b1 * t1 + b2 * t2) * (da + dg) * elem_bytes))
 
 
 def fit_configs(t1: int, t2: int, da: int, dg: int, configs=None, fp32: bool = True) -> list[dict]:
@@ -113,6 +137,8 @@ def ghost_pairwise_triton(a1, g1, a2, g2, mask1=None, mask2=None):
     b2, t2, dg = g2.shape
     if b1 == 0 or b2 == 0 or t1 == 0 or t2 == 0:
         return torch.zeros((b1, b2), dtype=torch.float32, device=a1.device)
-    key = (t1, t2, da, dg, a1.dtype, a2.dtype, g1.dtype, g2.dtype, mask1 is None, mask2 is None)
-    return C.tuned("ghost_pairwise", key, fit_configs(t1, t2, da, dg, fp32=C.wide(C.pair_mode(a1, a2)[1], C.pair_mode(g1, g2)[1])),
-                   lambda cfg: _launch(a1, g1, a2, g2, mask1, mask2, cfg), a1.device)
+    key = (b1, b2, t1, t2, da, dg, a1.dtype, a2.dtype, g1.dtype, g2.dtype, mask1 is None, mask2 is None)
+    fp32 = C.wide(C.pair_mode(a1, a2)[1], C.pair_mode(g1, g2)[1])
+    elem = max(x.element_size() for x in (a1, g1, a2, g2))
+    cands = [plan(c, b1, b2, t1, t2, da, dg, elem, a1.device) for c in fit_configs(t1, t2, da, dg, fp32=fp32)]
+    return C.tuned("ghost_pairwise", key, cands, lambda cfg: _launch(a1, g1, a2, g2, mask1, mask2, cfg), a1.device)

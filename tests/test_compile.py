@@ -152,3 +152,19 @@ def test_full_grid(full, case):
     pruned = C.smem_estimate(case.cfg, elem, case.target) > r.shared_limit
     assert pruned == (r.shared > r.shared_limit), \
         f"{case.label}: shared {r.shared}, estimate {r.shared_estimate}, limit {r.shared_limit}"
+
+
+def test_split_variants_in_both_grids():
+    """The split feature loops (cfg SPLIT > 1) and the Gram kernels' reduce kernel (launch 1) are
+    compiled in the representative grid (first config, fp32 and bf16) and in the full grid (every
+    config), the Gram kernels with both chunk-kernel launches (activations, gradients)."""
+    for grid in (REP, FULL):
+        for kernel, launches in cc.SPLIT_LAUNCHES.items():
+            split = [c for c in grid if c.kernel == kernel and c.cfg.get("SPLIT", 1) > 1]
+            assert {d[0] for c in split for d in [c.dtypes]} >= {"fp32", "bf16"}, kernel
+            assert {c.launch for c in split} == set(range(launches)), kernel
+    full_cfgs = {(c.kernel, c.dtypes, tuple(sorted((k, v) for k, v in c.cfg.items() if k != "SPLIT")))
+                 for c in FULL if c.kernel in cc.SPLIT_LAUNCHES and c.launch == 0}
+    split_cfgs = {(c.kernel, c.dtypes, tuple(sorted((k, v) for k, v in c.cfg.items() if k != "SPLIT")))
+                  for c in FULL if c.kernel in cc.SPLIT_LAUNCHES and c.cfg.get("SPLIT", 1) > 1}
+    assert full_cfgs == split_cfgs

@@ -362,3 +362,252 @@ def test_gpu_deterministic():
     first = K.OPS["ghost_self"](a, g, m)
     for _ in range(3):
         assert torch.equal(K.OPS["ghost_self"](a, g, m), first)
+
+
+# ------------------------------------------------------------------------------------------------
+# split feature loops (kernels/_split.py): forced and cost-model splits, exact against float64
+
+
+class _GridSpy:
+    """Stands in for a @triton.jit kernel: records each launch grid, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+SPLIT_OPS = {"ghost_self": "_ghost_self_kernel", "ghost_pairwise": "_ghost_pairwise_kernel",
+             "dense_dot": "_dense_dot_kernel"}
+
+
+def _spy(monkeypatch, op):
+    import importlib
+    mod = importlib.import_module(f"gefx.kernels.{op}")
+    spy = _GridSpy(getattr(mod, SPLIT_OPS[op]))
+    monkeypatch.setattr(mod, SPLIT_OPS[op], spy)
+    return mod, spy
+
+
+def _dense_splits(grids):
+    """dense_dot's split-K of each recorded launch (grid axis 1)."""
+    return [g[1] for g in grids]
+
+
+def _force(monkeypatch, mod, **extra):
+    """Every config of the module (16-bit and float32 lists) with tiny tiles and `extra` set."""
+    small = SMALL_BLOCKS[mod.__name__.rsplit(".", 1)[1]]
+    monkeypatch.setenv("GEFX_TRITON_AUTOTUNE", "0")
+    for name in ("CONFIGS", "CONFIGS_FP32"):
+        monkeypatch.setattr(mod, name, (dict(getattr(mod, name)[0], **small, **extra),))
+
+
+@pytest.fixture
+def reduce_spy(monkeypatch):
+    from gefx.kernels import _split as S
+    calls = []
+    orig = S.gram_reduce
+    monkeypatch.setattr(S, "gram_reduce", lambda ws, n_ca: (calls.append(tuple(ws.shape)), orig(ws, n_ca))[1])
+    return calls
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("split", [2, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("op", list(SPLIT_OPS))
+def test_forced_split_vs_float64(op, dtype, split, monkeypatch, reduce_spy):
+    """About SPLIT chunks of the feature loop (3 + 2 blocks of 16 for Da = 33, Dg = 20: chunks of
+    3, 2 or 1 blocks, cut at the A / G boundary; dense_dot: 3 blocks of Da), exact by the 2x-error
+    rule, with masks, a fully masked sample and non-contiguous inputs; the split is asserted."""
+    mod, spy = _spy(monkeypatch, op)
+    _force(monkeypatch, mod, SPLIT=split)
+    gen = torch.Generator().manual_seed(31 + split)
+    for shape, mode, nc in (((3, 33, 2, 7, 33, 20), "dead_row", True), ((2, 7, 3, 33, 33, 20), None, False)):
+        spy.grids.clear()
+        reduce_spy.clear()
+        args = _cases(shape, dtype, gen, mode, noncontig=nc)[op]
+        out = _check(op, args)
+        if mode == "dead_row":
+            assert torch.all(out[0] == 0)
+        # chunks: dense_dot ceil(3 / ceil(3 / S)); the Gram kernels gram_chunks(3, 2, S): per =
+        # ceil(5 / S) blocks, ceil(3 / per) + ceil(2 / per) chunks
+        want = {"dense_dot": {2: 2, 3: 3, 7: 3}}.get(op, {2: 2, 3: 3, 7: 5})[split]
+        if op == "dense_dot":
+            assert _dense_splits(spy.grids) == [want]
+            assert not reduce_spy
+        else:  # the chunk kernel filled `want` chunks; the unsplit kernel did not run
+            assert len(reduce_spy) == 1 and reduce_spy[0][0] == want, reduce_spy
+            assert spy.grids == []
+
+
+@pytest.mark.interpret
+def test_ghost_self_grid_has_no_lower_triangle(monkeypatch):
+    """n token tiles -> n (n + 1) / 2 programs per sample (each upper pair once, upper_pairs)."""
+    mod, spy = _spy(monkeypatch, "ghost_self")
+    _force(monkeypatch, mod)
+    gen = torch.Generator().manual_seed(4)
+    for t, n in ((16, 1), (33, 3), (80, 5)):
+        spy.grids.clear()
+        a, g, _, m = _set(2, t, 17, 18, torch.float32, gen)
+        _check("ghost_self", (a, g, m))
+        assert spy.grids == [(n * (n + 1) // 2, 2)]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("op", list(SPLIT_OPS))
+def test_cost_model_splits_small_grids(op, monkeypatch, reduce_spy):
+    """Through the public launcher with the module's own (tiny-tile) config: the cost model splits
+    a grid of a few programs over a long feature loop (MIN_STEPS lowered so that the interpreter's
+    small features suffice), exactly; a workspace bound too small for two Gram chunks keeps the
+    ghost kernels unsplit (dense_dot needs no workspace)."""
+    from gefx.kernels import _split as S
+    mod, spy = _spy(monkeypatch, op)
+    _force(monkeypatch, mod)
+    monkeypatch.setattr(S, "MIN_STEPS", 2)
+    monkeypatch.setenv("GEFX_TRITON_SMS", "132")
+    gen = torch.Generator().manual_seed(9)
+    shape = (2, 20, 2, 20, 600, 300)  # 38 + 19 feature blocks of 16 (dense_dot: 38 over Da); inputs
+    # of 144 / 288 KB allow a workspace of 36 / 72 KB (1/4), chunks of 6 / 16 [16, 16] tiles of 1 KiB
+    args = _cases(shape, torch.float32, gen, "random")[op]
+    _check(op, args)
+    split = (reduce_spy[0][0] if reduce_spy else 1) if op != "dense_dot" else _dense_splits(spy.grids)[0]
+    assert split > 1, f"{op}: no split chosen ({spy.grids}, {reduce_spy})"
+    spy.grids.clear()
+    reduce_spy.clear()
+    # 4 KiB: less than two chunks of >= 6 tile pairs' [16, 16] float32 Gram tiles (12 KiB)
+    monkeypatch.setenv("GEFX_TRITON_WORKSPACE_MB", str(4096 / 2**20))
+    _check(op, args)
+    if op == "dense_dot":
+        assert _dense_splits(spy.grids)[0] > 1
+    else:
+        assert not reduce_spy and len(spy.grids) == 1
+
+
+def test_split_cost_model():
+    """The stated model: split only grids under about a wave with a long loop; bounded by
+    MIN_STEPS, MAX_SPLIT and the workspace; Llama-7B-shaped cases from the H200 run."""
+    from gefx.kernels import _split as S
+    from gefx.kernels import dense_dot, ghost_pairwise, ghost_self
+    slots = 132 * S.PROGRAMS_PER_SM
+    assert S.split_count(4 * slots, 128, slots) == 1            # four full waves: nothing to gain
+    assert S.split_count(10, 128, slots) == 16                   # 16 steps a chunk (of 8 at least) ...
+    # 26 x 10 = 260 programs stay in one wave of 264 slots (chunks of 5 steps); 27 would add a wave
+    assert S.split_count(10, 128, slots, min_steps=4) == 26
+    assert S.split_count(2, 128, slots, min_steps=1) == S.MAX_SPLIT
+    assert S.split_count(10, 20, slots) == 2                     # ... a short loop splits less
+    assert S.split_count(10, 128, slots, ws_per_program=1 << 20, ws_limit=3 << 20) == 1
+    assert S.split_count(10, 128, slots, ws_per_program=1 << 20, ws_limit=40 << 20) == 4
+    cost = lambda s: S.split_cost(100 * s, -(-512 // s), slots, 1.0)  # noqa: E731
+    assert all(cost(S.split_count(100, 512, slots)) <= cost(s) for s in range(1, 20))  # the stated cost's minimum
+    dev = torch.device("cpu")  # no CUDA: DEFAULT_SMS (the H100 / H200's 132)
+    bf16 = dict(BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    # ghost_self attn (4096 + 4096 features), T = 512: B = 4 -> 144 tile-pair programs < 264 slots
+    assert ghost_self.plan(bf16, 4, 512, 4096, 4096, 2, dev)["SPLIT"] > 1
+    assert ghost_self.plan(bf16, 16, 2048, 4096, 4096, 2, dev)["SPLIT"] == 1
+    assert ghost_self.plan(dict(bf16, SPLIT=3), 4, 512, 4096, 4096, 2, dev)["SPLIT"] == 3  # explicit wins
+    pw = dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    assert ghost_pairwise.plan(pw, 4, 4, 128, 128, 4096, 4096, 2, dev)["SPLIT"] > 1
+    assert ghost_pairwise.plan(pw, 8, 8, 512, 512, 4096, 4096, 2, dev)["SPLIT"] == 1
+    dd = dict(dense_dot.CONFIGS[0])
+    assert dense_dot.plan(dd, 4, 128, 4096, 4096, dev)["SPLIT"] > 1      # 128 output tiles, 64 K steps
+    assert dense_dot.plan(dd, 16, 2048, 4096, 32000, dev)["SPLIT"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# the host tuner's pick and its log (_common.pick / choose), driven by a fake timer
+
+
+@pytest.fixture
+def fresh_tuner(monkeypatch):
+    from gefx.kernels import _common as C
+    monkeypatch.setattr(C, "_TUNED", {})
+    monkeypatch.setattr(C, "_LOGGED", set())
+    monkeypatch.setattr(C, "PICKS", [])
+    return C
+
+
+def test_tuner_picks_fastest_and_logs_once_per_key(fresh_tuner, monkeypatch, tmp_path):
+    import json
+    C = fresh_tuner
+    log = tmp_path / "tune.jsonl"
+    monkeypatch.setenv("GEFX_TRITON_TUNE_LOG", str(log))
+    cands = [dict(BLOCK_T=64, num_warps=4), dict(BLOCK_T=128, num_warps=8), dict(BLOCK_T=32, num_warps=4)]
+    fake_ms = {64: 2.0, 128: 1.0, 32: 3.0}
+    timed = []
+
+    def measure(cfg):
+        timed.append(cfg["BLOCK_T"])
+        return fake_ms[cfg["BLOCK_T"]]
+
+    key = (4, 512, torch.bfloat16)
+    assert C.choose("ghost_self", key, "cuda:0", cands, measure) == cands[1]
+    assert timed == [64, 128, 32]
+    assert C.choose("ghost_self", key, "cuda:0", cands, measure) == cands[1]  # cached: not timed again
+    assert timed == [64, 128, 32]
+    fake_ms[32] = 0.5  # another key is timed afresh
+    assert C.choose("ghost_self", (8, 512, torch.bfloat16), "cuda:0", cands, measure) == cands[2]
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(lines) == 2 and lines == C.PICKS
+    first = lines[0]
+    assert first["op"] == "ghost_self" and first["key"] == ["4", "512", "torch.bfloat16"]
+    assert first["device"] == "cuda:0" and first["how"] == "timed" and first["config"] == cands[1]
+    assert [t["ms"] for t in first["times_ms"]] == [2.0, 1.0, 3.0]
+
+
+def test_tuner_skips_failing_candidates_and_stderr_log(fresh_tuner, monkeypatch, capsys):
+    C = fresh_tuner
+    monkeypatch.setenv("GEFX_TRITON_TUNE_LOG", "1")
+    cands = [dict(BLOCK_T=64), dict(BLOCK_T=128), dict(BLOCK_T=32)]
+
+    def measure(cfg):
+        if cfg["BLOCK_T"] == 32:
+            raise RuntimeError("out of shared memory")
+        return {64: 2.0, 128: 2.0}[cfg["BLOCK_T"]]
+
+    assert C.choose("dense_dot", (1,), "cuda:0", cands, measure) == cands[0]  # tie: the earlier one
+    err = capsys.readouterr().err
+    assert err.count("gefx.kernels tune:") == 1 and '"ms": null' in err
+    with pytest.raises(RuntimeError, match="no candidate config ran"):
+        C.choose("dense_dot", (2,), "cuda:0", cands, lambda cfg: 1 / 0)
+
+
+def test_tuner_untimed_pick_first_logged_once_not_cached(fresh_tuner, monkeypatch, tmp_path):
+    C = fresh_tuner
+    log = tmp_path / "tune.jsonl"
+    monkeypatch.setenv("GEFX_TRITON_TUNE_LOG", str(log))
+    cands = [dict(BLOCK_T=64), dict(BLOCK_T=128)]
+    for _ in range(3):
+        assert C.choose("ghost_self", (1,), "cpu", cands, None) == cands[0]
+    assert len(log.read_text().splitlines()) == 1 and C.PICKS[0]["how"] == "first"
+    assert C.choose("ghost_self", (1,), "cpu", cands[1:], None) == cands[1]  # a new list takes effect
+    assert [p["config"] for p in C.PICKS] == [cands[0], cands[1]] and C.PICKS[1]["how"] == "only"
+    monkeypatch.delenv("GEFX_TRITON_TUNE_LOG")
+
+
+@pytest.mark.interpret
+def test_launcher_records_its_pick(fresh_tuner):
+    """A launch through gefx.kernels records the config it ran with (planned SPLIT included)."""
+    C = fresh_tuner
+    gen = torch.Generator().manual_seed(2)
+    a, g, _, m = _set(2, 7, 33, 20, torch.float32, gen)
+    _check("ghost_self", (a, g, m))
+    (entry,) = C.PICKS
+    assert entry["op"] == "ghost_self" and entry["key"][:2] == ["2", "7"]
+    assert entry["config"]["SPLIT"] == 1 and entry["config"]["BLOCK_T"] == 16
+
+
+@pytest.mark.interpret
+def test_forced_split_mixed_dtypes(monkeypatch, reduce_spy):
+    """A split with inputs of different dtypes (each Gram's chunks in its own dtype pair, upcast to
+    float32 where a pair differs), exact by the 2x-error rule for float32."""
+    gen = torch.Generator().manual_seed(12)
+    a1, g1, _, m1 = _set(2, 20, 33, 20, torch.float16, gen)
+    a2, g2, _, m2 = _set(3, 9, 33, 20, torch.float32, gen)
+    for op, args in (("ghost_pairwise", (a1, g1, a2, g2, m1, m2)), ("ghost_self", (a1, g2[:2, :9].repeat(1, 3, 1)[:, :20], m1))):
+        import importlib
+        _force(monkeypatch, importlib.import_module(f"gefx.kernels.{op}"), SPLIT=3)
+        reduce_spy.clear()
+        _check(op, args)
+        assert len(reduce_spy) == 1 and reduce_spy[0][0] == 3
