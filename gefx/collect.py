@@ -19,7 +19,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from . import dist, soundness
-from .pieces import Piece, merge
+from .pieces import Piece, merge, restricted
 from .rules import Refused, checked_rule, ready
 from .soundness import batch_dim, sample_view
 from .streaming import stream
@@ -171,11 +171,12 @@ def collect_each(tape: Tape, loss: torch.Tensor, take, *, what: str = "loss", pr
         # on first use the per-sample probe's two passes (the loss's entries on a part of the
         # samples, then on the rest) are the backward: pieces are linear in the output gradients,
         # and each sample's come whole from one pass, zeros from the other
-        feeds = [_Feed(tape, reach.calls, loss.shape[0], what, take) for _ in range(2)]
+        part = soundness.partition(loss.shape[0], loss.device)
+        feeds = [_Feed(tape, reach.calls, loss.shape[0], what, take, rows) for rows in (part, ~part)]
         try:
             if not (probe and soundness.probe(tape, loss, reach, slots, None, what,
                                                also=(feeds[0].arrived, feeds[1].arrived))):
-                feeds = feeds[:1]
+                feeds = [_Feed(tape, reach.calls, loss.shape[0], what, take)]
                 stream(loss.sum(), slots, feeds[0].arrived)
         except RuntimeError as exc:
             if "backward through the graph a second time" not in str(exc) and "freed" not in str(exc):
@@ -192,8 +193,9 @@ class _Feed:
     when the call's outputs are all in, and handed to `take` parameter by parameter when every call
     using the parameter is done."""
 
-    def __init__(self, tape: Tape, calls: list, samples: int, what: str, take):
+    def __init__(self, tape: Tape, calls: list, samples: int, what: str, take, rows=None):
         self.tape, self.samples, self.what, self.take = tape, samples, what, take
+        self.rows = rows  # a probe pass's samples (bool [samples]): pieces restricted to them, handed on with them
         self.at = [(c, k) for c in calls for k in range(len(c.edges))]
         self.gs = {c: [None] * len(c.edges) for c in calls}
         self.left = {c: len(c.edges) for c in calls}
@@ -229,7 +231,11 @@ class _Feed:
         for _, name in self.tape.owned[call.module]:
             self.users[name] -= 1
             if self.users[name] == 0 and name in self.pieces:  # merged in tape order, as collect does
-                self.take(name, merge([p for _, ps in sorted(self.pieces.pop(name), key=lambda x: x[0]) for p in ps]))
+                merged = merge([p for _, ps in sorted(self.pieces.pop(name), key=lambda x: x[0]) for p in ps])
+                if self.rows is None:
+                    self.take(name, merged)
+                else:
+                    self.take(name, [restricted(p, self.rows) for p in merged], self.rows)
 
 
 def _downstream(call) -> list[list[int]]:

@@ -30,7 +30,7 @@ from . import shards
 from .collect import Grads, _check_loss, check_graph, collect, collect_each, pieces_from
 from .effects import GEffect, report
 from .groups import group_sums
-from .pieces import merge
+from .pieces import merge, widened
 from .products import Against, Aggregates, ByMarginals, Values, aggregated, dense_gradients, marginals, self_norms
 from .step import Serving, StepBackward, _walk
 from .tape import Tape
@@ -232,10 +232,13 @@ def _held(tape: Tape, g: Grads):
 
 
 def _gathered(feed) -> Grads:
-    """All of a feed's pieces at once (a parameter's parts merged)."""
+    """All of a feed's pieces at once (a parameter's parts, each widened to the whole batch, merged)."""
     pieces: dict = {}
-    batch = feed(lambda n, P: pieces.__setitem__(n, merge(pieces[n] + P) if n in pieces else P))
-    return Grads(pieces, batch)
+
+    def take(n, P, rows=None):
+        P = P if rows is None else [widened(p, rows) for p in P]
+        pieces[n] = merge(pieces[n] + P) if n in pieces else P
+    return Grads(pieces, feed(take))
 
 
 def _by_marginals(tape: Tape, g_obj, risks, opts: _Options, instances: bool) -> GEffect:

@@ -186,3 +186,22 @@ def contract_range(P: list[Piece], values: torch.Tensor, shape, start: int, end:
     if isinstance(out, int):  # the range misses every piece
         out = torch.zeros(P[0].batch, dtype=acc_dtype(values), device=values.device)
     return out
+
+
+def restricted(p: Piece, rows: torch.Tensor) -> Piece:
+    """The piece of the samples where `rows` (bool [batch]) is True only."""
+    if isinstance(p, PerSample):
+        return PerSample(p.grad[rows])
+    return Factored(p.left[rows], p.right[rows], None if p.mask is None else p.mask[rows], p.block)
+
+
+def widened(p: Piece, rows: torch.Tensor) -> Piece:
+    """A piece of the samples where `rows` (bool [batch]) is True as one of all the batch's samples
+    (zeros for the others)."""
+    def wide(x):
+        out = x.new_zeros((rows.shape[0], *x.shape[1:]))
+        out[rows] = x
+        return out
+    if isinstance(p, PerSample):
+        return PerSample(wide(p.grad))
+    return Factored(wide(p.left), wide(p.right), None if p.mask is None else wide(p.mask), p.block)

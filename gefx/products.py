@@ -242,9 +242,8 @@ class _Products:
     also the products along it; `squares` (a dict, or None): filled with the objective's squared
     norm per parameter (shared by the risks: each parameter's formed once).
 
-    Samples whose pieces of a parameter are all zero are left out of its products (they are 0):
-    on a risk's first use each of the probe's two passes brings the pieces of its part of the
-    samples and zeros for the others (``gefx.collect.collect_each``), so the two passes' products
+    On a risk's first use each of the probe's two passes brings the pieces of its own part of the
+    samples only (``gefx.collect.collect_each``, with their `rows`), so the two passes' products
     cost one backward's, not two."""
 
     def __init__(self, tape: Tape, instances: bool, direction, squares):
@@ -252,11 +251,10 @@ class _Products:
         self.values = Values({}, {} if instances else None, None if direction is None else {},
                              None if squares is None else {})
 
-    def take(self, n: str, P) -> None:
-        live, rows = _live(P)
-        batch = P[0].batch
-        self._take(n, live, lambda x: x if rows is None or x is None else
-                   x.new_zeros((batch, *x.shape[1:])).index_copy_(0, rows, x))
+    def take(self, n: str, P, rows=None) -> None:
+        """Products of pieces P; with `rows` (bool [batch]), P are those samples' only (a probe
+        pass's part), their per-sample products spread back over the batch."""
+        self._take(n, P, lambda x: x if rows is None or x is None else _spread(x, rows))
 
     def extras(self, n: str, P, spread) -> None:
         """What does not depend on the objective: the direction's product, the self products."""
@@ -267,25 +265,11 @@ class _Products:
             v.add(v.norms, n, spread(self_norms(P)))
 
 
-def _live(P: list[Piece]) -> tuple[list[Piece], torch.Tensor | None]:
-    """(P restricted to the samples whose gradient is not plainly zero, their indices), or (P, None)
-    when that is every sample or none. A sample's gradient is plainly zero when, in every piece, one
-    of its factors (or its per-sample gradient) is all zeros for it: one pass over the pieces."""
-    dead = None
-    for p in P:
-        if isinstance(p, PerSample):
-            zero = ~p.grad.ne(0).flatten(1).any(1)
-        elif p.ids:
-            zero = ~p.right.ne(0).flatten(1).any(1)
-        else:
-            zero = ~(p.left.ne(0).flatten(1).any(1) & p.right.ne(0).flatten(1).any(1))
-        dead = zero if dead is None else dead & zero
-    n_dead = int(dead.sum()) if dead is not None else 0
-    if n_dead == 0 or n_dead == dead.numel():
-        return P, None
-    rows = (~dead).nonzero().squeeze(1)
-    return [PerSample(p.grad[rows]) if isinstance(p, PerSample) else
-            Factored(p.left[rows], p.right[rows], None if p.mask is None else p.mask[rows], p.block) for p in P], rows
+def _spread(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-sample values of the samples where `rows` is True, as [batch, ...] (zeros elsewhere)."""
+    out = x.new_zeros((rows.shape[0], *x.shape[1:]))
+    out[rows] = x
+    return out
 
 
 class Against(_Products):

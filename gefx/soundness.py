@@ -339,11 +339,7 @@ def probe(tape, loss: torch.Tensor, reach: Reach, slots: list, grads: list | Non
         return False
     if not want:
         return False
-    gen = torch.Generator(device="cpu").manual_seed(samples)
-    s = torch.rand(samples, generator=gen) < 0.5
-    s[0] = True
-    s[-1] = samples < 2  # both parts non-empty (one sample: only S)
-    s = s.to(loss.device)
+    s = partition(samples, loss.device)
     # per slot: the largest row norm of the S part's gradient on S's rows (own) and on the others
     # (leak), the same for the complement; seen as the gradients stream by, none of them kept
     own: list = [[None, None] for _ in slots]
@@ -377,6 +373,16 @@ def probe(tape, loss: torch.Tensor, reach: Reach, slots: list, grads: list | Non
         raise Refused(_leak_message(what, leaks, reach.heads))
     done.add(reach.signature)
     return True
+
+
+def partition(samples: int, device) -> torch.Tensor:
+    """The probe's part S of the samples (bool [samples]): random, fixed by the sample count, both
+    parts non-empty (one sample: only S)."""
+    gen = torch.Generator(device="cpu").manual_seed(samples)
+    s = torch.rand(samples, generator=gen) < 0.5
+    s[0] = True
+    s[-1] = samples < 2
+    return s.to(device)
 
 
 def _leaks(slots: list, own: list, leak: list, loose: list) -> list:

@@ -81,13 +81,12 @@ def test_streamed_effects_match_oracle_first_and_warm(family, mode, monkeypatch)
     """...and on first use, each probe pass's products are taken over its own part of the samples
     only (the other part's pieces are zeros): per parameter, the two passes handle B samples in all."""
     handled = []
-    real = gefx.products._live
+    real = gefx.products._Products.take
 
-    def spy(P):
-        live, rows = real(P)
-        handled.append((P[0].batch, None if rows is None else len(rows)))
-        return live, rows
-    monkeypatch.setattr(gefx.products, "_live", spy)
+    def spy(self, n, P, rows=None):
+        handled.append((len(rows), P[0].batch, int(rows.sum())) if rows is not None else None)
+        return real(self, n, P, rows)
+    monkeypatch.setattr(gefx.products._Products, "take", spy)
     model = tiny_model(family, layers=2).train()
     params = [p for p in model.parameters() if p.requires_grad]
     fi, fm, fl = batch(3, 7, seed=1)
@@ -105,9 +104,9 @@ def test_streamed_effects_match_oracle_first_and_warm(family, mode, monkeypatch)
         assert rel_err(eff["forget"].per_instance, Gf @ g) < 1e-9, (mode, first)
         assert rel_err(eff["retain"].per_instance, Gr @ g) < 1e-9, (mode, first)
         assert rel_err(eff["retain"].risk_norm, Gr.norm(dim=1)) < 1e-9, (mode, first)
-        parts = [n for b, n in handled if n is not None]
-        if first:  # the retain risk's two passes (2 + 0 or 1 + 1 of its 2 samples), each parameter once
-            assert parts and all(0 < n < b for b, n in handled if n is not None), handled
+        parts = [h for h in handled if h is not None]
+        if first:  # each probed risk's two passes: pieces of the part's samples only (1 + 1 of the retain's 2)
+            assert parts and all(0 < b == k < total for total, b, k in parts), handled
         else:
             assert not parts, handled
         handled.clear()
