@@ -188,6 +188,20 @@ def collect_each(tape: Tape, loss: torch.Tensor, take, *, what: str = "loss", pr
     return loss.shape[0]
 
 
+def follow(tape: Tape, loss: torch.Tensor, reach, take, *, what: str = "loss") -> "_Feed":
+    """A feed for the per-sample loss's gradients at its recorded outputs as another backward
+    brings them (the step's, rescaled: ``gefx.step.Serving.stream``): ``feed.arrived_at(call, k,
+    g)`` for each, ``take(name, pieces)`` for each parameter as soon as its pieces are complete,
+    ``feed.close()`` once that backward is over (returns the number of samples). `reach`: the
+    loss's proved coverage; the per-sample probe (``check_graph``) is the caller's, before what
+    the feed gives is used."""
+    tape.check_open()
+    _check_loss(loss, what, True)
+    for call in reach.calls:  # verified now, so that the pieces can be formed inside the backward
+        checked_rule(tape, call)
+    return _Feed(tape, reach.calls, loss.shape[0], what, take)
+
+
 class _Feed:
     """Gradients arriving slot by slot (in ``Reach.slots()`` order) turned into each call's pieces
     when the call's outputs are all in, and handed to `take` parameter by parameter when every call
@@ -197,6 +211,8 @@ class _Feed:
         self.tape, self.samples, self.what, self.take = tape, samples, what, take
         self.rows = rows  # a probe pass's samples (bool [samples]): pieces restricted to them, handed on with them
         self.at = [(c, k) for c in calls for k in range(len(c.edges))]
+        self.index = {(id(c), k): j for j, (c, k) in enumerate(self.at)}
+        self.seen: set = set()
         self.gs = {c: [None] * len(c.edges) for c in calls}
         self.left = {c: len(c.edges) for c in calls}
         self.users = {}  # canonical name -> calls still to come
@@ -208,6 +224,9 @@ class _Feed:
         self.later: list = []  # calls handled after the backward
 
     def arrived(self, j: int, g) -> None:
+        if j in self.seen:
+            return
+        self.seen.add(j)
         call, k = self.at[j]
         self.gs[call][k] = g
         self.left[call] -= 1
@@ -216,6 +235,19 @@ class _Feed:
                 self._done(call)
             else:
                 self.later.append(call)
+
+    def arrived_at(self, call, k: int, g) -> None:
+        """Output k of `call` (ignored if not one of the fed calls')."""
+        j = self.index.get((id(call), k))
+        if j is not None:
+            self.arrived(j, g)
+
+    def close(self) -> int:
+        """The backward is over: the slots it did not reach count zero; the calls left are done."""
+        for j in range(len(self.at)):
+            self.arrived(j, None)
+        self.finish()
+        return self.samples
 
     def finish(self) -> None:
         later = set(self.later)

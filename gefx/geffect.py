@@ -25,16 +25,15 @@ from typing import Mapping
 
 import torch
 
-from . import dist
-from . import shards
-from .collect import Grads, _check_loss, check_graph, collect, collect_each, pieces_from
+from . import dist, shards
+from .collect import Grads, _check_loss, check_graph, collect, collect_each, follow, pieces_from
 from .effects import GEffect, report
 from .groups import group_sums
 from .pieces import merge, widened
 from .products import Against, Aggregates, ByMarginals, Values, aggregated, dense_gradients, marginals, self_norms
 from .step import Serving, StepBackward, _walk
 from .tape import Tape
-from .update import updates
+from .update import updates, updates_as_they_come
 
 
 def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups="block", process_group=None,
@@ -162,32 +161,28 @@ def _direction(tape: Tape, direction) -> dict[str, torch.Tensor] | None:
     return out
 
 
-class _Lazy(Mapping):
-    """{name: value} formed when read by `make(name)`, for the names given (nothing kept)."""
+class _Named(Mapping):
+    """{canonical name: delta} for the counted parameters among an optimizer's updates `deltas`
+    (as `deltas` has them when asked; each formed when read; FSDP2's DTensor updates read
+    shard-wise)."""
 
-    def __init__(self, names, make):
-        self.names, self.make = list(names), make
+    def __init__(self, tape: Tape, deltas: Mapping[torch.Tensor, torch.Tensor]):
+        self.params, self.deltas = tape.params, deltas
 
     def __getitem__(self, name):
-        if name not in self.names:
+        if name not in self:
             raise KeyError(name)
-        return self.make(name)
+        p = self.params[name]
+        return shards.sharded(p, self.deltas[p].detach())
 
     def __contains__(self, name) -> bool:
-        return name in self.names
+        return name in self.params and self.params[name] in self.deltas
 
     def __iter__(self):
-        return iter(self.names)
+        return (n for n, p in self.params.items() if p in self.deltas)
 
     def __len__(self) -> int:
-        return len(self.names)
-
-
-def _named(tape: Tape, deltas: Mapping[torch.Tensor, torch.Tensor]) -> _Lazy:
-    """{canonical name: delta} for the counted parameters among an optimizer's updates (formed when
-    read; FSDP2's DTensor updates read shard-wise)."""
-    params = {tape.names[id(p)]: p for p in deltas if id(p) in tape.names}
-    return _Lazy(params, lambda n: shards.sharded(tape.params[n], deltas[params[n]].detach()))
+        return sum(1 for _ in self)
 
 
 def _pending_update(tape: Tape, optimizer, m_obj: Mapping[str, torch.Tensor]):
@@ -201,7 +196,7 @@ def _pending_update(tape: Tape, optimizer, m_obj: Mapping[str, torch.Tensor]):
         add = m_obj[name] if name in m_obj else None
         return p.grad if add is None else add.to(p.dtype) if p.grad is None else p.grad + add.to(p.dtype)
 
-    return _named(tape, updates(optimizer, grad_of, has_grad=lambda p: p.grad is not None or tape.names.get(id(p)) in m_obj))
+    return _Named(tape, updates(optimizer, grad_of, has_grad=lambda p: p.grad is not None or tape.names.get(id(p)) in m_obj))
 
 
 def _step_update(tape: Tape, optimizer):
@@ -211,7 +206,7 @@ def _step_update(tape: Tape, optimizer):
     if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in tape.params.values()):
         raise ValueError("optimizer= is not supported under DeepSpeed (its optimizer steps flat partitions that "
                          "gefx.update cannot replay); pass the update as direction= instead")
-    return _named(tape, updates(optimizer))
+    return _Named(tape, updates(optimizer))
 
 
 # -- a risk's pieces, fed parameter by parameter: feed(take) calls take(name, pieces), returns B --
@@ -369,16 +364,22 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
     # every graph's coverage is checked before the step's backward touches .grad (and the objective's
     # per-sample contract when its instances are asked for); each risk's per-sample probe runs after
     # it, on the risk's turn: a risk with its own backward is probed by the two passes that are that
-    # backward (collect_each), a risk the step serves before its served gradients are used; a
-    # refusal then restores .grad, as any error inside StepBackward does
+    # backward (collect_each), a risk the step serves before its products are reported (made during
+    # the step's backward, or from its captured gradients); a refusal then restores .grad, as any
+    # error inside StepBackward does
     obj_reach = check_graph(tape, objective, "objective") if instances else None
     serving = Serving(tape, objective, risks, keep_all=instances)
     reaches = {name: tape.graph.reach(risk, f"risk {name!r}") for name, risk in risks.items()}
-    with StepBackward(serving) as step:
+    step, sq = StepBackward(serving), {} if opts.norms else None
+    live = {} if instances else _served_live(tape, serving, step, risks, reaches, sq, opts.direction, optimizer)
+    with step:
         g_obj = pieces_from(tape, objective, serving.captured, per_sample=True, what="objective",
                             users=obj_reach.calls) if instances else None
         def feed_of(name, risk, take):  # when the risk's turn comes (see _against)
             what = f"risk {name!r}"
+            if name in live and serving.reused(name):  # served during the backward, proved now
+                check_graph(tape, risk, what, reaches[name])
+                return live[name][1].close()
             if not serving.reused(name):  # its own backward, streamed
                 serving.forgo(name)
                 return collect_each(tape, risk, take, what=what)
@@ -391,11 +392,66 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
         order = sorted(risks, key=lambda name: not serving.reused(name))
         feeds = {name: (lambda take, name=name: feed_of(name, risks[name], take)) for name in order}
         opts = opts.along(_step_update(tape, optimizer))
-        result = _against(tape, dense_gradients(tape, step.grads), feeds, opts, g_obj)
+        result = _against(tape, dense_gradients(tape, step.grads), feeds, opts, g_obj,
+                          made={name: products for name, (products, _) in live.items()}, squares=sq)
         return GEffect({name: result[name] for name in risks})
 
 
-def _against(tape: Tape, m_obj: Mapping, feeds: dict, opts: _Options, g_obj=None) -> GEffect:
+def _served_live(tape: Tape, serving: Serving, step: StepBackward, risks, reaches: dict, squares,
+                 direction=None, optimizer=None) -> dict:
+    """{name: (products, feed)} for the risks the step may serve (one process, no sharded
+    parameter): served while the step's backward runs, each layer's rescaled gradients turned into
+    pieces and contracted with ``.grad`` as soon as the backward has finished that parameter's,
+    then dropped: no set of output gradients is held for them. Their products are reported only
+    after the risk's per-sample probe has passed (on its first use: two partial backwards after
+    the step's), so a refusal still leaves no number out. Along `direction` too, or with
+    `optimizer` along its update, each parameter's formed from its finished ``.grad`` (closed
+    forms only)."""
+    if dist.group_size() > 1 or any(shards.layout(p) is not None for p in tape.params.values()):
+        return {}
+    if optimizer is not None:
+        deltas = updates_as_they_come(optimizer)
+        if deltas is None:
+            return {}
+        direction = _Named(tape, deltas)
+    live = {}
+    for name, risk in risks.items():
+        if not serving.may_serve(name):
+            continue
+        products = Against(tape, _GradNow(tape), None, direction, squares)
+
+        def take(n, P, rows=None, products=products):
+            step.when_final(n, partial(products.take, n, P, rows))
+        feed = follow(tape, risk, reaches[name], take, what=f"risk {name!r}")
+        serving.stream(name, feed.arrived_at)
+        live[name] = (products, feed)
+    return live
+
+
+class _GradNow(Mapping):
+    """{name: .grad as it is now} for the counted parameters that have one."""
+
+    def __init__(self, tape: Tape):
+        self.params = tape.params
+
+    def __getitem__(self, name):
+        g = self.params[name].grad
+        if g is None:
+            raise KeyError(name)
+        return g.detach()
+
+    def __contains__(self, name) -> bool:
+        return name in self.params and self.params[name].grad is not None
+
+    def __iter__(self):
+        return (n for n, p in self.params.items() if p.grad is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _against(tape: Tape, m_obj: Mapping, feeds: dict, opts: _Options, g_obj=None, *, made: dict | None = None,
+             squares: dict | None = None) -> GEffect:
     """G-effects against the objective's aggregated gradient given densely (per parameter name;
     under torch.distributed already summed over the ranks; sharded parameters as shards.Sharded;
     possibly formed when read), for the risks' pieces (name -> feed: see ``_feeds``); with `g_obj`,
@@ -405,11 +461,12 @@ def _against(tape: Tape, m_obj: Mapping, feeds: dict, opts: _Options, g_obj=None
     torch.distributed): see ``_together``."""
     if dist.group_size(opts.process_group) > 1 or isinstance(m_obj, Aggregates):
         return _together(tape, m_obj, feeds, opts, g_obj)
-    sq = {} if opts.norms else None
+    sq = squares if squares is not None or not opts.norms else {}
+    made = made or {}
     result = GEffect()
     for name in list(feeds):
         feed = feeds.pop(name)  # what it holds goes with it
-        products = Against(tape, m_obj, g_obj, opts.direction, sq)
+        products = made.pop(name, None) or Against(tape, m_obj, g_obj, opts.direction, sq)
         batch = feed(products.take)
         obj_sq = group_sums(tape, products.objective_squares(), opts.groups, ()) if opts.norms else None
         result[name] = report(tape, name, batch, products.values, opts.groups, opts.process_group, obj_sq,

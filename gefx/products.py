@@ -26,7 +26,7 @@ from . import dist, ops, shards
 from .backends import dispatch
 from .collect import Grads
 from .pieces import Factored, PerSample, Piece, contract, dense, masked
-from .precision import acc_dtype
+from .precision import acc_dtype, sq_sum
 from .tape import Tape
 
 
@@ -319,11 +319,11 @@ class ByMarginals(_Products):
             if v.cols is not None:
                 v.add(v.cols, n, col)
             if sq is not None and n not in sq:
-                sq[n] = (memo["q"] if "q" in memo else dense(Q, shape)).pow(2).sum()
+                sq[n] = sq_sum(memo["q"] if "q" in memo else dense(Q, shape))
         self.extras(n, P, spread)
 
     def objective_squares(self) -> dict:
         for n, Q in self.g_obj.pieces.items():
             if n not in self.squares:
-                self.squares[n] = dense(Q, dist.shape(self.tape.params[n])).pow(2).sum()
+                self.squares[n] = sq_sum(dense(Q, dist.shape(self.tape.params[n])))
         return self.squares

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .pieces import Piece, contract, contract_range, dense_range
-from .precision import acc_dtype
+from .precision import acc_dtype, sq_sum
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,8 @@ def finite(m) -> bool:
 def sq_norm(m) -> torch.Tensor:
     """||m||^2 of a tensor or a Sharded (summed over its ranks)."""
     if not isinstance(m, Sharded):
-        return m.pow(2).sum()
-    s = m.local.to(acc_dtype(m.local)).pow(2).sum()
+        return sq_sum(m)
+    s = sq_sum(m.local)
     dist.all_reduce(s, group=m.layout.group)
     return s
 

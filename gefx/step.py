@@ -71,6 +71,8 @@ class _Plan:
     reusable: bool                       # the graph conditions hold (decided before the backward)
     g_head: torch.Tensor | None = None   # dr/dH (for reusable plans: computed before the backward)
     scale: torch.Tensor | None = None    # 1 / c_i, set by the head's hook when the fit succeeds
+    streamed: bool = False               # served as the gradients come (Serving.stream), not captured
+    visit: object = None                 # ... by this callback, during the step's backward only
 
 
 class Serving:
@@ -80,10 +82,13 @@ class Serving:
     (:meth:`risk_grads`).
 
     What is captured: every recorded output's gradient for a vector objective (`keep_all`: its
-    per-sample pieces), otherwise only those upstream of a head some risk may reuse. A captured
-    gradient is released as soon as no remaining risk needs it, and rescaled in place for the last
-    risk using it when nothing else shares its storage, so that the reuse holds no more memory
-    than the partial backward it replaces.
+    per-sample pieces), otherwise only those upstream of a head some risk may reuse and that is not
+    served as they come (:meth:`stream`: its gradients are handed on rescaled, layer by layer, and
+    nothing is kept for it; the online mode streams every risk it may serve in one process, and
+    captures for the rest: under torch.distributed, sharded parameters, `optimizer=`, PG-effects).
+    A captured gradient is
+    released as soon as no remaining risk needs it, and rescaled in place for the last risk using
+    it when nothing else shares its storage.
     """
 
     def __init__(self, tape: Tape, loss: torch.Tensor, risks: Mapping[str, torch.Tensor], keep_all: bool = False):
@@ -154,7 +159,13 @@ class Serving:
                     return
                 for plan in self._heads.get(k, ()):
                     plan.scale = self._row_factors(g, plan.g_head)
-                if self.keep_all or any(pl.scale is not None and k != pl.head for pl in viable.get(k, ())):
+                for pl in viable.get(k, ()):
+                    if pl.streamed and pl.scale is not None:
+                        pl.visit(*self.slots[k], pl.g_head if k == pl.head else g * self._factor(k, pl, g))
+                        if k == pl.head:
+                            pl.g_head = None
+                if self.keep_all or any(pl.scale is not None and not pl.streamed and k != pl.head
+                                        for pl in viable.get(k, ())):
                     self.captured[k] = g
             return hook
 
@@ -176,6 +187,27 @@ class Serving:
         plan = self.plans.get(name)
         return plan is not None and plan.scale is not None
 
+    def streams(self) -> bool:
+        """Whether some risk is served as the gradients come (:meth:`stream`)."""
+        return any(p is not None and p.streamed for p in self.plans.values())
+
+    def stream(self, name: str, visit) -> None:
+        """Serve this risk during the backward: ``visit(call, output index, g)`` with its gradient at
+        each recorded output it reaches as the step's arrives (rescaled: a temporary of that output's
+        size; at the head its own dr/dH), nothing captured for it. Only once the head's fit succeeds
+        (:meth:`reused`); otherwise nothing is visited and the caller differentiates the risk."""
+        plan = self.plans[name]
+        assert plan is not None and plan.reusable and not plan.streamed
+        plan.streamed, plan.visit = True, visit
+        self._users[plan.head] -= 1  # it takes nothing captured
+
+    def backward_done(self) -> None:
+        """The step's backward is over: the streamed risks' callbacks are let go (they hold the
+        caller's state, which holds this object: no reference cycle may keep the graph alive)."""
+        for plan in self.plans.values():
+            if plan is not None:
+                plan.visit = None
+
     def forgo(self, name: str) -> None:
         """The caller differentiates this risk itself: its claim on the captured gradients ends
         (released when no other risk needs them)."""
@@ -183,6 +215,8 @@ class Serving:
         if plan is None or not plan.reusable or plan.g_head is None:
             return
         plan.g_head = None
+        if plan.streamed:
+            return
         self._users[plan.head] -= 1
         if self._users[plan.head] == 0 and not self.keep_all:
             self._release(plan.upstream)
@@ -202,13 +236,17 @@ class Serving:
             g = self.captured[k]
             if g is None or k == plan.head:
                 continue
-            factor = per_row(self.tape, *self.slots[k][:1], plan.scale, g).to(g.dtype)
+            factor = self._factor(k, plan, g)
             in_place = last and g.untyped_storage().data_ptr() not in shared
             out[k] = g.mul_(factor) if in_place else g * factor
         out[plan.head] = g_head
         if last:
             self._release(plan.upstream)
         return out
+
+    def _factor(self, k: int, plan: _Plan, g: torch.Tensor) -> torch.Tensor:
+        """The plan's 1 / c_i laid out along output k's batch dimension."""
+        return per_row(self.tape, self.slots[k][0], plan.scale, g).to(g.dtype)
 
     def _as_output(self, k: int, g):
         call, j = self.slots[k]
@@ -228,13 +266,36 @@ class StepBackward:
     exception ``.grad`` is restored to what it was before. Only nonzero earlier gradients are
     moved aside (a parameter-sized copy while the step's gradient is read); when every earlier
     gradient is None or zero the backward accumulates into them in place and nothing is copied.
-    ``grads``: the step's own gradient ({name: .grad}) inside the block.
+    ``grads``: the step's own gradient ({name: .grad}) inside the block. :meth:`when_final` runs
+    work on a parameter's ``.grad`` as soon as the backward has finished it (risks served as the
+    gradients come, :meth:`Serving.stream`).
     """
 
     def __init__(self, serving: Serving):
         self.serving, self.tape, self.loss = serving, serving.tape, serving.loss
         self._earlier: dict[str, torch.Tensor | None] = {}
         self._zeros: set = set()
+        self._final: set | None = set()  # names whose .grad the backward has finished (None: all)
+        self._waiting: dict[str, list] = {}
+        self._taken: list[str] = []
+
+    def when_final(self, name: str, fn) -> None:
+        """Call ``fn()`` once the backward has finished the parameter's ``.grad`` (at once if it has;
+        autograd accumulates a parameter's gradient once per backward, all its uses summed)."""
+        if self._final is None or name in self._final:
+            fn()
+        else:
+            self._waiting.setdefault(name, []).append(fn)
+
+    def _finished(self, name: str):
+        def hook(param):
+            if param.grad is None:  # a hook before this one took it (an optimizer step inside the backward)
+                self._taken.append(name)
+                return
+            self._final.add(name)
+            for fn in self._waiting.pop(name, ()):
+                fn()
+        return hook
 
     def __enter__(self) -> "StepBackward":
         self.tape.check_open()
@@ -251,14 +312,26 @@ class StepBackward:
             self.tape.params[n].grad = None
         edges = self.serving.edges
         handles = [edges[k].node.register_prehook(hook) for k, hook in self.serving.hooks().items()]
+        handles += [p.register_post_accumulate_grad_hook(self._finished(n)) for n, p in self.tape.params.items()]
         try:
             self.loss.sum().backward(retain_graph=True)
+            if self._taken:
+                raise ValueError(f"the step's gradient of parameter {self._taken[0]!r} was taken from .grad during "
+                                 "the backward by a hook of yours (register_post_accumulate_grad_hook: an optimizer "
+                                 "step inside the backward?); online mode reads the step's gradient in .grad after "
+                                 "it: measure before the step instead (g_effect without backward=True)")
+            self._final, waiting, self._waiting = None, self._waiting, {}
+            for n in self.tape.params:  # what the backward left without a gradient, in tape order
+                for fn in waiting.pop(n, ()):
+                    fn()
         except BaseException:
+            self._waiting = {}
             self._restore(failed=True)
             raise
         finally:
             for h in handles:
                 h.remove()
+            self.serving.backward_done()
         self.grads = {n: p.grad for n, p in self.tape.params.items() if p.grad is not None}
         return self
 

@@ -100,6 +100,44 @@ def updates(optimizer: Optimizer, grads: Mapping[Tensor, Tensor | None] | Callab
     return _Deltas(optimizer, closed, grad_of, has_grad)
 
 
+def updates_as_they_come(optimizer: Optimizer) -> Mapping[Tensor, Tensor] | None:
+    """:func:`updates` for a backward still running: a parameter's delta is formed from its
+    ``.grad`` when read (once the backward has finished that gradient); contains the parameters
+    that have a ``.grad`` at the time of asking. Closed forms only (SGD / Adam / AdamW with dense
+    gradients): None where the update needs every gradient at once (the fallback steps a copy)."""
+    closed = _closed_form(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if closed is None or _kernel_only(optimizer, closed, params) or any(p.is_sparse for p in params):
+        return None
+    _warn_hooks(optimizer)
+    deltas = _Deltas(optimizer, closed, lambda p: p.grad, lambda p: True)
+    return _Present(deltas)
+
+
+class _Present(Mapping):
+    """A {parameter: delta} mapping restricted to the parameters that have a gradient now."""
+
+    def __init__(self, deltas: Mapping):
+        self.deltas = deltas
+
+    def __getitem__(self, p: Tensor) -> Tensor:
+        if p.grad is None:
+            raise KeyError("no gradient")
+        if p.grad.is_sparse:
+            raise ValueError("a sparse gradient has no closed-form update here; measure with optimizer= after the "
+                             "step's backward (gefx.update(optimizer))")
+        return self.deltas[p]
+
+    def __contains__(self, p) -> bool:
+        return p.grad is not None and p in self.deltas
+
+    def __iter__(self):
+        return (p for p in self.deltas if p.grad is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class _Deltas(Mapping):
     """{parameter: delta} of a closed form, each delta formed when read."""
 
@@ -116,6 +154,9 @@ class _Deltas(Mapping):
         g = self.grad_of(p)
         with torch.no_grad():
             return self.closed(self.optimizer.state.get(p, {}), group, impl, p.detach(), g.detach(), self.optimizer)
+
+    def __contains__(self, p) -> bool:
+        return p in self.where
 
     def __iter__(self):
         return iter(self.where)

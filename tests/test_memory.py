@@ -171,8 +171,8 @@ def test_online_probe_refusal_restores_grad(start, mixed):
 def _online_extra(layers: int, first: bool, monkeypatch, how: str = "online") -> int:
     """Peak bytes of all tensors (activations included) of an online measurement of a retain risk
     the step does not serve (`how`: "online", g_effect(backward=True); "prepared", prepare with the
-    objective named, the caller's backward, .against), minus the plain step's, on its first use or
-    warm."""
+    objective named, the caller's backward, .against) or of the forget risk it serves ("served"),
+    minus the plain step's, on its first use or warm."""
     from gefx import soundness
     monkeypatch.setenv("GEFX_BACKEND", "torch")
     model = _model(layers)
@@ -190,6 +190,8 @@ def _online_extra(layers: int, first: bool, monkeypatch, how: str = "online") ->
                 (-f).sum().backward()
             elif how == "online":
                 gefx.g_effect(tape, -f, {"retain": r}, backward=True)
+            elif how == "served":
+                gefx.g_effect(tape, -f, {"forget": f}, backward=True)
             else:
                 prepared = gefx.prepare(tape, {"retain": r}, objective=-f)
                 (-f).sum().backward()
@@ -211,3 +213,69 @@ def test_risk_output_gradients_are_streamed(first, how, monkeypatch):
     layer_set = 2 * 6 * (4 * WIDTH + 3 * MLP + 2 * WIDTH) * 4
     shallow, deep = _online_extra(2, first, monkeypatch, how), _online_extra(6, first, monkeypatch, how)
     assert deep - shallow < layer_set, (shallow, deep, layer_set)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first", "steady"])
+def test_served_risk_holds_no_set(first, monkeypatch):
+    """A risk the step's gradients serve (GA's forget NLL): each layer's are rescaled, turned into
+    pieces and contracted with .grad as soon as the backward has finished that parameter's
+    (gefx.step.Serving.stream), on its first use too (its probe's two passes run after the step's
+    backward, before its products are reported): the extra memory does not grow with depth.
+    Holding them for the whole model (as an autograd.grad call returns them) grows it by a layer's
+    set of the forget batch (21 tokens x ~700 outputs x 4 bytes) per layer."""
+    layer_set = 2 * 6 * (4 * WIDTH + 3 * MLP + 2 * WIDTH) * 4
+    shallow, deep = _online_extra(2, first, monkeypatch, "served"), _online_extra(6, first, monkeypatch, "served")
+    assert deep - shallow < layer_set, (shallow, deep, layer_set)
+
+
+@pytest.mark.parametrize("how", ["served", "own-backward", "before", "prepare"])
+def test_measurement_leaves_no_reference_cycle(how):
+    """Nothing of a measurement outlives it by a reference cycle (which only the garbage collector,
+    at a time of its choosing, would free, with the step's whole graph and activations): with the
+    collector off, the losses (the objective holds the step's graph) are freed as soon as the
+    caller drops them, on the first measurement and on a later one (online, a risk the step serves
+    is then streamed during the step's backward)."""
+    import gc
+    import weakref
+    model = tiny_model("llama")
+    fi, fm, fl = batch(3, 7, seed=1)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            with gefx.trace(model) as tape:
+                f = sequence_nll(model(input_ids=fi, attention_mask=fm).logits, fl)
+                r = f if how != "own-backward" else sequence_nll(model(input_ids=fi, attention_mask=fm).logits, fl)
+                obj = -f
+                if how == "before":
+                    eff = gefx.g_effect(tape, obj, {"forget": r}, norms=True)
+                elif how == "prepare":
+                    prepared = gefx.prepare(tape, {"forget": r}, norms=True)
+                    obj.sum().backward()
+                    eff = prepared.against({p: p.grad for p in model.parameters()})
+                    del prepared
+                else:
+                    eff = gefx.g_effect(tape, obj, {"forget": r}, backward=True, norms=True)
+            alive = [weakref.ref(obj), weakref.ref(f), weakref.ref(r)]
+            del tape, obj, f, r, eff
+            assert all(ref() is None for ref in alive)
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_squared_norms_form_no_parameter_sized_temporary(dtype):
+    """||.grad||^2 (norms=True) is summed chunk by chunk in the accumulation dtype: as exact as a
+    cascaded sum, no temporary the size of the parameter (x.pow(2).sum() formed one)."""
+    from gefx.precision import sq_sum
+    torch.manual_seed(0)
+    x = torch.randn(4000, 1100, dtype=torch.float64).to(dtype)  # 16.8 chunks of 2^18 entries
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    with LiveBytes(1) as meter:
+        got = sq_sum(x)
+    chunk = (1 << 18) * torch.finfo(acc).bits // 8
+    assert meter.peak <= 2 * chunk + 4096 < x.numel() * x.element_size() / 4  # a chunk and its square
+    assert got.dtype == acc
+    exact = x.double().pow(2).sum()
+    assert abs(float(got) - float(exact)) / float(exact) < (1e-12 if dtype == torch.float64 else 1e-6)

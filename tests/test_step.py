@@ -85,6 +85,50 @@ def test_matches_brute_force_and_plain_backward(family, dtype, objective, reused
     assert reuse_log == reused
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("objective", ["weighted_ga", "gd", "token_weighted"])
+def test_served_risks_are_contracted_during_the_backward(family, dtype, objective, monkeypatch):
+    """A served risk's products are made while the step's backward runs (each parameter's as soon
+    as its .grad is final; on first use the probe passes after it) and nothing is captured for it:
+    brute force's numbers, norms included, on the first and a later measurement, the same .grad."""
+    base = tiny_model(family, torch.float64)
+    ref = copy.deepcopy(base)
+    params = list(ref.parameters())
+    f, r, obj = _losses(ref, objective)
+    Gf, Gr, g_obj = per_sample_grads(f, params), per_sample_grads(r, params), full_grad(obj.sum(), params)
+    plain = copy.deepcopy(base).to(dtype)
+    _losses(plain, objective)[2].sum().backward()
+
+    streamed, captured = [], []
+    stream, hooks = S.Serving.stream, S.Serving.hooks
+    monkeypatch.setattr(S.Serving, "stream", lambda self, *a: (streamed.append(a[0]), stream(self, *a))[1])
+
+    def spy_hooks(self):
+        captured.append(self.captured)
+        return hooks(self)
+    monkeypatch.setattr(S.Serving, "hooks", spy_hooks)
+    model = copy.deepcopy(base).to(dtype)
+    got = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with gefx.trace(model) as tape:
+            f, r, obj = _losses(model, objective)
+            got.append(gefx.g_effect(tape, obj, {"forget": f, "retain": r}, groups="param", backward=True,
+                                     norms=True))
+    tol = TOL[dtype] if dtype == torch.float32 or family == "gpt2" else 1e-6  # RMSNorm: see above
+    norms = torch.linalg.vector_norm(Gf, dim=1)
+    for eff in got:
+        assert rel_err(eff["forget"].per_instance, Gf @ g_obj) < tol
+        assert rel_err(eff["retain"].per_instance, Gr @ g_obj) < tol
+        assert rel_err(eff["forget"].risk_norm, norms) < tol
+    # both stream (token weights: planned, the fit fails at the head, the risk's own backward runs)
+    assert streamed == (["forget", "retain"] if objective == "gd" else ["forget"]) * 2
+    assert all(c is None for cs in captured for c in cs)  # nothing held for the streamed risks
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad), n
+
+
 def test_accumulates_onto_earlier_gradients_like_backward():
     base = tiny_model("llama", torch.float32)
     a, b = copy.deepcopy(base), copy.deepcopy(base)
@@ -256,3 +300,18 @@ def test_prepare_then_against_the_loops_own_backward(family):
     assert rel_err(eff["retain"].per_instance, Gr @ g_obj) < 1e-9
     with pytest.raises(TypeError, match="non-empty dict"):
         gefx.prepare(tape, {})
+
+
+def test_gradient_taken_during_the_backward_is_refused():
+    """An optimizer stepped inside the backward (a post-accumulate-grad hook that sets .grad to
+    None) leaves no step's gradient in .grad to contract against: refused by name, not a G-effect
+    with those parameters missing."""
+    model = tiny_model("llama", torch.float32)
+    params = dict(model.named_parameters())
+    handle = params["model.layers.0.mlp.up_proj.weight"].register_post_accumulate_grad_hook(
+        lambda p: setattr(p, "grad", None))
+    with gefx.trace(model) as tape:
+        f, r, obj = _losses(model, "gd")
+        with pytest.raises(ValueError, match="up_proj.weight.*taken from .grad"):
+            gefx.g_effect(tape, obj, {"forget": f, "retain": r}, backward=True)
+    handle.remove()
