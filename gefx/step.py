@@ -85,10 +85,9 @@ class Serving:
     per-sample pieces), otherwise only those upstream of a head some risk may reuse and that is not
     served as they come (:meth:`stream`: its gradients are handed on rescaled, layer by layer, and
     nothing is kept for it; the online mode streams every risk it may serve in one process, and
-    captures for the rest: under torch.distributed, sharded parameters, `optimizer=`, PG-effects).
-    A captured gradient is
-    released as soon as no remaining risk needs it, and rescaled in place for the last risk using
-    it when nothing else shares its storage.
+    captures under torch.distributed, with sharded parameters, with an optimizer that has no closed
+    form, and for PG-effects). A captured gradient is released as soon as no remaining risk needs
+    it, and rescaled in place for the last risk using it when nothing else shares its storage.
     """
 
     def __init__(self, tape: Tape, loss: torch.Tensor, risks: Mapping[str, torch.Tensor], keep_all: bool = False):
@@ -186,10 +185,6 @@ class Serving:
         """Whether the step's gradients serve this risk (its row factors were fitted)."""
         plan = self.plans.get(name)
         return plan is not None and plan.scale is not None
-
-    def streams(self) -> bool:
-        """Whether some risk is served as the gradients come (:meth:`stream`)."""
-        return any(p is not None and p.streamed for p in self.plans.values())
 
     def stream(self, name: str, visit) -> None:
         """Serve this risk during the backward: ``visit(call, output index, g)`` with its gradient at
