@@ -16,6 +16,9 @@ With ``--warm`` a plain step runs first: the first measurement's time over the s
 then what gefx's one-time checks cost (rule verification, per-sample probe), without the costs
 of any process's first step (page faults on fresh memory, kernel set-up) that the cold order
 charges to it.
+With ``--repeat N`` the later pair (measured step, plain step) runs N times: *steady* times are
+medians over them (a single timing on a shared VM wanders by 10% and more), the steady peaks are
+those of the pair with the largest extra.
 
     online      ``g_effect(tape, objective, risks, backward=True)``
     before      ``g_effect(tape, objective, risks)``, then ``loss.backward()``
@@ -156,8 +159,9 @@ def run_case(args) -> dict:
         opt.step()  # AdamW's state exists, as in a running loop
     meter = Peak(device)
     out = {"case": args.case, "params": E.n_params(model), "warm": args.warm}
-    order = (("first", args.case), ("plain_first", "plain"), ("steady", args.case), ("plain_steady", "plain"))
-    for label, case in ((("plain_cold", "plain"),) if args.warm else ()) + order:
+    steps = [("first", args.case), ("plain_first", "plain")]
+    steps += [(f"{label}{i}", case) for i in range(args.repeat) for label, case in (("steady", args.case), ("plain", "plain"))]
+    for label, case in ((("plain_cold", "plain"),) if args.warm else ()) + tuple(steps):
         model.zero_grad(set_to_none=False)
         _trim()
         base = meter.rss()
@@ -170,12 +174,25 @@ def run_case(args) -> dict:
     model.zero_grad(set_to_none=False)
     _trim()
     out["resident"] = meter.rss() - out["first"]["before"]  # what stayed allocated since the first measurement
+    out["steady"], out["plain_steady"] = _later(out, args.repeat)
     return out
+
+
+def _later(out: dict, repeat: int) -> tuple[dict, dict]:
+    """The later measurements summed up: median times (steady and plain), and the peaks of the pair
+    (measured step, the plain step after it) whose extra memory was the largest."""
+    pairs = [(out.pop(f"steady{i}"), out.pop(f"plain{i}")) for i in range(repeat)]
+    out["later"] = [{"steady": s, "plain": p} for s, p in pairs]
+    worst = max(pairs, key=lambda sp: (sp[0]["peak"] - sp[1]["peak"]) / sp[1]["peak"])
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    return ({"seconds": median([s["seconds"] for s, _ in pairs]), "peak": worst[0]["peak"]},
+            {"seconds": median([p["seconds"] for _, p in pairs]), "peak": worst[1]["peak"]})
 
 
 def _spawn(args, case: str) -> dict:
     cmd = [sys.executable, __file__, "--one", case, "--model", args.model, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--dtype", args.dtype, "--device", args.device] + (["--warm"] if args.warm else [])
+           "--seq", str(args.seq), "--dtype", args.dtype, "--device", args.device, "--repeat", str(args.repeat)]
+    cmd += ["--warm"] if args.warm else []
     env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else {}))
     got = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if got.returncode != 0:
@@ -215,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warm", action="store_true",
                     help="run a plain step before the first measurement: its time then shows what gefx's one-time "
                          "checks cost, without the process's own first-step costs (page faults, kernel set-up)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="later measurements (each followed by a plain step): steady times are their medians, steady "
+                         "peaks those of the pair with the largest extra")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -228,7 +248,8 @@ def main(argv=None) -> int:
         results.append(_spawn(args, case))
     meta = {"model": args.model, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "device": args.device,
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "mmap_threshold": args.mmap_threshold, "warm": args.warm}
+            "date": time.strftime("%Y-%m-%d"), "mmap_threshold": args.mmap_threshold, "warm": args.warm,
+            "repeat": args.repeat}
     print(table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -98,14 +98,23 @@ def _grouped(call, n: int, samples: int) -> bool:
     return call.batch == samples and n == samples * call.length > 0
 
 
-def sample_view(tape, call, x: torch.Tensor, samples: int, what: str = "the loss") -> torch.Tensor:
-    """x [.., rows on the batch dimension, ..] as [samples, -1]: one row per sample, or consecutive
-    groups of rows per sample when the module sees the batch flattened ([B*T, H]) in a model
-    forward of batch `samples`. Anything else is refused."""
+def sample_dim(tape, call, x: torch.Tensor, samples: int) -> int | None:
+    """The dimension of x whose rows are the samples: one row per sample, or consecutive groups of
+    rows per sample when the module sees the batch flattened ([B*T, H]) in a model forward of
+    batch `samples`; None when x has no such dimension."""
     dim = batch_dim(tape, call, x, samples)
     n = x.shape[dim] if x.dim() > dim else None
-    if n == samples or (dim == 0 and _grouped(call, n, samples)):
+    return dim if n == samples or (dim == 0 and _grouped(call, n, samples)) else None
+
+
+def sample_view(tape, call, x: torch.Tensor, samples: int, what: str = "the loss") -> torch.Tensor:
+    """x [.., rows on the batch dimension, ..] as [samples, -1] (see :func:`sample_dim`). Anything
+    else is refused."""
+    dim = sample_dim(tape, call, x, samples)
+    if dim is not None:
         return (x.movedim(dim, 0) if dim else x).reshape(samples, -1)
+    dim = batch_dim(tape, call, x, samples)
+    n = x.shape[dim] if x.dim() > dim else None
     if call.batch and call.batch != samples:
         raise Refused(f"{what} has {samples} entries but the traced forward it depends on has batch size "
                       f"{call.batch} (module {call.name}); a per-sample loss needs one entry per batch row")
@@ -124,8 +133,11 @@ def sample_view(tape, call, x: torch.Tensor, samples: int, what: str = "the loss
 
 def per_row(tape, call, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-sample `values` [samples] laid out to broadcast against `like` (a recorded output or
-    its gradient) along the module's batch dimension, one per row or per group of rows."""
-    dim = batch_dim(tape, call, like, values.shape[0])
+    its gradient) along its samples' dimension (:func:`sample_dim`), one per row or per group of rows."""
+    dim = sample_dim(tape, call, like, values.shape[0])
+    if dim is None:
+        raise ValueError(f"{call.name}: an output of shape {tuple(like.shape)} has no dimension of "
+                         f"{values.shape[0]} samples")
     n = like.shape[dim]
     shape = [1] * like.dim()
     shape[dim] = n

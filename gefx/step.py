@@ -26,13 +26,23 @@ arithmetic); dr/dH comes from the risk's backward through the loss head alone, a
 fitted in the hook that receives dL/dH during the step's backward (before any gradient upstream of H
 exists, so those are kept only when the fit succeeds). A fit is accepted only when the residual
 ||dL/dH[i] - c_i dr/dH[i]|| is within 32 float32 roundoffs of ||dL/dH[i]|| (float64 roundoffs for a
-float64 H): the reused gradients then agree with the risk's own backward to the rounding of the
-model's arithmetic (float32 where the model computes in float32, e.g. HF RMSNorm even for float64
-inputs). In 16-bit heads the two gradients are rounded separately, so this test fails unless they
-are exactly proportional, and the risk is differentiated as usual.
+float64 H): the reused gradients are then the step's own per-sample gradients over c_i, exactly,
+and agree with the risk's own backward to the rounding of the model's arithmetic (float32 where
+the model computes in float32, e.g. HF RMSNorm even for float64 inputs). Not to one rounding of
+the result, though: the two backwards round differently (inputs scaled by c_i, unless c_i is a
+power of two), and where the model's backward cancels (a router's normalised top-k in float32, a
+key bias under softmax) that difference is amplified as the model's own rounding is (measured:
+up to 1e-5 of sum |x_k y_k| per parameter on LongCat's float32 router, 8e-4 on Qwen3.5's linear
+attention's float32 dt_bias in a float64 model; with power-of-two c_i, as in
+tests/test_families.py, the served numbers equal the risk's own to one rounding). In 16-bit heads the two gradients are rounded separately, so this test fails unless they
+are exactly proportional, and the risk is differentiated as usual. Nor is a fit accepted with a
+factor so small that the step's gradients would underflow where the risk's do not (|c_i| under
+float32's epsilon; under 1 with float16 outputs: :func:`_floor`), and rows whose norms are too
+small to trust (squares lost to underflow) are fitted on copies scaled by powers of two.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from .precision import acc_dtype
-from .soundness import per_row
+from .soundness import per_row, sample_dim
 from .tape import Tape
 
 _ROUNDOFFS = 32  # accepted residual of the row-factor fit, in units of the head dtype's epsilon
@@ -135,8 +145,15 @@ class Serving:
             reached = _walk(self.loss.grad_fn, {node})
             self._bypass[node] = (node not in reached
                                   or bool((reached - {node}) & {self.edges[k].node for k in upstream}))
-        ok = not self._bypass[node] and risk.dim() == 1 and risk.shape[0] == self.outs[h].shape[0]
+        ok = (not self._bypass[node] and risk.dim() == 1 and risk.shape[0] == self.outs[h].shape[0]
+              and all(self._per_sample(k, risk.shape[0]) for k in upstream))
         return _Plan(h, upstream, ok)
+
+    def _per_sample(self, k: int, samples: int) -> bool:
+        """Whether output k's rows are the samples: only then does one factor per sample relate the
+        step's gradient there to the risk's (a tensor shared by the samples, or an expert's share of
+        the tokens, has no per-sample split; the risk's own backward lifts such a call to its host)."""
+        return sample_dim(self.tape, self.slots[k][0], self.outs[k], samples) is not None
 
     # -- during the backward ------------------------------------------------------------------------
     def hooks(self) -> dict:
@@ -157,7 +174,7 @@ class Serving:
                 if g is None:
                     return
                 for plan in self._heads.get(k, ()):
-                    plan.scale = self._row_factors(g, plan.g_head)
+                    plan.scale = self._row_factors(g, plan.g_head, plan)
                 for pl in viable.get(k, ()):
                     if pl.streamed and pl.scale is not None:
                         pl.visit(*self.slots[k], pl.g_head if k == pl.head else g * self._factor(k, pl, g))
@@ -171,8 +188,8 @@ class Serving:
         wanted = range(len(self.outs)) if self.keep_all else sorted(viable)
         return {k: store(k) for k in wanted}
 
-    def _row_factors(self, g_loss, g_head):
-        return _row_factors(g_loss, g_head)
+    def _row_factors(self, g_loss, g_head, plan: _Plan):
+        return _row_factors(g_loss, g_head, _floor(self.outs[k].dtype for k in plan.upstream))
 
     # -- risks ------------------------------------------------------------------------------------
     def may_serve(self, name: str) -> bool:
@@ -388,31 +405,81 @@ def _all_zero(grads: list) -> bool:
     return not any(bool(f) for f in flags)
 
 
-def _row_factors(g_loss: torch.Tensor, g_head: torch.Tensor) -> torch.Tensor | None:
+def _row_factors(g_loss: torch.Tensor, g_head: torch.Tensor, floor: float = 0.0) -> torch.Tensor | None:
     """1 / c_i with g_loss[i] = c_i g_head[i] for every row (0 where g_head[i] = 0), or None
-    when some row is not such a multiple to within the accepted residual.
+    when some row is not such a multiple to within the accepted residual, or |c_i| < `floor`
+    (see :func:`_floor`).
 
     |c_i| = ||g_loss[i]|| / ||g_head[i]||, its sign that of the rows' dot product over a strided
     subset of entries (the whole row if that is 0): two norms and one pass per row instead of a
     fitted dot product (a full vecdot is ~3-10x slower than a norm on the CPU). Whatever c_i this
-    gives, the residual test is what decides."""
+    gives, the residual test is what decides. A norm so small that squares lost to underflow may
+    matter (the step's gradients are c_i times the risk's: tiny for tiny weights) is not trusted:
+    that row is fitted again on copies scaled by powers of two (exact), its c_i scaled back."""
     dt = acc_dtype(g_head)
     b = g_head.shape[0]
     a = g_loss.reshape(b, -1)
     r = g_head.reshape(b, -1)
-    na = torch.linalg.vector_norm(a, dim=1, dtype=dt)
-    nr = torch.linalg.vector_norm(r, dim=1, dtype=dt)
-    sign = torch.sign(torch.linalg.vecdot(a[:, ::61].to(dt), r[:, ::61].to(dt)))
-    if (sign == 0).any():
-        sign = torch.where(sign == 0, torch.sign(torch.linalg.vecdot(a.to(dt), r.to(dt))), sign)
-    c = sign * na / nr.clamp(min=torch.finfo(dt).tiny)
-    tol = _ROUNDOFFS * torch.finfo(dt).eps
+    na = torch.linalg.vector_norm(a, dim=1, dtype=dt).tolist()
+    nr = torch.linalg.vector_norm(r, dim=1, dtype=dt).tolist()
+    sign = torch.sign(torch.linalg.vecdot(a[:, ::61].to(dt), r[:, ::61].to(dt))).tolist()
+    small = math.sqrt(a.shape[1] * torch.finfo(dt).tiny) / torch.finfo(dt).eps
+    inv = []
     for i in range(b):
-        if nr[i] == 0:
-            continue
-        if c[i] == 0:
+        if min(na[i], nr[i]) < small:
+            c = _fit_scaled(a[i], r[i], dt)
+        else:
+            c = _fit(a[i], r[i], sign[i], na[i], nr[i], dt)
+        if c is None or (c != 0 and (abs(c) < floor or abs(1 / c) < torch.finfo(dt).tiny)):
             return None
-        resid = torch.linalg.vector_norm(torch.add(a[i].to(dt), r[i].to(dt), alpha=-float(c[i])))
-        if resid > tol * na[i]:
-            return None
-    return torch.where(nr > 0, 1.0 / torch.where(nr > 0, c, 1.0), 0.0)
+        inv.append(0.0 if c == 0 else 1 / c)
+    return torch.tensor(inv, dtype=dt, device=g_head.device)
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, sign: float, nx: float, ny: float, dt) -> float | None:
+    """c with x = c y to within the accepted residual (nx, ny: their norms); 0 for y = 0."""
+    if ny == 0:
+        return 0.0
+    if sign == 0:
+        sign = float(torch.sign(torch.linalg.vecdot(x.to(dt), y.to(dt))))
+    c = sign * nx / ny
+    if c == 0:
+        return None  # the loss does not reach a row the risk does
+    resid = float(torch.linalg.vector_norm(torch.add(x.to(dt), y.to(dt), alpha=-c)))
+    return c if resid <= _ROUNDOFFS * torch.finfo(dt).eps * nx else None
+
+
+def _fit_scaled(x: torch.Tensor, y: torch.Tensor, dt) -> float | None:
+    """:func:`_fit` on x and y scaled by powers of two, so that no square that matters underflows."""
+    (xs, ex), (ys, ey) = _pow2_unit(x), _pow2_unit(y)
+    if ys is None:
+        return 0.0
+    if xs is None:
+        return None
+    nx, ny = (float(torch.linalg.vector_norm(v, dtype=dt)) for v in (xs, ys))
+    c = _fit(xs, ys, 0.0, nx, ny, dt)
+    return None if c is None else math.ldexp(c, ex - ey)
+
+
+def _pow2_unit(x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """(x 2^-e, e) with the largest |entry| of the first in [0.5, 1), or (None, 0) for x = 0. Exact:
+    two power-of-two factors, each representable in x's dtype (and in its compute dtype)."""
+    m = float(torch.linalg.vector_norm(x, ord=float("inf")))
+    if m == 0:
+        return None, 0
+    e = math.frexp(m)[1]
+    half = -e // 2
+    return x * 2.0 ** half * 2.0 ** (-e - half), e
+
+
+def _floor(dtypes) -> float:
+    """The smallest |c_i| a row-factor fit accepts. The step's gradients are c_i times the risk's:
+    where they underflow, the risk's own lie below tiny / |c_i|. With |c_i| >= float32's epsilon
+    that is below 1e-31 in float32 and bfloat16 (float64's range shifted alike): beneath anything
+    their arithmetic resolves. float16's range is too narrow for any margin: there |c_i| >= 1 (the
+    step's gradients no smaller than the risk's). Below the floor the risk is differentiated."""
+    dtypes = [d for d in dtypes if d.is_floating_point]
+    if torch.float16 in dtypes:
+        return 1.0
+    f32 = torch.finfo(torch.float32)
+    return max(torch.finfo(d).tiny for d in dtypes) / f32.tiny * f32.eps

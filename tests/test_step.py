@@ -262,6 +262,45 @@ def test_row_factors(dtype):
     assert S._row_factors(a.bfloat16(), (r * 1.1).bfloat16()) is None  # separately rounded
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_factors_of_tiny_gradients(dtype):
+    """Rows so small that their squares underflow are fitted exactly (scaled by powers of two), and
+    a factor below the floor is refused: the step's gradients would underflow where the risk's do not."""
+    g = torch.Generator().manual_seed(1)
+    tiny = 1e-22 if dtype == torch.float32 else 1e-170     # squared: below the dtype's range
+    r = torch.randn(3, 5, 64, generator=g, dtype=dtype) * tiny
+    c = torch.tensor([-0.3, 2.0, 1e-5], dtype=dtype)
+    a = r * c.view(-1, 1, 1)
+    floor = S._floor([dtype])
+    inv = S._row_factors(a, r, floor)
+    assert inv is not None and torch.allclose(inv, 1 / c, rtol=1e-6 if dtype == torch.float32 else 1e-12)
+    a[2] *= 1e-5                                        # c = 1e-10: under float32's epsilon
+    assert (S._row_factors(a, r, floor) is None) == (dtype == torch.float32)
+    assert S._floor([torch.float16, torch.float32]) == 1.0
+    assert S._floor([torch.bfloat16]) == torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("weight, scale, served", [(1e-20, 1.0, False), (0.5, 1.0, True), (0.5, 1e-15, True)])
+def test_tiny_weights_and_tiny_risks_stay_exact(weight, scale, served, reuse_log):
+    """float32, GA weighted by `weight` on a risk scaled by `scale`: float64 brute force's numbers,
+    whether the step serves the risk (its rows fitted on copies scaled by powers of two where their
+    norms are too small to trust) or its own backward runs (a weight under the floor; served, the
+    fit's norms underflowed and every number was 0.7% off)."""
+    base = tiny_model("llama", torch.float64)
+    ids, mask, labels = batch(3, 9, seed=1)
+    ref = copy.deepcopy(base)
+    f = scale * sequence_nll(ref(input_ids=ids, attention_mask=mask).logits, labels)
+    params = list(ref.parameters())
+    model = copy.deepcopy(base).float()
+    with gefx.trace(model) as tape:
+        f32 = scale * sequence_nll(model(input_ids=ids, attention_mask=mask).logits, labels)
+        got = gefx.g_effect(tape, -weight * f32, {"forget": f32}, backward=True)["forget"].per_instance
+    step = torch.cat([p.grad.double().flatten() for p in model.parameters()])
+    want = per_sample_grads(f, params) @ step
+    assert reuse_log == [served]
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5, (got, want)
+
+
 def test_two_risks_on_one_head(reuse_log):
     """Both reuse the step's gradients: the first gets rescaled copies, the last rescales the
     captured ones in place; both exact (an in-place rescale done too early would scale the
