@@ -5,9 +5,11 @@
     assert report.ok
 
 On a few samples it computes, per counted parameter, every sample's squared gradient norm and its
-inner product with the gradient of a second batch, once with gefx (``grad_dots``, ``g_effect``
-and ``g_effect(..., backward=True)``) and once by autograd one sample at a time (streaming: two
-gradient-sized buffers), in eval and train mode. It runs on a float64 copy of the model when that
+inner product with the gradient of an objective (a second batch's summed NLL minus the first
+batch's per-sample NLLs weighted by powers of two, as GA weights the forget NLL), once with gefx
+(``grad_dots``, ``g_effect`` and ``g_effect(..., backward=True)``, where the step's own backward
+serves the first batch's risk: see ``gefx.step``) and once by autograd one sample at a time
+(streaming: two gradient-sized buffers), in eval and train mode. It runs on a float64 copy of the model when that
 fits in memory, else on the model itself. A refusal names parameters; check measures the rest
 without them and lists the refused ones with gefx's reason.
 
@@ -146,13 +148,20 @@ def _losses(model, a: dict, b: dict):
     return nll(a), nll(b)
 
 
+def _objective(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """sum(b) - sum_i 2^i a_i: powers of two (>= 1, as float16 needs) make the step's per-sample
+    gradients exactly the risk's times them, so that the online mode's served risk is held to the
+    same bound as the rest (other factors round differently: gefx/step.py)."""
+    return lb.sum() - (2.0 ** torch.arange(la.shape[0], dtype=la.dtype, device=la.device) * la).sum()
+
+
 def _oracle(model, params: dict, a: dict, b: dict):
-    """Per parameter: [samples] squared norms and inner products with grad sum(b), each with its
-    magnitude sum S, by autograd one sample at a time."""
+    """Per parameter: [samples] squared norms and inner products with the objective's gradient,
+    each with its magnitude sum S, by autograd one sample at a time."""
     with checkpointing.rerouted():  # reentrant checkpoints as in a trace (torch.autograd.grad refuses them)
         la, lb = _losses(model, a, b)
     names, tensors = list(params), list(params.values())
-    gb = torch.autograd.grad(lb.sum(), tensors, retain_graph=True, allow_unused=True)
+    gb = torch.autograd.grad(_objective(la, lb), tensors, retain_graph=True, allow_unused=True)
     out = {n: torch.zeros(4, la.shape[0], dtype=torch.float64) for n in names}
     for i in range(la.shape[0]):
         gi = torch.autograd.grad(la[i], tensors, retain_graph=True, allow_unused=True)
@@ -166,7 +175,7 @@ def _oracle(model, params: dict, a: dict, b: dict):
 
 
 def _gefx(model, params: dict, a: dict, b: dict, online: bool):
-    """Per parameter: [samples] squared norms and inner products with grad sum(b), by gefx."""
+    """Per parameter: [samples] squared norms and inner products with the objective's gradient, by gefx."""
     with trace(model, params=list(params.values())) as tape:
         la, lb = _losses(model, a, b)
         norms = grad_dots(tape, la, groups="param").per_param
@@ -175,12 +184,12 @@ def _gefx(model, params: dict, a: dict, b: dict, online: bool):
             for p in params.values():
                 p.grad = None
             try:
-                eff = g_effect(tape, lb.sum(), {"a": la}, groups="param", backward=True)["a"]
+                eff = g_effect(tape, _objective(la, lb), {"a": la}, groups="param", backward=True)["a"]
             finally:
                 for n, p in params.items():
                     p.grad = saved[n]
         else:
-            eff = g_effect(tape, lb.sum(), {"a": la}, groups="param")["a"]
+            eff = g_effect(tape, _objective(la, lb), {"a": la}, groups="param")["a"]
         dots = dict(zip(eff.groups, eff.per_instance_group))
         rules = {c: tape.rules[m] for m, names in tape.owned.items() for _, c in names}
         kinds: dict[str, list[str]] = {}
