@@ -98,6 +98,9 @@ class Serving:
     captures under torch.distributed, with sharded parameters, with an optimizer that has no closed
     form, and for PG-effects). A captured gradient is released as soon as no remaining risk needs
     it, and rescaled in place for the last risk using it when nothing else shares its storage.
+
+    One concept in three phases (plan, serve, hand over) sharing the plans: about 120 code lines,
+    kept whole because split by phase the plans would pass between three objects.
     """
 
     def __init__(self, tape: Tape, loss: torch.Tensor, risks: Mapping[str, torch.Tensor], keep_all: bool = False):
@@ -145,15 +148,14 @@ class Serving:
             reached = _walk(self.loss.grad_fn, {node})
             self._bypass[node] = (node not in reached
                                   or bool((reached - {node}) & {self.edges[k].node for k in upstream}))
+        # and every output upstream must have the samples as its rows: only then does one factor per
+        # sample relate the step's gradient there to the risk's (a tensor shared by the samples, or an
+        # expert's share of the tokens, has no per-sample split; the risk's own backward lifts such a
+        # call to its host)
         ok = (not self._bypass[node] and risk.dim() == 1 and risk.shape[0] == self.outs[h].shape[0]
-              and all(self._per_sample(k, risk.shape[0]) for k in upstream))
+              and all(sample_dim(self.tape, self.slots[k][0], self.outs[k], risk.shape[0]) is not None
+                      for k in upstream))
         return _Plan(h, upstream, ok)
-
-    def _per_sample(self, k: int, samples: int) -> bool:
-        """Whether output k's rows are the samples: only then does one factor per sample relate the
-        step's gradient there to the risk's (a tensor shared by the samples, or an expert's share of
-        the tokens, has no per-sample split; the risk's own backward lifts such a call to its host)."""
-        return sample_dim(self.tape, self.slots[k][0], self.outs[k], samples) is not None
 
     # -- during the backward ------------------------------------------------------------------------
     def hooks(self) -> dict:
