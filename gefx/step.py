@@ -12,8 +12,10 @@ recorded layer output. :class:`StepBackward` runs that backward with the hooks o
   up to one factor per sample (:meth:`Serving.risk_grads`).
 
 Row-scaled reuse (the math). Let H be the one recorded output (the logits) through which the risk
-r reaches the traced forward, and suppose the loss L reaches the recorded outputs upstream of H
-only through H. Backpropagation is linear, and row i of an upstream output affects only row i of H
+r reaches the traced forward (where it reaches several first, e.g. only adapters recorded and the
+lm_head frozen under PEFT: the tensor into the last autograd node of the chain that leads from r
+to all of them, one row per sample), and suppose the loss L reaches the recorded outputs upstream
+of H only through H. Backpropagation is linear, and row i of an upstream output affects only row i of H
 (the per-sample contract), so
 
     dL/dH[i] = c_i dr_i/dH[i] for every row i   ==>   dr_i/dy[i] = dL/dy[i] / c_i   for every upstream y.
@@ -48,6 +50,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.graph import GradientEdge
 
 from .precision import acc_dtype
 from .soundness import per_row, sample_dim
@@ -71,18 +74,37 @@ def _walk(root, stop: set) -> set:
     return seen
 
 
+def _spine(root, recorded: set):
+    """The edge into the last autograd node of the chain that leaves `root` through one input at a
+    time (every path from `root` to a recorded node runs through each node of it), stopping before
+    a recorded node; None when `root` itself branches."""
+    node, edge = root, None
+    while True:
+        nxt = [(n, nr) for n, nr in node.next_functions if n is not None]
+        if len(nxt) != 1 or nxt[0][0] in recorded:
+            return edge
+        edge = GradientEdge(*nxt[0])
+        node = nxt[0][0]
+
+
 @dataclass
 class _Plan:
     """How one risk reaches the traced forward: its single recorded head, the recorded outputs
     upstream of it, and whether the step's gradients there may be reused (graph conditions)."""
 
-    head: int
+    head: int                            # the recorded output H, or -1: an unrecorded node's (`edge`)
     upstream: list[int]
     reusable: bool                       # the graph conditions hold (decided before the backward)
+    edge: object = None                  # where dL/dH is taken: H's autograd edge
     g_head: torch.Tensor | None = None   # dr/dH (for reusable plans: computed before the backward)
     scale: torch.Tensor | None = None    # 1 / c_i, set by the head's hook when the fit succeeds
     streamed: bool = False               # served as the gradients come (Serving.stream), not captured
     visit: object = None                 # ... by this callback, during the step's backward only
+
+    @property
+    def key(self):
+        """The head's identity: its output index, or its edge when it is not a recorded output."""
+        return self.head if self.head >= 0 else (self.edge.node, self.edge.output_nr)
 
 
 class Serving:
@@ -117,31 +139,38 @@ class Serving:
             self._nodes.setdefault(e.node, []).append(k)
         self._bypass: dict = {}  # head node -> L does not reach it, or reaches its upstream around it
         self.plans = {name: self._plan(risk) for name, risk in risks.items()}
-        self._heads: dict[int, list[_Plan]] = {}  # head output index -> its reusable plans
+        self._heads: dict = {}  # head key (Plan.key) -> its reusable plans
         for name, plan in self.plans.items():
             if plan is not None and plan.reusable:
                 plan.g_head = self._head_gradient(name, risks[name], plan)
-                self._heads.setdefault(plan.head, []).append(plan)
-        self._users = Counter(p.head for p in self.plans.values() if p is not None and p.reusable)
+                plan.reusable = plan.g_head.shape[0] == risks[name].shape[0]  # one row per sample
+            if plan is not None and plan.reusable:
+                self._heads.setdefault(plan.key, []).append(plan)
+            elif plan is not None:
+                plan.g_head = None
+        self._users = Counter(p.key for p in self.plans.values() if p is not None and p.reusable)
         self.captured: list[torch.Tensor | None] = [None] * len(self.outs)
 
     def _head_gradient(self, name: str, risk: torch.Tensor, plan: _Plan) -> torch.Tensor:
         try:
-            (g,) = torch.autograd.grad(risk.sum(), [self.edges[plan.head]], retain_graph=True)
+            (g,) = torch.autograd.grad(risk.sum(), [plan.edge], retain_graph=True)
         except RuntimeError as exc:
             raise RuntimeError(f"could not differentiate risk {name!r} through the traced forward: {exc}") from exc
-        return self._as_output(plan.head, g)
+        return self._as_output(plan.head, g) if plan.head >= 0 else g
 
     # -- planning (graph only, before the backward) -------------------------------------------------
     def _plan(self, risk: torch.Tensor) -> _Plan | None:
         nodes = self._nodes
         heads = _walk(risk.grad_fn, set(nodes)) & set(nodes)
-        if len(heads) != 1:
-            return None
-        (node,) = heads
-        if len(nodes[node]) != 1:
-            return None
-        h = nodes[node][0]
+        if len(heads) == 1 and len(nodes[next(iter(heads))]) == 1:
+            (node,) = heads
+            h = nodes[node][0]
+            edge = self.edges[h]
+        else:  # several recorded outputs first (adapters under PEFT, the lm_head frozen): a node before them all
+            edge, h = _spine(risk.grad_fn, set(nodes)), -1
+            if edge is None:
+                return None
+            node = edge.node
         upstream = sorted(k for n in _walk(node, set()) & set(nodes) for k in nodes[n])
         if node not in self._bypass:
             # L must reach H, and no output upstream of H other than through H
@@ -152,16 +181,16 @@ class Serving:
         # sample relate the step's gradient there to the risk's (a tensor shared by the samples, or an
         # expert's share of the tokens, has no per-sample split; the risk's own backward lifts such a
         # call to its host)
-        ok = (not self._bypass[node] and risk.dim() == 1 and risk.shape[0] == self.outs[h].shape[0]
+        ok = (not self._bypass[node] and risk.dim() == 1
               and all(sample_dim(self.tape, self.slots[k][0], self.outs[k], risk.shape[0]) is not None
                       for k in upstream))
-        return _Plan(h, upstream, ok)
+        return _Plan(h, upstream, ok, edge)
 
     # -- during the backward ------------------------------------------------------------------------
-    def hooks(self) -> dict:
-        """{output index: pre-hook for its edge's node} for the step's backward. Backward reaches a
-        head before anything upstream of it: the head's hook fits the row factors at once, and the
-        upstream hooks keep a gradient only while someone can use it."""
+    def hooks(self) -> list:
+        """[(autograd node, pre-hook)] for the step's backward. Backward reaches a head before
+        anything upstream of it: the head's hook fits the row factors at once, and the upstream
+        hooks keep a gradient only while someone can use it."""
         viable = {}  # output index -> the reusable plans whose upstream holds it
         for plan in self.plans.values():
             if plan is not None and plan.reusable:
@@ -175,8 +204,7 @@ class Serving:
                 g = self._as_output(k, grad_outputs[nr])
                 if g is None:
                     return
-                for plan in self._heads.get(k, ()):
-                    plan.scale = self._row_factors(g, plan.g_head, plan)
+                self._fit(k, g)
                 for pl in viable.get(k, ()):
                     if pl.streamed and pl.scale is not None:
                         pl.visit(*self.slots[k], pl.g_head if k == pl.head else g * self._factor(k, pl, g))
@@ -187,8 +215,23 @@ class Serving:
                     self.captured[k] = g
             return hook
 
+        def fit_at(key):
+            def hook(grad_outputs):
+                g = grad_outputs[key[1]]
+                if g is not None and all(x is None for j, x in enumerate(grad_outputs) if j != key[1]):
+                    self._fit(key, g)
+                for plan in self._heads[key]:
+                    if plan.streamed:
+                        plan.g_head = None  # its upstream gradients are visited rescaled
+            return hook
+
         wanted = range(len(self.outs)) if self.keep_all else sorted(viable)
-        return {k: store(k) for k in wanted}
+        return ([(self.edges[k].node, store(k)) for k in wanted]
+                + [(key[0], fit_at(key)) for key in self._heads if not isinstance(key, int)])
+
+    def _fit(self, key, g) -> None:
+        for plan in self._heads.get(key, ()):
+            plan.scale = self._row_factors(g, plan.g_head, plan)
 
     def _row_factors(self, g_loss, g_head, plan: _Plan):
         return _row_factors(g_loss, g_head, _floor(self.outs[k].dtype for k in plan.upstream))
@@ -213,7 +256,7 @@ class Serving:
         plan = self.plans[name]
         assert plan is not None and plan.reusable and not plan.streamed
         plan.streamed, plan.visit = True, visit
-        self._users[plan.head] -= 1  # it takes nothing captured
+        self._users[plan.key] -= 1  # it takes nothing captured
 
     def backward_done(self) -> None:
         """The step's backward is over: the streamed risks' callbacks are let go (they hold the
@@ -231,8 +274,8 @@ class Serving:
         plan.g_head = None
         if plan.streamed:
             return
-        self._users[plan.head] -= 1
-        if self._users[plan.head] == 0 and not self.keep_all:
+        self._users[plan.key] -= 1
+        if self._users[plan.key] == 0 and not self.keep_all:
             self._release(plan.upstream)
 
     def risk_grads(self, name: str) -> list[torch.Tensor | None]:
@@ -242,8 +285,8 @@ class Serving:
         if plan is None or plan.scale is None:
             raise ValueError(f"the step's gradients do not serve risk {name!r}")
         g_head, plan.g_head = plan.g_head, None
-        self._users[plan.head] -= 1
-        last = self._users[plan.head] == 0 and not self.keep_all
+        self._users[plan.key] -= 1
+        last = self._users[plan.key] == 0 and not self.keep_all
         out: list = [None] * len(self.outs)
         shared = _shared_storages([self.captured[k] for k in plan.upstream], self.tape) if last else None
         for k in plan.upstream:
@@ -253,7 +296,8 @@ class Serving:
             factor = self._factor(k, plan, g)
             in_place = last and g.untyped_storage().data_ptr() not in shared
             out[k] = g.mul_(factor) if in_place else g * factor
-        out[plan.head] = g_head
+        if plan.head >= 0:
+            out[plan.head] = g_head
         if last:
             self._release(plan.upstream)
         return out
@@ -324,8 +368,7 @@ class StepBackward:
             self._earlier = {}
         for n in self._earlier:
             self.tape.params[n].grad = None
-        edges = self.serving.edges
-        handles = [edges[k].node.register_prehook(hook) for k, hook in self.serving.hooks().items()]
+        handles = [node.register_prehook(hook) for node, hook in self.serving.hooks()]
         handles += [p.register_post_accumulate_grad_hook(self._finished(n)) for n, p in self.tape.params.items()]
         try:
             self.loss.sum().backward(retain_graph=True)

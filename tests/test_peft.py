@@ -91,3 +91,30 @@ def test_predicted_change_and_norms_on_lora_against_a_real_step():
     delta = torch.cat([(p.detach() - q).flatten() for p, q in zip(params, before)])
     assert rel_err(eff["forget"].predicted_change, G @ delta) < 1e-9
     assert rel_err(eff["forget"].risk_norm, G.norm(dim=1)) < 1e-9
+
+
+@pytest.mark.parametrize("weights,tol", [((0.5, 1.0, 2.0), 1e-12), ((0.7, 1.3, 0.4), 1e-6)])
+@pytest.mark.parametrize("bypass", [False, True])
+def test_forget_risk_served_with_a_frozen_lm_head(weights, tol, bypass, monkeypatch):
+    """With only the adapters recorded the risk reaches several of them first; the step's gradients
+    serve it through the last autograd node before them all (the factors fitted there): float64
+    brute force's numbers (to one rounding with power-of-two weights; other weights round the
+    float32 RMSNorm differently, gefx/step.py). An objective that also reaches the adapters around
+    that node (a penalty on a hidden state) is not served, and exact all the same."""
+    from gefx import step as S
+    served, stream = [], S.Serving.stream
+    monkeypatch.setattr(S.Serving, "stream", lambda self, *a: (served.append(a[0]), stream(self, *a))[1])
+    model = lora_model(["q_proj", "v_proj"], dropout=0.0).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    fi, fm, fl = batch(3, 9, seed=1)
+    with gefx.trace(model) as tape:
+        out = model(input_ids=fi, attention_mask=fm, output_hidden_states=True)
+        f = sequence_nll(out.logits, fl)
+        loss = -(torch.tensor(weights, dtype=f.dtype) * f)
+        if bypass:
+            loss = loss + 1e-3 * out.hidden_states[1].pow(2).sum((1, 2))
+        Gf = per_sample_grads(f, params)
+        eff = gefx.g_effect(tape, loss, {"forget": f}, backward=True)["forget"]
+    step = torch.cat([p.grad.flatten() for p in params])
+    assert served == ([] if bypass else ["forget"])
+    assert rel_err(eff.per_instance, Gf @ step) < (1e-12 if bypass else tol)
