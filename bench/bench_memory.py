@@ -40,6 +40,9 @@ fresh mapping returned on free: the RSS then follows the memory tensors occupy, 
 counterpart of ``max_memory_allocated``; *left resident* is the growth of the resident set from before the first
 measurement to after the last plain step (freed heap memory handed back with malloc_trim first),
 i.e. what gefx keeps between measurements.
+In bfloat16 / float16 on the CPU the matrix products run through float32 (``bench/cpu_gemm16.py``:
+torch's own 16-bit CPU GEMM takes hours per step at the 1.1B shape on a CPU without AVX-512);
+``--cpu-gemm torch`` keeps torch's.
 Results: stdout (a markdown table) and --out (JSON).
 """
 from __future__ import annotations
@@ -149,6 +152,9 @@ def run_case(args) -> dict:
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    if _gemm_in_float32(args):
+        import cpu_gemm16
+        cpu_gemm16.install()
     w = E.Workload(args.model, args.batch, args.seq, "ga", device=device, dtype=dtype)
     model = w.model
     for p in model.parameters():
@@ -178,6 +184,10 @@ def run_case(args) -> dict:
     return out
 
 
+def _gemm_in_float32(args) -> bool:
+    return args.device == "cpu" and args.dtype in ("bfloat16", "float16") and args.cpu_gemm != "torch"
+
+
 def _later(out: dict, repeat: int) -> tuple[dict, dict]:
     """The later measurements summed up: median times (steady and plain), and the peaks of the pair
     (measured step, the plain step after it) whose extra memory was the largest."""
@@ -192,6 +202,7 @@ def _later(out: dict, repeat: int) -> tuple[dict, dict]:
 def _spawn(args, case: str) -> dict:
     cmd = [sys.executable, __file__, "--one", case, "--model", args.model, "--batch", str(args.batch),
            "--seq", str(args.seq), "--dtype", args.dtype, "--device", args.device, "--repeat", str(args.repeat)]
+    cmd += ["--cpu-gemm", args.cpu_gemm]
     cmd += ["--warm"] if args.warm else []
     env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else {}))
     got = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -235,6 +246,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="later measurements (each followed by a plain step): steady times are their medians, steady "
                          "peaks those of the pair with the largest extra")
+    ap.add_argument("--cpu-gemm", choices=("float32", "torch"), default="float32",
+                    help="16-bit matrix products on the CPU: through float32 (bench/cpu_gemm16.py; default), or "
+                         "torch's own (hours per step at the 1.1B shape on a CPU without AVX-512)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -249,7 +263,7 @@ def main(argv=None) -> int:
     meta = {"model": args.model, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "device": args.device,
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "mmap_threshold": args.mmap_threshold, "warm": args.warm,
-            "repeat": args.repeat}
+            "repeat": args.repeat, "cpu_gemm16": "float32" if _gemm_in_float32(args) else "torch"}
     print(table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
