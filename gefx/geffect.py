@@ -96,11 +96,14 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
     (each risk's backward is streamed: ``gefx.collect.collect_each``; on a risk's first use the
     per-sample probe's two passes are that backward), the objective's output gradients before the
     step (one set, summed over samples), online those of the step that serve a risk (GA's, NPO's
-    forget NLL: one set, released when that risk is done), and at most about one parameter-sized
-    float32 tensor at a time (an aggregated gradient or an update, formed per parameter and dropped
-    after use); online, ``.grad`` is contracted in place (earlier gradients wait aside only when
-    they are nonzero, i.e. mid-accumulation). Under torch.distributed, or against a gradient
-    formed per read (``optimizer=`` before the step), every risk's pieces are held at once. See
+    forget NLL: one set, released when that risk is done), of an aggregated gradient (the dense
+    form's, or a risk's for `objective_instances`) or a 16-bit ``.grad`` converted for its products
+    at most 2^22 float32 entries at a time (``gefx.pieces.column_blocks``, ``gefx.ops.dense_dot``;
+    a parameter that does not split, a stacked expert's, whole), and with `optimizer` one
+    parameter's update at a time (two parameter-sized temporaries in float32, three in 16-bit);
+    online, ``.grad`` is contracted in place (earlier gradients wait aside only when they are
+    nonzero, i.e. mid-accumulation). Under torch.distributed, or against a gradient formed per
+    read (``optimizer=`` before the step), every risk's pieces are held at once. See
     bench/RESULTS.md ("Memory of large runs").
     """
     if not isinstance(risks, Mapping) or not risks:

@@ -24,6 +24,12 @@ from __future__ import annotations
 import torch
 
 from .backends import dispatch
+from .precision import acc_dtype
+
+# dense_dot of a CPU m in another dtype than the accumulation's: its rows in blocks of about this
+# many elements (each backend converts the m it is given whole: a float32 copy of a 16-bit parameter
+# would be twice the parameter)
+_CONVERT_BLOCK = 1 << 22
 
 __all__ = ["pairwise", "self_norms", "dense_dot", "embedding_pairwise", "embedding_self_norms",
            "embedding_dense_dot", "norm_grad"]
@@ -102,7 +108,15 @@ def dense_dot(a, g, m, mask=None) -> torch.Tensor:
     if m.dim() != 2 or tuple(m.shape) != (g.shape[-1], a.shape[-1]):
         raise ValueError(f"m must be [out, in] = {(g.shape[-1], a.shape[-1])}, got {tuple(m.shape)}")
     _floating(m, "m")
-    return dispatch("dense_dot", a, g, m.to(a.device), mask)
+    m = m.to(a.device)
+    rows = max(1, _CONVERT_BLOCK // max(1, m.shape[1]))
+    if m.device.type != "cpu" or m.dtype == acc_dtype(a, g, m) or m.shape[0] <= rows:
+        return dispatch("dense_dot", a, g, m, mask)
+    # <g_i^T a_i, m> is a sum over m's rows (g's features): one block of rows converted at a time
+    out = dispatch("dense_dot", a, g[..., :rows], m[:rows], mask)
+    for o in range(rows, m.shape[0], rows):
+        out += dispatch("dense_dot", a, g[..., o:o + rows], m[o:o + rows], mask)
+    return out
 
 
 def embedding_pairwise(ids1, g1, ids2, g2, mask1=None, mask2=None) -> torch.Tensor:

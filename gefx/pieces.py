@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .precision import acc_dtype
+from .precision import acc_dtype, sq_sum
 
 
 @dataclass
@@ -81,16 +81,17 @@ def merge(pieces: list[Piece]) -> list[Piece]:
     return out
 
 
-def dense(P: list[Piece], shape: torch.Size) -> torch.Tensor:
-    """The aggregated gradient sum_i grad_i of a piece list, as a dense tensor of `shape`."""
+def dense(P: list[Piece], shape: torch.Size, cols: slice | None = None) -> torch.Tensor:
+    """The aggregated gradient sum_i grad_i of a piece list, as a dense tensor of `shape` (with
+    `cols`, only those columns of a matrix: see ``column_blocks``)."""
     dt = acc_dtype(*[p.grad if isinstance(p, PerSample) else p.right for p in P])
     dev = (P[0].grad if isinstance(P[0], PerSample) else P[0].right).device
-    m = torch.zeros(shape, dtype=dt, device=dev)
+    m = torch.zeros(shape if cols is None else (shape[0], cols.stop - cols.start), dtype=dt, device=dev)
     for p in P:
         if isinstance(p, PerSample):
             m += p.grad.sum(0).to(dt)
             continue
-        right = masked(p.right, p.mask, dt).reshape(-1, p.right.shape[-1])
+        right = masked(_cols(p.right, cols), p.mask, dt).reshape(-1, m.shape[-1])
         dst = m if p.block is None else m[p.block]
         if p.ids:
             dst.index_add_(0, p.left.reshape(-1), right)
@@ -102,18 +103,51 @@ def dense(P: list[Piece], shape: torch.Size) -> torch.Tensor:
     return m
 
 
-def contract(P: list[Piece], m: torch.Tensor) -> torch.Tensor:
-    """[Bp]: <grad_i, m> for a dense tensor m of the parameter's shape."""
+def contract(P: list[Piece], m: torch.Tensor, cols: slice | None = None) -> torch.Tensor:
+    """[Bp]: <grad_i, m> for a dense tensor m of the parameter's shape (with `cols`, m holds only
+    those columns of a matrix, and the product is over them)."""
     out = 0
     for p in P:
         if isinstance(p, PerSample):
             out = out + p.grad.flatten(1).to(acc_dtype(p.grad, m)) @ m.flatten().to(acc_dtype(p.grad, m))
         elif p.ids:
-            out = out + ops.embedding_dense_dot(p.left, p.right, m if p.block is None else m[p.block], p.mask)
+            out = out + ops.embedding_dense_dot(p.left, _cols(p.right, cols), m if p.block is None else m[p.block],
+                                                p.mask)
         else:
             mb = m if p.block is None else m[p.block]
-            out = out + ops.dense_dot(p.right, p.left, mb.reshape(p.left.shape[-1], p.right.shape[-1]), p.mask)
+            right = _cols(p.right, cols)
+            out = out + ops.dense_dot(right, p.left, mb.reshape(p.left.shape[-1], right.shape[-1]), p.mask)
     return out
+
+
+def _cols(x: torch.Tensor, cols: slice | None) -> torch.Tensor:
+    return x if cols is None else x[..., cols]
+
+
+_BLOCK = 1 << 22  # elements of an aggregate formed at once (16 MiB of float32)
+
+
+def column_blocks(pieces: list[Piece], shape) -> list[slice] | None:
+    """Column ranges of a matrix parameter whose aggregate, formed one range at a time (``dense``,
+    ``contract`` with `cols`), holds at most about ``_BLOCK`` elements of the accumulation dtype
+    instead of the parameter's size in it (twice the parameter for a 16-bit one); None where one
+    piece does not split by columns (per-sample gradients, a stacked parameter's slice) or the
+    whole matrix is within the budget."""
+    if len(shape) != 2 or shape[0] * shape[1] <= _BLOCK:
+        return None
+    if any(not isinstance(p, Factored) or p.block is not None for p in pieces):
+        return None
+    width = max(1, _BLOCK // shape[0])
+    return [slice(c, min(c + width, shape[1])) for c in range(0, shape[1], width)]
+
+
+def dense_square(P: list[Piece], shape) -> torch.Tensor:
+    """||sum_i grad_i||^2 of a piece list, its aggregate formed by column blocks where it splits."""
+    blocks = column_blocks(P, shape)
+    if blocks is None:
+        return sq_sum(dense(P, shape))
+    total = sum(sq_sum(dense(P, shape, c)).double() for c in blocks)
+    return total.to(acc_dtype(*[p.right for p in P]))
 
 
 # -- one flat range of a parameter (a shard: gefx.shards) -------------------------------------------

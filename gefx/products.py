@@ -25,7 +25,7 @@ import torch
 from . import dist, ops, shards
 from .backends import dispatch
 from .collect import Grads
-from .pieces import Factored, PerSample, Piece, contract, dense, masked
+from .pieces import Factored, PerSample, Piece, column_blocks, contract, dense, dense_square, masked
 from .precision import acc_dtype, sq_sum
 from .tape import Tape
 
@@ -116,7 +116,9 @@ def _costs(P: list[Piece], Q: list[Piece], need_cols: bool) -> tuple[int, int]:
 def marginals(P: list[Piece], Q: list[Piece], shape: torch.Size, need_cols: bool, memo: dict | None = None):
     """(rows [Bp], cols [Bq] or None) of the pair matrix <P_i, Q_j>, by the cheaper form.
     `memo` keeps Q's aggregated gradient for reuse against further P (several risks, one
-    objective). GEFX_DOT_FORM=ghost|dense forces one form (for tests and benchmarks)."""
+    objective), unless it is formed a block of columns at a time (a matrix of more than 2^22
+    entries: ``gefx.pieces.column_blocks``; then nothing is kept). GEFX_DOT_FORM=ghost|dense forces
+    one form (for tests and benchmarks)."""
     form = os.environ.get("GEFX_DOT_FORM", "").strip().lower()
     if form not in ("", "auto", "ghost", "dense"):
         raise ValueError(f"GEFX_DOT_FORM={form!r} must be ghost, dense or auto")
@@ -126,6 +128,10 @@ def marginals(P: list[Piece], Q: list[Piece], shape: torch.Size, need_cols: bool
     if form == "ghost":
         k = pair_matrix(P, Q)
         return k.sum(1), (k.sum(0) if need_cols else None)
+    blocks = column_blocks(P + Q, shape)
+    if blocks is not None:  # the aggregates a block of columns at a time (a 16-bit head: not 2x its size)
+        rows = sum(contract(P, dense(Q, shape, c), c) for c in blocks)
+        return rows, (sum(contract(Q, dense(P, shape, c), c) for c in blocks) if need_cols else None)
     memo = {} if memo is None else memo
     if "q" not in memo:
         memo["q"] = dense(Q, shape)
@@ -303,7 +309,8 @@ class Against(_Products):
 class ByMarginals(_Products):
     """Against the objective's pieces `g_obj` (before the step), by the cheaper of the ghost and
     dense forms per parameter (``marginals``), its aggregated gradient formed only where the dense
-    form wins, one parameter at a time."""
+    form wins, one parameter at a time (a large matrix's a block of columns at a time:
+    ``gefx.pieces.column_blocks``)."""
 
     def __init__(self, tape: Tape, g_obj, instances: bool, direction, squares):
         super().__init__(tape, instances, direction, squares)
@@ -319,11 +326,11 @@ class ByMarginals(_Products):
             if v.cols is not None:
                 v.add(v.cols, n, col)
             if sq is not None and n not in sq:
-                sq[n] = sq_sum(memo["q"] if "q" in memo else dense(Q, shape))
+                sq[n] = sq_sum(memo["q"]) if "q" in memo else dense_square(Q, shape)
         self.extras(n, P, spread)
 
     def objective_squares(self) -> dict:
         for n, Q in self.g_obj.pieces.items():
             if n not in self.squares:
-                self.squares[n] = sq_sum(dense(Q, dist.shape(self.tape.params[n])))
+                self.squares[n] = dense_square(Q, dist.shape(self.tape.params[n]))
         return self.squares

@@ -169,7 +169,7 @@ def embedding_dense_dot(ids, g, m, mask=None) -> torch.Tensor:
     """v[i] = sum_t M[id_it] . g_it  (M: [V, D], the dense gradient of the embedding table)."""
     dt = acc_dtype(g, m)
     x = _masked(g, mask, dt)
-    return (m.to(dt)[ids] * x).sum(dim=(1, 2))
+    return (m[ids].to(dt) * x).sum(dim=(1, 2))  # rows gathered, then converted: no copy of the table
 
 
 def embedding_linear_pairwise(ids1, g1, l2, r2, mask1=None, mask2=None) -> torch.Tensor:

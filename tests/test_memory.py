@@ -279,3 +279,47 @@ def test_squared_norms_form_no_parameter_sized_temporary(dtype):
     assert got.dtype == acc
     exact = x.double().pow(2).sum()
     assert abs(float(got) - float(exact)) / float(exact) < (1e-12 if dtype == torch.float64 else 1e-6)
+
+
+class _Largest(LiveBytes):
+    """Also the size of the largest single tensor allocated while active."""
+
+    def __init__(self):
+        super().__init__(1)
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = self.now
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self.largest = max(self.largest, self.now - before)
+        return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("case", ["online", "before", "norms", "instances"])
+def test_sixteen_bit_model_gets_no_float32_copy_of_a_parameter(case, backend, monkeypatch):
+    """In a bfloat16 model, the products against a dense gradient (.grad, or the objective's
+    aggregate before the step) convert it to float32 a block at a time: no single tensor a
+    measurement allocates is larger than the largest parameter (a float32 copy of the head, or its
+    float32 aggregate, was twice that), nor than the plain step's largest."""
+    monkeypatch.setenv("GEFX_BACKEND", backend)
+    monkeypatch.setenv("GEFX_DOT_FORM", "dense")
+    monkeypatch.setattr(gefx.pieces, "_BLOCK", 2048)
+    monkeypatch.setattr(gefx.ops, "_CONVERT_BLOCK", 2048)
+    monkeypatch.setattr(gefx.precision, "_SQ_CHUNK_CPU", 2048)  # squared norms chunk by chunk
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      tie_word_embeddings=False, attn_implementation="eager")
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16).train()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    head = model.lm_head.weight.numel() * 2
+    assert head == max(p.numel() * p.element_size() for p in model.parameters())
+    largest = {}
+    for c in ("plain", case, case):  # the second measurement counts (first-time checks done)
+        model.zero_grad(set_to_none=False)
+        with _Largest() as meter:
+            _step(model, c)
+        largest[c] = meter.largest
+    assert largest[case] <= max(head, largest["plain"]), (largest, head)

@@ -133,3 +133,36 @@ def test_validation_errors():
         ops.embedding_dense_dot(torch.tensor([[9]]), rand(1, 1, 5), rand(4, 5))
     with pytest.raises(ValueError, match=r"\[B, T, D\]"):
         ops.self_norms(rand(2, 3, 4, 5), g)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_dot_converts_a_16_bit_m_a_block_of_rows_at_a_time(backend, dtype, monkeypatch):
+    """A 16-bit m (a bf16 model's .grad) on the CPU is converted to float32 a block of its rows at a
+    time, the products of the blocks summed: no float32 copy of m (twice the parameter) exists."""
+    from gefx.memory import LiveBytes
+    monkeypatch.setenv("GEFX_BACKEND", backend)
+    monkeypatch.setattr(ops, "_CONVERT_BLOCK", 40)  # 5 rows of 8 a block: 40 blocks
+    a, g, m = rand(3, 7, 8, dtype=dtype, seed=1), rand(3, 7, 200, dtype=dtype, seed=2), rand(200, 8, dtype=dtype, seed=3)
+    mask = mask_for(3, 7, seed=4)
+    with LiveBytes(1) as meter:
+        out = ops.dense_dot(a, g, m, mask)
+    assert out.dtype == torch.float32
+    ref = (formed(a, g, mask) * m.double()).sum((1, 2))  # the same rounded inputs, float64
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert meter.peak < m.numel() * 4 / 2, meter.peak  # a float32 copy of m was m.numel() * 4 bytes
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_embedding_dense_dot_reads_only_the_rows_it_needs(backend, monkeypatch):
+    """Against a bf16 table's dense gradient, only the looked-up rows are converted (the torch
+    reference converted the whole table to float32)."""
+    from gefx.memory import LiveBytes
+    monkeypatch.setenv("GEFX_BACKEND", backend)
+    ids = torch.randint(0, 500, (3, 7), generator=torch.Generator().manual_seed(5))
+    g, m = rand(3, 7, 16, dtype=torch.bfloat16, seed=6), rand(500, 16, dtype=torch.bfloat16, seed=7)
+    with LiveBytes(1) as meter:
+        out = ops.embedding_dense_dot(ids, g, m)
+    ref = (formed_emb(ids, g, 500) * m.double()).sum((1, 2))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert meter.peak < m.numel() * 4 / 4, meter.peak
