@@ -29,6 +29,8 @@ those of the pair with the largest extra.
     trainer     the plain step, then each risk's own forward and ``g_effect(tape, {p: p.grad}, {name:
                 risk})``, one risk at a time (the Trainer path: ``gefx.integrations.GEffectMixin``)
     norms       online with ``norms=True``
+    accumulating online mid gradient accumulation: ``.grad`` holds an earlier micro-batch's nonzero
+                gradient before the measured step (and before the plain step it is compared with)
     optimizer   online with ``optimizer=`` an AdamW that has stepped once (its state exists)
 
 Peak: the process's resident set (RSS, sampled every 2 ms by a thread reading /proc/self/statm) on
@@ -61,7 +63,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CASES = ("online", "before", "prepare", "prepare_obj", "trainer", "norms", "optimizer")
+CASES = ("online", "before", "prepare", "prepare_obj", "trainer", "norms", "optimizer", "accumulating")
 
 
 class Peak:
@@ -169,6 +171,9 @@ def run_case(args) -> dict:
     steps += [(f"{label}{i}", case) for i in range(args.repeat) for label, case in (("steady", args.case), ("plain", "plain"))]
     for label, case in ((("plain_cold", "plain"),) if args.warm else ()) + tuple(steps):
         model.zero_grad(set_to_none=False)
+        if args.case == "accumulating":
+            for p in model.parameters():
+                p.grad.fill_(1e-3)  # an earlier micro-batch's gradient, in place
         _trim()
         base = meter.rss()
         t = time.perf_counter()

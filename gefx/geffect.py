@@ -31,7 +31,7 @@ from .effects import GEffect, report
 from .groups import group_sums
 from .pieces import merge, widened
 from .products import Against, Aggregates, ByMarginals, Values, aggregated, dense_gradients, marginals, self_norms
-from .step import Serving, StepBackward, _walk
+from .step import Serving, StepBackward, _all_zero, _walk
 from .tape import Tape
 from .update import updates, updates_as_they_come
 
@@ -66,7 +66,12 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
             the step's own layer-output gradients serve as the objective's per-sample pieces
             and, where they are a per-sample multiple of a risk's (GA, NPO, GradDiff terms; see
             ``gefx.step``), as that risk's, which then needs no backward at all. The graph is
-            kept (``retain_graph=True``) until the caller drops its tensors.
+            kept (``retain_graph=True``) until the caller drops its tensors. Mid gradient
+            accumulation (a nonzero ``.grad`` before the step, one process, no sharded
+            parameter) the G-effects are measured as without `backward` (against the
+            objective's gradient formed from its pieces, in float32 or better) and then the plain
+            ``objective.sum().backward()`` accumulates in place, so that no second set of
+            gradients is formed.
         optimizer: the optimizer whose next ``step()`` will apply this gradient: each risk's
             ``predicted_change`` is then <grad r_i, delta_theta> for exactly the change that step
             makes (``gefx.update``: SGD, Adam, AdamW in closed form from their state, others by
@@ -101,8 +106,9 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
     at most 2^22 float32 entries at a time (``gefx.pieces.column_blocks``, ``gefx.ops.dense_dot``;
     a parameter that does not split, a stacked expert's, whole), and with `optimizer` one
     parameter's update at a time (two parameter-sized temporaries in float32, three in 16-bit);
-    online, ``.grad`` is contracted in place (earlier gradients wait aside only when they are
-    nonzero, i.e. mid-accumulation). Under torch.distributed, or against a gradient formed per
+    online, ``.grad`` is contracted in place (mid-accumulation the measurement is made before the
+    step instead; nonzero earlier gradients wait aside as one copy only under torch.distributed or
+    with sharded parameters). Under torch.distributed, or against a gradient formed per
     read (``optimizer=`` before the step), every risk's pieces are held at once. See
     bench/RESULTS.md ("Memory of large runs").
     """
@@ -130,15 +136,20 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
                             else type(objective).__name__))
     if backward:
         return _with_step(tape, objective, risks, opts, optimizer, objective_instances)
+    return _before_step(tape, objective, risks, opts, optimizer, objective_instances)
+
+
+def _before_step(tape: Tape, objective: torch.Tensor, risks, opts: "_Options", optimizer, instances: bool) -> GEffect:
+    """g_effect without backward=True: against the objective's gradient formed from its pieces."""
     # the objective's pieces: per sample only where its instances are asked for (else its sum)
-    g_obj = collect(tape, objective, per_sample=objective_instances, what="objective")
-    if dist.group_size(process_group) > 1 or optimizer is not None:
-        if dist.group_size(process_group) > 1:
+    g_obj = collect(tape, objective, per_sample=instances, what="objective")
+    if dist.group_size(opts.process_group) > 1 or optimizer is not None:
+        if dist.group_size(opts.process_group) > 1:
             dist.check_supported(tape.model)
-        m_obj = aggregated(tape, g_obj, process_group)
+        m_obj = aggregated(tape, g_obj, opts.process_group)
         return _against(tape, m_obj, _feeds(tape, risks), opts.along(_pending_update(tape, optimizer, m_obj)),
-                        g_obj if objective_instances else None)
-    return _by_marginals(tape, g_obj, risks, opts, objective_instances)
+                        g_obj if instances else None)
+    return _by_marginals(tape, g_obj, risks, opts, instances)
 
 
 @dataclass
@@ -364,6 +375,13 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
                          "and .against(gefx.engine_grads(model)) after it (or g_effect without backward=True "
                          "before the step)")
     tape.check_open()
+    zero = _no_earlier_gradient(tape, opts.process_group)
+    if zero is False:
+        # mid gradient accumulation: measured before the step, then the plain backward accumulates
+        # into the earlier gradients in place (online, they would wait aside as a second set)
+        result = _before_step(tape, objective, risks, opts, optimizer, instances)
+        objective.sum().backward(retain_graph=True)
+        return result
     # every graph's coverage is checked before the step's backward touches .grad (and the objective's
     # per-sample contract when its instances are asked for); each risk's per-sample probe runs after
     # it, on the risk's turn: a risk with its own backward is probed by the two passes that are that
@@ -373,7 +391,7 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
     obj_reach = check_graph(tape, objective, "objective") if instances else None
     serving = Serving(tape, objective, risks, keep_all=instances)
     reaches = {name: tape.graph.reach(risk, f"risk {name!r}") for name, risk in risks.items()}
-    step, sq = StepBackward(serving), {} if opts.norms else None
+    step, sq = StepBackward(serving, zero), {} if opts.norms else None
     live = {} if instances else _served_live(tape, serving, step, risks, reaches, sq, opts.direction, optimizer)
     with step:
         g_obj = pieces_from(tape, objective, serving.captured, per_sample=True, what="objective",
@@ -398,6 +416,14 @@ def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optim
         result = _against(tape, dense_gradients(tape, step.grads), feeds, opts, g_obj,
                           made={name: products for name, (products, _) in live.items()}, squares=sq)
         return GEffect({name: result[name] for name in risks})
+
+
+def _no_earlier_gradient(tape: Tape, group) -> bool | None:
+    """Whether every counted parameter's ``.grad`` is None or zero; None (not decided here) under
+    torch.distributed or with sharded parameters, where the step keeps earlier gradients aside."""
+    if dist.group_size(group) > 1 or any(shards.layout(p) is not None for p in tape.params.values()):
+        return None
+    return _all_zero([p.grad for p in tape.params.values() if p.grad is not None])
 
 
 def _served_live(tape: Tape, serving: Serving, step: StepBackward, risks, reaches: dict, squares,

@@ -121,7 +121,7 @@ class Serving:
     form, and for PG-effects). A captured gradient is released as soon as no remaining risk needs
     it, and rescaled in place for the last risk using it when nothing else shares its storage.
 
-    One concept in three phases (plan, serve, hand over) sharing the plans: about 120 code lines,
+    One concept in three phases (plan, serve, hand over) sharing the plans: about 145 code lines,
     kept whole because split by phase the plans would pass between three objects.
     """
 
@@ -322,15 +322,18 @@ class StepBackward:
     Use as a context manager: on a normal exit the gradients held in ``.grad`` before the step
     are added back (``.grad = earlier + step``, as ``loss.backward()`` accumulates); on an
     exception ``.grad`` is restored to what it was before. Only nonzero earlier gradients are
-    moved aside (a parameter-sized copy while the step's gradient is read); when every earlier
-    gradient is None or zero the backward accumulates into them in place and nothing is copied.
+    moved aside (a second set of gradients while the step's is read: ``g_effect`` comes here with
+    them only under torch.distributed or with sharded parameters, measuring before the step
+    otherwise); when every earlier gradient is None or zero the backward accumulates into them in
+    place and nothing is copied. `zero`: whether that is so, where the caller has found out.
     ``grads``: the step's own gradient ({name: .grad}) inside the block. :meth:`when_final` runs
     work on a parameter's ``.grad`` as soon as the backward has finished it (risks served as the
     gradients come, :meth:`Serving.stream`).
     """
 
-    def __init__(self, serving: Serving):
+    def __init__(self, serving: Serving, zero: bool | None = None):
         self.serving, self.tape, self.loss = serving, serving.tape, serving.loss
+        self._known_zero = zero  # whether every earlier gradient is None or zero, if the caller knows
         self._earlier: dict[str, torch.Tensor | None] = {}
         self._zeros: set = set()
         self._final: set | None = set()  # names whose .grad the backward has finished (None: all)
@@ -362,7 +365,7 @@ class StepBackward:
         # the step's gradient alone must land in .grad: gradients already there (mid-accumulation)
         # wait aside; zeros (zero_grad(set_to_none=False)) stay, as 0 + g = g exactly
         self._earlier = {n: p.grad for n, p in self.tape.params.items() if p.grad is not None}
-        zero = _all_zero(list(self._earlier.values()))
+        zero = self._known_zero if self._known_zero is not None else _all_zero(list(self._earlier.values()))
         self._zeros = set(self._earlier) if zero else set()
         if zero:
             self._earlier = {}

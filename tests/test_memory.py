@@ -118,6 +118,51 @@ def test_online_contracts_grad_in_place_and_accumulates():
     assert torch.equal(results["none"], results["zeros"])
 
 
+@pytest.mark.parametrize("extra", ["", "norms", "optimizer", "instances"])
+def test_online_mid_accumulation_keeps_one_gradient_set(extra):
+    """Nonzero earlier gradients (mid gradient accumulation): the step's backward accumulates into
+    them in place, as loss.backward() does, instead of moving them aside while a second set is
+    formed (a parameter-sized copy of every gradient). Seen through a hook of the test's own: at
+    every parameter's accumulation, .grad is the earlier tensor. Values as the float64 oracle's
+    (the step's gradient alone), .grad = earlier + step."""
+    model = tiny_model("llama")
+    params = list(model.parameters())
+    fi, fm, fl = batch(3, 7, seed=1)
+    ri, rm, rl = batch(2, 6, seed=2)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    earlier = [torch.randn_like(p) for p in params]
+    for p, e in zip(params, earlier):
+        p.grad = e.clone()
+    storages = [p.grad.untyped_storage().data_ptr() for p in params]
+    seen = []
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, k=k: seen.append((k, p.grad.untyped_storage().data_ptr())))
+             for k, p in enumerate(params)]
+    with gefx.trace(model) as tape:
+        f = sequence_nll(model(input_ids=fi, attention_mask=fm).logits, fl)
+        r = sequence_nll(model(input_ids=ri, attention_mask=rm).logits, rl)
+        g = per_sample_grads(-f, params).sum(0)
+        Gr, Gf = per_sample_grads(r, params), per_sample_grads(f, params)
+        eff = gefx.g_effect(tape, -f, {"forget": f, "retain": r}, backward=True, norms=extra == "norms",
+                            optimizer=opt if extra == "optimizer" else None, objective_instances=extra == "instances")
+    for h in hooks:
+        h.remove()
+    assert {k for k, _ in seen} == set(range(len(params)))
+    assert all(ptr == storages[k] for k, ptr in seen), "a second set of gradients was formed"
+    assert rel_err(eff["retain"].per_instance, Gr @ g) < 1e-9
+    assert rel_err(eff["forget"].per_instance, Gf @ g) < 1e-9
+    if extra == "norms":
+        assert rel_err(eff["retain"].risk_norm ** 2, (Gr ** 2).sum(1)) < 1e-9
+    if extra == "instances":  # <grad R, grad l_s> for l = -f
+        assert rel_err(eff["retain"].per_objective_instance, -Gf @ Gr.sum(0)) < 1e-9
+    flat = torch.cat([p.grad.flatten() for p in params])
+    assert rel_err(flat, g + torch.cat([e.flatten() for e in earlier])) < 1e-12
+    if extra == "optimizer":  # along the update the real step makes from the accumulated .grad
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        delta = torch.cat([(p.detach() - q).flatten() for p, q in zip(params, before)])
+        assert rel_err(eff["retain"].predicted_change, Gr @ delta) < 1e-9
+
+
 def test_objective_instances_opt_in():
     model = tiny_model("llama")
     fi, fm, fl = batch(3, 7, seed=1)
