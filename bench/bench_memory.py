@@ -31,6 +31,7 @@ those of the pair with the largest extra.
     norms       online with ``norms=True``
     accumulating online mid gradient accumulation: ``.grad`` holds an earlier micro-batch's nonzero
                 gradient before the measured step (and before the plain step it is compared with)
+    accumulating_optimizer  the same with ``optimizer=`` (AdamW with state)
     optimizer   online with ``optimizer=`` an AdamW that has stepped once (its state exists)
 
 Peak: the process's resident set (RSS, sampled every 2 ms by a thread reading /proc/self/statm) on
@@ -63,7 +64,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CASES = ("online", "before", "prepare", "prepare_obj", "trainer", "norms", "optimizer", "accumulating")
+CASES = ("online", "before", "prepare", "prepare_obj", "trainer", "norms", "optimizer", "accumulating", "accumulating_optimizer")
 
 
 class Peak:
@@ -136,7 +137,7 @@ def _step(case: str, w, opt):
             eff = prepared.against({p: p.grad for p in model.parameters()})
         else:
             eff = gefx.g_effect(tape, objective, risks, backward=True, norms=case == "norms",
-                                optimizer=opt if case == "optimizer" else None)
+                                optimizer=opt if case.endswith("optimizer") else None)
         del eff
 
 
@@ -162,7 +163,7 @@ def run_case(args) -> dict:
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # .grad exists from the start, as in a running loop
     opt = None
-    if args.case == "optimizer":
+    if args.case.endswith("optimizer"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         opt.step()  # AdamW's state exists, as in a running loop
     meter = Peak(device)
@@ -171,7 +172,7 @@ def run_case(args) -> dict:
     steps += [(f"{label}{i}", case) for i in range(args.repeat) for label, case in (("steady", args.case), ("plain", "plain"))]
     for label, case in ((("plain_cold", "plain"),) if args.warm else ()) + tuple(steps):
         model.zero_grad(set_to_none=False)
-        if args.case == "accumulating":
+        if args.case.startswith("accumulating"):
             for p in model.parameters():
                 p.grad.fill_(1e-3)  # an earlier micro-batch's gradient, in place
         _trim()
