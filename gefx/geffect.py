@@ -108,8 +108,9 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
     parameter's update at a time (two parameter-sized temporaries in float32, three in 16-bit);
     online, ``.grad`` is contracted in place (mid-accumulation the measurement is made before the
     step instead; nonzero earlier gradients wait aside as one copy only under torch.distributed or
-    with sharded parameters). Under torch.distributed, or against a gradient formed per
-    read (``optimizer=`` before the step), every risk's pieces are held at once. See
+    with sharded parameters). Under torch.distributed every risk's pieces are held at once; with
+    ``optimizer=`` before the step the update (from ``.grad`` and the objective's aggregate) is
+    formed a parameter at a time each time a risk reads it. See
     bench/RESULTS.md ("Memory of large runs").
     """
     if not isinstance(risks, Mapping) or not risks:
@@ -143,12 +144,14 @@ def _before_step(tape: Tape, objective: torch.Tensor, risks, opts: "_Options", o
     """g_effect without backward=True: against the objective's gradient formed from its pieces."""
     # the objective's pieces: per sample only where its instances are asked for (else its sum)
     g_obj = collect(tape, objective, per_sample=instances, what="objective")
-    if dist.group_size(opts.process_group) > 1 or optimizer is not None:
-        if dist.group_size(opts.process_group) > 1:
-            dist.check_supported(tape.model)
-        m_obj = aggregated(tape, g_obj, opts.process_group)
-        return _against(tape, m_obj, _feeds(tape, risks), opts.along(_pending_update(tape, optimizer, m_obj)),
+    if dist.group_size(opts.process_group) > 1:  # (optimizer= is refused there before the step)
+        dist.check_supported(tape.model)
+        return _against(tape, aggregated(tape, g_obj, opts.process_group), _feeds(tape, risks), opts,
                         g_obj if instances else None)
+    if optimizer is not None:
+        # the update, from .grad plus the objective's aggregate, formed per parameter as each risk
+        # reads it (an aggregate per parameter and risk) instead of holding every risk's pieces
+        opts = opts.along(_pending_update(tape, optimizer, aggregated(tape, g_obj, opts.process_group)))
     return _by_marginals(tape, g_obj, risks, opts, instances)
 
 
