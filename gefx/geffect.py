@@ -76,7 +76,8 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
             ``predicted_change`` is then <grad r_i, delta_theta> for exactly the change that step
             makes (``gefx.update``: SGD, Adam, AdamW in closed form from their state, others by
             stepping a throw-away copy; the optimizer and the parameters are untouched). With
-            ``backward=True`` the update follows from ``.grad`` after the step's backward; without,
+            ``backward=True`` the update follows from ``.grad`` after the step's backward (mid-accumulation
+            as without, to the rounding of the sum); without,
             from ``.grad`` (earlier micro-batches) plus the objective's gradient, as the caller's
             ``objective.sum().backward()`` will leave it (single process only: under
             torch.distributed use ``backward=True``).
