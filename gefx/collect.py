@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_map
 from . import dist, soundness
 from .pieces import Piece, merge, restricted
 from .rules import Refused, checked_rule, ready
-from .soundness import batch_dim, sample_view
+from .soundness import Reach, batch_dim, sample_view
 from .streaming import stream
 from .tape import Tape
 
@@ -34,63 +34,26 @@ class Grads:
     batch: int
 
 
-def check_graph(tape: Tape, loss: torch.Tensor, what: str, reach=None):
-    """Coverage (unless its `reach` is given) and the per-sample probe for a per-sample loss,
-    without keeping its gradients (the online mode's checks of losses whose gradients come from
-    the step's backward). Returns the loss's :class:`gefx.soundness.Reach`."""
-    reach = tape.graph.reach(loss, what) if reach is None else reach
+def probed(tape: Tape, reach: Reach) -> Reach:
+    """The per-sample probe of a proved loss, without keeping its gradients (the online mode's
+    check of a loss whose gradients come from the step's backward)."""
     with dist.engine_hooks_off(tape):
-        soundness.probe(tape, loss, reach, reach.slots(), None, what)
+        soundness.probe(tape, reach)
     return reach
-
-
-def _check_loss(loss, what: str, per_sample: bool) -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"{what} must be a tensor, got {type(loss).__name__}")
-    if per_sample and loss.dim() != 1:
-        raise ValueError(f"{what} must be a per-sample vector [B] (entry k depending only on batch "
-                         f"row k), got a tensor of shape {tuple(loss.shape)}"
-                         + ("; a scalar loss has no per-sample split" if loss.dim() == 0 else ""))
-    if not per_sample and loss.dim() not in (0, 1):
-        raise ValueError(f"{what} must be a scalar or a per-sample vector, got shape {tuple(loss.shape)}")
-    if not loss.is_floating_point():
-        raise TypeError(f"{what} must be floating point, got {loss.dtype}")
-    bad = ~torch.isfinite(loss.detach())
-    if bad.any():
-        kind = "NaN" if torch.isnan(loss.detach()).any() else "inf"
-        where = bad.nonzero().flatten().tolist()[:8] if loss.dim() else []
-        raise ValueError(f"{what} contains {kind}" + (f" at entries {where}" if where else ""))
-    if not loss.requires_grad:
-        raise ValueError(f"{what} does not depend on the traced forward (it does not require grad; "
-                         "was it computed under torch.no_grad or from detached outputs?)")
-    return loss
 
 
 def collect(tape: Tape, loss: torch.Tensor, *, per_sample: bool, what: str = "loss", probe: bool = True) -> Grads:
     """Gradient pieces of `loss` for every counted parameter. A per-sample loss keeps its batch;
-    otherwise the loss is summed and read as one sample (the aggregated gradient). The loss's
-    graph is checked first (``gefx.soundness``): coverage always, the per-sample probe for a
-    per-sample loss (unless `probe` is False: already probed)."""
-    tape.check_open()
-    _check_loss(loss, what, per_sample)
+    otherwise the loss is summed and read as one sample (the aggregated gradient). The loss is
+    proved first (``gefx.soundness.prove``), and a per-sample loss probed (unless `probe` is
+    False: already probed)."""
+    reach = soundness.prove(tape, loss, what, per_sample)
     with dist.engine_hooks_off(tape):
-        return _collect(tape, loss, per_sample, what, probe)
+        return _collect(tape, reach, per_sample, probe)
 
 
-def _reached(tape: Tape, loss: torch.Tensor, what: str):
-    """The loss's :class:`gefx.soundness.Reach` and its slots (refused if it reaches nothing)."""
-    if not tape.calls:
-        raise ValueError("nothing was recorded: run the model's forward inside the gefx.trace block")
-    reach = tape.graph.reach(loss, what)
-    slots = reach.slots()
-    if not slots:
-        raise ValueError(f"{what} does not depend on any forward traced by this gefx.trace "
-                         "(or on none of its counted parameters)")
-    return reach, slots
-
-
-def _collect(tape: Tape, loss: torch.Tensor, per_sample: bool, what: str, probe: bool) -> Grads:
-    reach, slots = _reached(tape, loss, what)
+def _collect(tape: Tape, reach: Reach, per_sample: bool, probe: bool) -> Grads:
+    loss, what, slots = reach.loss, reach.what, reach.slots()
     try:
         got = torch.autograd.grad(loss.sum(), [e for *_, e in slots], retain_graph=True, allow_unused=True)
     except RuntimeError as exc:
@@ -98,25 +61,24 @@ def _collect(tape: Tape, loss: torch.Tensor, per_sample: bool, what: str, probe:
                            "(was its graph freed by a backward without retain_graph=True?)") from exc
     got = [c.as_output(k, g) for (c, k, _), g in zip(slots, got)]
     if per_sample and probe:
-        soundness.probe(tape, loss, reach, slots, got, what)
+        soundness.probe(tape, reach, got)
     at = {(id(c), k): g for (c, k, _), g in zip(slots, got)}
     grads = [at.get((id(c), k)) for c in tape.calls for k in range(len(c.edges))]
-    return pieces_from(tape, loss, grads, per_sample=per_sample, what=what, users=reach.calls)
+    return pieces_from(tape, reach, grads, per_sample=per_sample)
 
 
-def pieces_from(tape: Tape, loss: torch.Tensor, grads, *, per_sample: bool, what: str = "loss",
-                users=None) -> Grads:
-    """Gradient pieces from the output gradients `grads` of `loss` (one entry, or None where the
-    loss does not reach, per recorded output edge in tape order), for the calls in `users` (those
-    whose forwards use the counted parameters the loss reaches, ``Reach.calls``; None: all)."""
-    samples = loss.shape[0] if per_sample else 1
+def pieces_from(tape: Tape, reach: Reach, grads, *, per_sample: bool) -> Grads:
+    """Gradient pieces of the proved loss from its output gradients `grads` (one entry, or None
+    where the loss does not reach, per recorded output edge in tape order), for the calls whose
+    forwards use the counted parameters it reaches (``Reach.calls``)."""
+    samples, what = reach.loss.shape[0] if per_sample else 1, reach.what
     pieces: dict[str, list[Piece]] = {}
-    users = None if users is None else set(users)
+    users = set(reach.calls)
     k = 0
     for call in tape.calls:
         gs = grads[k:k + len(call.edges)]
         k += len(call.edges)
-        if users is None or call in users:
+        if call in users:
             for name, piece in _call_pieces(tape, call, gs, samples if per_sample else None, what):
                 pieces.setdefault(name, []).extend(piece)
     return Grads({n: merge(ps) for n, ps in pieces.items()}, samples)
@@ -152,20 +114,19 @@ def _call_pieces(tape: Tape, call, gs: list, samples: int | None, what: str) -> 
             for local, piece in got.items() if local in owned]
 
 
-def collect_each(tape: Tape, loss: torch.Tensor, take, *, what: str = "loss", probe: bool = True) -> int:
-    """``collect(tape, loss, per_sample=True)`` handed over parameter by parameter: ``take(name,
-    pieces)`` for every counted parameter the loss reaches, as soon as its pieces are complete
-    (once, or twice on the loss's first use: then each call gives a part of the samples, zeros for
-    the others, and `take` must add up what it makes of them),
-    while the loss's backward is still running (``gefx.streaming``): the output gradients of a
-    layer are dropped once its parameters are taken, so no set of them for the whole model is ever
-    alive. Calls whose rule needs more than its own output gradient (verification on first use,
-    autograd inside the rule, several outputs) are kept and handled after the backward. Returns
-    the number of samples."""
+def collect_each(tape: Tape, reach: Reach, take, *, probe: bool = True) -> int:
+    """``collect(tape, loss, per_sample=True)`` for the proved per-sample loss of `reach`, handed
+    over parameter by parameter: ``take(name, pieces)`` for every counted parameter the loss
+    reaches, as soon as its pieces are complete (once, or twice on the loss's first use: then each
+    call gives a part of the samples, zeros for the others, and `take` must add up what it makes of
+    them), while the loss's backward is still running (``gefx.streaming``): the output gradients of
+    a layer are dropped once its parameters are taken, so no set of them for the whole model is
+    ever alive. Calls whose rule needs more than its own output gradient (verification on first
+    use, autograd inside the rule, several outputs) are kept and handled after the backward.
+    Returns the number of samples."""
     tape.check_open()
-    _check_loss(loss, what, True)
+    loss, what = reach.loss, reach.what
     with dist.engine_hooks_off(tape):
-        reach, slots = _reached(tape, loss, what)
         for call in reach.calls:  # verified before the backward (once per module), so that it streams
             checked_rule(tape, call)
         # on first use the per-sample probe's two passes (the loss's entries on a part of the
@@ -174,10 +135,9 @@ def collect_each(tape: Tape, loss: torch.Tensor, take, *, what: str = "loss", pr
         part = soundness.partition(loss.shape[0], loss.device)
         feeds = [_Feed(tape, reach.calls, loss.shape[0], what, take, rows) for rows in (part, ~part)]
         try:
-            if not (probe and soundness.probe(tape, loss, reach, slots, None, what,
-                                               also=(feeds[0].arrived, feeds[1].arrived))):
+            if not (probe and soundness.probe(tape, reach, also=(feeds[0].arrived, feeds[1].arrived))):
                 feeds = [_Feed(tape, reach.calls, loss.shape[0], what, take)]
-                stream(loss.sum(), slots, feeds[0].arrived)
+                stream(loss.sum(), reach.slots(), feeds[0].arrived)
         except RuntimeError as exc:
             if "backward through the graph a second time" not in str(exc) and "freed" not in str(exc):
                 raise
@@ -188,18 +148,16 @@ def collect_each(tape: Tape, loss: torch.Tensor, take, *, what: str = "loss", pr
     return loss.shape[0]
 
 
-def follow(tape: Tape, loss: torch.Tensor, reach, take, *, what: str = "loss") -> "_Feed":
-    """A feed for the per-sample loss's gradients at its recorded outputs as another backward
-    brings them (the step's, rescaled: ``gefx.step.Serving.stream``): ``feed.arrived_at(call, k,
+def follow(tape: Tape, reach: Reach, take) -> "_Feed":
+    """A feed for the proved per-sample loss's gradients at its recorded outputs as another
+    backward brings them (the step's, rescaled: ``gefx.step.Serving.stream``): ``feed.arrived_at(call, k,
     g)`` for each, ``take(name, pieces)`` for each parameter as soon as its pieces are complete,
-    ``feed.close()`` once that backward is over (returns the number of samples). `reach`: the
-    loss's proved coverage; the per-sample probe (``check_graph``) is the caller's, before what
-    the feed gives is used."""
+    ``feed.close()`` once that backward is over (returns the number of samples). The per-sample
+    probe (``probed``) is the caller's, before what the feed gives is used."""
     tape.check_open()
-    _check_loss(loss, what, True)
     for call in reach.calls:  # verified now, so that the pieces can be formed inside the backward
         checked_rule(tape, call)
-    return _Feed(tape, reach.calls, loss.shape[0], what, take)
+    return _Feed(tape, reach.calls, reach.loss.shape[0], reach.what, take)
 
 
 class _Feed:

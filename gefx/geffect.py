@@ -26,15 +26,15 @@ from typing import Mapping
 import torch
 
 from . import dist, shards
-from .collect import Grads, _check_loss, check_graph, collect, collect_each, follow, pieces_from
+from .collect import Grads, collect, collect_each, follow, pieces_from, probed
 from .effects import GEffect, report
 from .groups import group_sums
 from .pieces import merge, widened
 from .products import Against, Aggregates, ByMarginals, Values, aggregated, dense_gradients, marginals, self_norms
+from .soundness import check_loss, prove
 from .step import Serving, StepBackward, _all_zero, _walk
 from .tape import Tape
 from .update import updates, updates_as_they_come
-
 
 def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups="block", process_group=None,
              backward: bool = False, optimizer=None, direction: Mapping | None = None,
@@ -131,31 +131,337 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
             raise ValueError("backward=True needs the objective as a tensor (the loss to backpropagate), "
                              "not a mapping of gradients")
         m_obj = dense_gradients(tape, objective)
-        return _against(tape, m_obj, _feeds(tape, risks), opts.along(_pending_update(tape, optimizer, m_obj)))
+        return _against(tape, m_obj, _own_backwards(tape, _proved(tape, risks)),
+                        opts.along(_pending_update(tape, optimizer, m_obj)))
     if not isinstance(objective, torch.Tensor) or objective.dim() > 1:
         raise ValueError("objective must be a scalar tensor or a per-sample vector [B]; got "
                          + (f"shape {tuple(objective.shape)}" if isinstance(objective, torch.Tensor)
                             else type(objective).__name__))
     if backward:
         return _with_step(tape, objective, risks, opts, optimizer, objective_instances)
-    return _before_step(tape, objective, risks, opts, optimizer, objective_instances)
+    return _before_step(tape, objective, _proved(tape, risks), opts, optimizer, objective_instances)
 
 
-def _before_step(tape: Tape, objective: torch.Tensor, risks, opts: "_Options", optimizer, instances: bool) -> GEffect:
+# -- the modes: before the step, with the step's backward ---------------------------------------
+def _before_step(tape: Tape, objective: torch.Tensor, proofs: dict, opts: "_Options", optimizer,
+                 instances: bool) -> GEffect:
     """g_effect without backward=True: against the objective's gradient formed from its pieces."""
     # the objective's pieces: per sample only where its instances are asked for (else its sum)
     g_obj = collect(tape, objective, per_sample=instances, what="objective")
     if dist.group_size(opts.process_group) > 1:  # (optimizer= is refused there before the step)
         dist.check_supported(tape.model)
-        return _against(tape, aggregated(tape, g_obj, opts.process_group), _feeds(tape, risks), opts,
+        return _against(tape, aggregated(tape, g_obj, opts.process_group), _own_backwards(tape, proofs), opts,
                         g_obj if instances else None)
     if optimizer is not None:
         # the update, from .grad plus the objective's aggregate, formed per parameter as each risk
         # reads it (an aggregate per parameter and risk) instead of holding every risk's pieces
         opts = opts.along(_pending_update(tape, optimizer, aggregated(tape, g_obj, opts.process_group)))
-    return _by_marginals(tape, g_obj, risks, opts, instances)
+    sq = {} if opts.norms else None
+    return _contracted(tape, _own_backwards(tape, proofs), opts, g_obj.batch if instances else None,
+                       lambda: ByMarginals(tape, g_obj, instances, opts.direction, sq))
 
 
+def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optimizer, instances: bool) -> GEffect:
+    """g_effect with backward=True: the step's backward, then everything against its .grad."""
+    check_loss(objective, "objective", per_sample=objective.dim() == 1)
+    if dist.group_size(opts.process_group) > 1:
+        dist.check_supported(tape.model)
+    if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in tape.params.values()):
+        raise ValueError("g_effect(backward=True) runs the step's loss.backward() itself, but under DeepSpeed the "
+                         "engine owns the backward: call gefx.prepare(tape, risks) before engine.backward(loss) "
+                         "and .against(gefx.engine_grads(model)) after it (or g_effect without backward=True "
+                         "before the step)")
+    proofs = _proved(tape, risks)  # before the backward: a bad risk leaves .grad untouched
+    zero = _no_earlier_gradient(tape, opts.process_group)
+    if zero is False:
+        # mid gradient accumulation: measured before the step, then the plain backward accumulates
+        # into the earlier gradients in place (online, they would wait aside as a second set)
+        result = _before_step(tape, objective, proofs, opts, optimizer, instances)
+        objective.sum().backward(retain_graph=True)
+        return result
+    # every graph's coverage is proved before the step's backward touches .grad (and the objective's
+    # per-sample contract probed when its instances are asked for); each risk's per-sample probe
+    # runs after it, on the risk's turn (_step_feeds); a refusal then restores .grad, as any error
+    # inside StepBackward does
+    obj_reach = probed(tape, prove(tape, objective, "objective")) if instances else None
+    serving = Serving(tape, objective, risks, keep_all=instances)
+    step, sq = StepBackward(serving, zero), {} if opts.norms else None
+    live = {} if instances else _served_live(tape, serving, step, proofs, sq, opts.direction, optimizer)
+    with step:
+        g_obj = pieces_from(tape, obj_reach, serving.captured, per_sample=True) if instances else None
+        opts = opts.along(_step_update(tape, optimizer))
+        result = _against(tape, dense_gradients(tape, step.grads), _step_feeds(tape, serving, proofs, live), opts,
+                          g_obj, made={name: products for name, (products, _) in live.items()}, squares=sq)
+        return GEffect({name: result[name] for name in risks})
+
+
+def _no_earlier_gradient(tape: Tape, group) -> bool | None:
+    """Whether every counted parameter's ``.grad`` is None or zero; None (not decided here) under
+    torch.distributed or with sharded parameters, where the step keeps earlier gradients aside."""
+    if dist.group_size(group) > 1 or any(shards.layout(p) is not None for p in tape.params.values()):
+        return None
+    return _all_zero([p.grad for p in tape.params.values() if p.grad is not None])
+
+
+# -- stage 2, prove: each risk once, before anything is contracted ----------------------------
+def _proved(tape: Tape, risks: Mapping) -> dict:
+    """Stage 2 for every risk at once (before anything is contracted or any backward touches .grad):
+    name -> its :class:`gefx.soundness.Reach`, what the later stages take."""
+    return {name: prove(tape, risk, f"risk {name!r}") for name, risk in risks.items()}
+
+
+# -- stage 3, pieces: a risk's feed(take) calls take(name, pieces) per parameter, returns B ------
+def _own_backwards(tape: Tape, proofs: dict) -> dict:
+    """name -> feed of each proved risk's per-sample pieces, streamed out of its backward when its
+    turn comes (``gefx.collect.collect_each``: no set of output gradients for the whole model is held)."""
+    return {name: partial(collect_each, tape, reach) for name, reach in proofs.items()}
+
+
+def _step_feeds(tape: Tape, serving: Serving, proofs: dict, live: dict) -> dict:
+    """name -> feed of each proved risk's pieces after the step's backward, the risks the step
+    served first (their gradients are then released before the others run): a risk served live
+    has had its products made during the backward (``_served_live``: the feed only closes them), a
+    risk served from captured gradients makes its pieces from them, the others stream out of their
+    own backward. A served risk is probed here, before its products are reported."""
+    def feed(name: str, reach, take) -> int:
+        if not serving.reused(name):
+            serving.forgo(name)
+            return collect_each(tape, reach, take)
+        probed(tape, reach)
+        if name in live:
+            return live[name][1].close()
+        return _held(tape, pieces_from(tape, reach, serving.risk_grads(name), per_sample=True))(take)
+
+    order = sorted(proofs, key=lambda name: not serving.reused(name))
+    return {name: partial(feed, name, proofs[name]) for name in order}
+
+
+def _served_live(tape: Tape, serving: Serving, step: StepBackward, proofs: dict, squares,
+                 direction=None, optimizer=None) -> dict:
+    """{name: (products, feed)} for the risks the step may serve (one process, no sharded
+    parameter): served while the step's backward runs, each layer's rescaled gradients turned into
+    pieces and contracted with ``.grad`` as soon as the backward has finished that parameter's,
+    then dropped: no set of output gradients is held for them. Their products are reported only
+    after the risk's per-sample probe has passed (on its first use: two partial backwards after
+    the step's), so a refusal still leaves no number out. Along `direction` too, or with
+    `optimizer` along its update, each parameter's formed from its finished ``.grad`` (closed
+    forms only)."""
+    if dist.group_size() > 1 or any(shards.layout(p) is not None for p in tape.params.values()):
+        return {}
+    if optimizer is not None:
+        deltas = updates_as_they_come(optimizer)
+        if deltas is None:
+            return {}
+        direction = _Named(tape, deltas)
+    live = {}
+    for name, reach in proofs.items():
+        if not serving.may_serve(name):
+            continue
+        products = Against(tape, _GradNow(tape), None, direction, squares)
+
+        def take(n, P, rows=None, products=products):
+            step.when_final(n, partial(products.take, n, P, rows))
+        feed = follow(tape, reach, take)
+        serving.stream(name, feed.arrived_at)
+        live[name] = (products, feed)
+    return live
+
+
+class _GradNow(Mapping):
+    """{name: .grad as it is now} for the counted parameters that have one."""
+
+    def __init__(self, tape: Tape):
+        self.params = tape.params
+
+    def __getitem__(self, name):
+        g = self.params[name].grad
+        if g is None:
+            raise KeyError(name)
+        return g.detach()
+
+    def __contains__(self, name) -> bool:
+        return name in self.params and self.params[name].grad is not None
+
+    def __iter__(self):
+        return (n for n, p in self.params.items() if p.grad is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _held(tape: Tape, g: Grads):
+    """The feed of pieces at hand, in tape order."""
+    def feed(take) -> int:
+        for n in tape.params:
+            if g.pieces.get(n):
+                take(n, g.pieces[n])
+        return g.batch
+    return feed
+
+
+def _gathered(feed) -> Grads:
+    """All of a feed's pieces at once (a parameter's parts, each widened to the whole batch, merged)."""
+    pieces: dict = {}
+
+    def take(n, P, rows=None):
+        P = P if rows is None else [widened(p, rows) for p in P]
+        pieces[n] = merge(pieces[n] + P) if n in pieces else P
+    return Grads(pieces, feed(take))
+
+
+# -- stages 4 and 5, contract and report -------------------------------------------------------
+def _against(tape: Tape, m_obj: Mapping, feeds: dict, opts: _Options, g_obj=None, *, made: dict | None = None,
+             squares: dict | None = None) -> GEffect:
+    """G-effects against the objective's aggregated gradient given densely (per parameter name;
+    under torch.distributed already summed over the ranks; sharded parameters as shards.Sharded;
+    possibly formed when read), for the risks' pieces (name -> feed: see ``_own_backwards``); with
+    `g_obj`, the objective's per-sample pieces, the PG-effect too. One risk at a time, each
+    parameter's products as its pieces come, against a gradient at hand (``.grad``); all risks'
+    pieces held together where reading the gradient costs (an aggregate formed per read,
+    collectives under torch.distributed): see ``_together``."""
+    if dist.group_size(opts.process_group) > 1 or isinstance(m_obj, Aggregates):
+        return _together(tape, m_obj, feeds, opts, g_obj)
+    sq = squares if squares is not None or not opts.norms else {}
+    return _contracted(tape, feeds, opts, None if g_obj is None else g_obj.batch,
+                       lambda: Against(tape, m_obj, g_obj, opts.direction, sq), made)
+
+
+def _contracted(tape: Tape, feeds: dict, opts: _Options, obj_batch: int | None, products_for, made=None) -> GEffect:
+    """Stages 4 and 5, one risk at a time: its feed (stage 3) runs into fresh products
+    (``products_for()``, or those `made` for it during the step's backward) as its pieces come,
+    and the products are reported (``gefx.effects.report``) before the next risk's backward."""
+    made = made or {}
+    result = GEffect()
+    for name in list(feeds):
+        feed = feeds.pop(name)  # what it holds goes with it
+        products = made.pop(name, None) or products_for()
+        batch = feed(products.take)
+        obj_sq = group_sums(tape, products.objective_squares(), opts.groups, ()) if opts.norms else None
+        result[name] = report(tape, name, batch, products.values, opts.groups, opts.process_group, obj_sq, obj_batch)
+    return result
+
+
+def _together(tape: Tape, m_obj: Mapping, feeds: dict, opts: _Options, g_obj=None) -> GEffect:
+    """``_against`` with every risk's pieces held at once, each value of `m_obj` read once for all
+    (in tape order: under torch.distributed every rank runs the same collectives in the same order)."""
+    held = {name: _gathered(feed) for name, feed in feeds.items()}
+    sq = {} if opts.norms else None
+    rows, preds = _products(tape, list(held.values()), [m_obj, opts.direction], sq)
+    obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
+    result = GEffect()
+    for (name, g), r, pred in zip(held.items(), rows, preds):
+        v = Values(r, None if g_obj is None else _instances(tape, g_obj, g, opts.process_group),
+                    pred if opts.direction is not None else None,
+                    {n: self_norms(P) for n, P in g.pieces.items()} if opts.norms else None)
+        result[name] = report(tape, name, g.batch, v, opts.groups, opts.process_group, obj_sq,
+                              None if g_obj is None else g_obj.batch)
+    return result
+
+
+def _products(tape: Tape, held: list, mappings: list, squares: dict | None = None) -> list:
+    """out[j][k] = {name: [batch] <grad_i, mappings[j][name]>} for the pieces of `held[k]` (Grads),
+    parameter by parameter in tape order, each mapping's value read once for all the held
+    pieces and dropped before the next parameter (a lazy mapping thus holds one parameter at a
+    time; under torch.distributed every rank runs the same collectives in the same order).
+    `squares`: filled with ||mappings[0][name]||^2."""
+    out = [[{} for _ in held] for _ in mappings]
+    for n in tape.params:
+        for j, m in enumerate(mappings):
+            if m is None or n not in m:
+                continue
+            value = m[n]
+            if squares is not None and j == 0:
+                squares[n] = shards.sq_norm(value)
+            for k, v in enumerate(shards.contract_with([g.pieces.get(n) for g in held], value)):
+                if v is not None:
+                    out[j][k][n] = v
+            del value
+    return out
+
+
+def _instances(tape: Tape, g_obj, g_risk, group) -> dict:
+    """{name: [B_obj] <grad l_s, grad R>} per parameter: one process, by the cheaper of the ghost
+    and dense forms; under torch.distributed against the risk's aggregated gradient, summed over
+    the ranks (formed and dropped one parameter at a time)."""
+    if dist.group_size(group) > 1:
+        return _products(tape, [g_obj], [aggregated(tape, g_risk, group)])[0][0]
+    return {n: marginals(Q, g_risk.pieces[n], dist.shape(tape.params[n]), need_cols=False)[0]
+            for n, Q in g_obj.pieces.items() if g_risk.pieces.get(n)}
+
+
+# -- prepare: pieces now, contracted against a backward gefx does not run -------------------------
+class Prepared:
+    """Risks' per-sample gradient pieces, collected before a backward gefx does not run, to be
+    contracted with that backward's ``.grad`` afterwards: the online mode for training loops that
+    own their backward (a DeepSpeed engine's ``engine.backward``). See :func:`prepare`."""
+
+    def __init__(self, tape: Tape, risks: Mapping[str, torch.Tensor], groups, process_group, norms: bool,
+                 objective: torch.Tensor | None):
+        if not isinstance(risks, Mapping) or not risks:
+            raise TypeError("risks must be a non-empty dict name -> per-sample risk vector")
+        self.tape, self.opts = tape, _Options(groups, process_group, norms, None)
+        later = _untouched(tape, objective, risks)
+        # differentiated in .against(), streamed (their graphs kept until then): proved now
+        self.later = _proved(tape, {name: risk for name, risk in risks.items() if name in later})
+        # held until .against(): .grad does not exist yet (the probe reuses the loss's gradients)
+        self.pieces = {name: collect(tape, risk, per_sample=True, what=f"risk {name!r}")
+                       for name, risk in risks.items() if name not in later}
+        self.order = list(risks)
+
+    def against(self, grads: Mapping, *, optimizer=None, direction: Mapping | None = None) -> GEffect:
+        """The G-effects of the objective whose gradient `grads` is ({parameter or name: tensor},
+        e.g. ``{p: p.grad for p in model.parameters()}`` after the step's backward, or under DeepSpeed
+        and FSDP2 ``gefx.engine_grads(model)``: each rank's gradient shard, never gathered); with
+        `optimizer`, each risk's predicted change along its next update (from ``.grad``), or along
+        `direction`."""
+        if optimizer is not None and direction is not None:
+            raise ValueError("give optimizer= (its next update) or direction=, not both")
+        if self.later:
+            self.tape.check_open()  # the risks left for now are differentiated through the trace
+        opts = self.opts.along(_direction(self.tape, direction) if direction is not None
+                               else _step_update(self.tape, optimizer))
+        later = self.later
+        feeds = {**{name: _held(self.tape, g) for name, g in self.pieces.items()}, **_own_backwards(self.tape, later)}
+        try:
+            result = _against(self.tape, dense_gradients(self.tape, grads), feeds, opts)
+        except RuntimeError as exc:
+            if not later or "graph freed" not in str(exc):
+                raise
+            raise RuntimeError(f"the risks {sorted(later)} were left for .against() because the objective given to "
+                               "prepare(objective=...) does not reach their graphs, but the backward run since "
+                               "freed them: name the loss that backward differentiates") from exc
+        return GEffect({name: result[name] for name in self.order})
+
+
+def prepare(tape: Tape, risks: Mapping[str, torch.Tensor], *, groups="block", process_group=None,
+            norms: bool = False, objective: torch.Tensor | None = None) -> Prepared:
+    """Collect the risks' pieces now (inside the trace, before the step's backward frees the graph);
+    ``.against(grads)`` gives the G-effects against the step's own gradient later, the trace closed
+    or not. One partial backward per risk, none for the objective (as ``backward=True`` without the
+    reuse), and the step's backward untouched.
+
+    With `objective`, the loss your backward will differentiate: a risk whose graph that backward
+    does not touch (a forward of its own, e.g. the retain NLL under GA) is not collected now but
+    differentiated in ``.against``, streamed against the gradient (``g_effect``'s memory: no set of
+    its output gradients is held through your backward; its graph is kept until then, and
+    ``.against`` must then run inside the trace). Not under DeepSpeed ZeRO-3, whose partitioned
+    weights a backward after the engine's cannot use."""
+    return Prepared(tape, risks, groups, process_group, norms, objective)
+
+
+def _untouched(tape: Tape, objective, risks: Mapping) -> set:
+    """The risks whose autograd graph shares no node with the objective's but the parameters'
+    accumulators (so the objective's backward frees nothing they need)."""
+    if objective is None or any(hasattr(p, "ds_id") for p in tape.params.values()):
+        return set()
+    if not isinstance(objective, torch.Tensor) or objective.grad_fn is None:
+        raise ValueError("prepare(objective=...) must be the loss tensor your backward differentiates")
+    touched = {n for n in _walk(objective.grad_fn, set()) if not hasattr(n, "variable")}
+    return {name for name, risk in risks.items() if isinstance(risk, torch.Tensor) and risk.grad_fn is not None
+            and not _walk(risk.grad_fn, touched) & touched}
+
+
+# -- what the risks are measured along: options, directions, updates -----------------------------
 @dataclass
 class _Options:
     groups: object
@@ -225,310 +531,3 @@ def _step_update(tape: Tape, optimizer):
         raise ValueError("optimizer= is not supported under DeepSpeed (its optimizer steps flat partitions that "
                          "gefx.update cannot replay); pass the update as direction= instead")
     return _Named(tape, updates(optimizer))
-
-
-# -- a risk's pieces, fed parameter by parameter: feed(take) calls take(name, pieces), returns B --
-def _feeds(tape: Tape, risks, probe: bool = True) -> dict:
-    """name -> feed of each risk's per-sample pieces, streamed out of its backward when its turn
-    comes (``gefx.collect.collect_each``: no set of output gradients for the whole model is held)."""
-    return {name: partial(collect_each, tape, risk, what=f"risk {name!r}", probe=probe) for name, risk in risks.items()}
-
-
-def _held(tape: Tape, g: Grads):
-    """The feed of pieces at hand, in tape order."""
-    def feed(take) -> int:
-        for n in tape.params:
-            if g.pieces.get(n):
-                take(n, g.pieces[n])
-        return g.batch
-    return feed
-
-
-def _gathered(feed) -> Grads:
-    """All of a feed's pieces at once (a parameter's parts, each widened to the whole batch, merged)."""
-    pieces: dict = {}
-
-    def take(n, P, rows=None):
-        P = P if rows is None else [widened(p, rows) for p in P]
-        pieces[n] = merge(pieces[n] + P) if n in pieces else P
-    return Grads(pieces, feed(take))
-
-
-def _by_marginals(tape: Tape, g_obj, risks, opts: _Options, instances: bool) -> GEffect:
-    """Before the step, one process: each product by the cheaper of the ghost and dense forms,
-    the objective's aggregated gradient formed only where the dense form wins (or for its norm),
-    one parameter at a time; each risk streamed out of its backward, parameter by parameter (so,
-    where the dense form wins, that aggregate is formed once per risk: one GEMM per parameter and
-    extra risk, traded for holding no risk's output gradients beyond a layer's)."""
-    sq = {} if opts.norms else None
-    result = GEffect()
-    for name, feed in _feeds(tape, risks).items():
-        products = ByMarginals(tape, g_obj, instances, opts.direction, sq)
-        batch = feed(products.take)
-        obj_sq = group_sums(tape, products.objective_squares(), opts.groups, ()) if opts.norms else None
-        result[name] = report(tape, name, batch, products.values, opts.groups, opts.process_group, obj_sq,
-                              g_obj.batch if instances else None)
-    return result
-
-
-def _products(tape: Tape, held: list, mappings: list, squares: dict | None = None) -> list:
-    """out[j][k] = {name: [batch] <grad_i, mappings[j][name]>} for the pieces of `held[k]` (Grads),
-    parameter by parameter in tape order, each mapping's value read once for all the held
-    pieces and dropped before the next parameter (a lazy mapping thus holds one parameter at a
-    time; under torch.distributed every rank runs the same collectives in the same order).
-    `squares`: filled with ||mappings[0][name]||^2."""
-    out = [[{} for _ in held] for _ in mappings]
-    for n in tape.params:
-        for j, m in enumerate(mappings):
-            if m is None or n not in m:
-                continue
-            value = m[n]
-            if squares is not None and j == 0:
-                squares[n] = shards.sq_norm(value)
-            for k, v in enumerate(shards.contract_with([g.pieces.get(n) for g in held], value)):
-                if v is not None:
-                    out[j][k][n] = v
-            del value
-    return out
-
-
-class Prepared:
-    """Risks' per-sample gradient pieces, collected before a backward gefx does not run, to be
-    contracted with that backward's ``.grad`` afterwards: the online mode for training loops that
-    own their backward (a DeepSpeed engine's ``engine.backward``). See :func:`prepare`."""
-
-    def __init__(self, tape: Tape, risks: Mapping[str, torch.Tensor], groups, process_group, norms: bool,
-                 objective: torch.Tensor | None):
-        if not isinstance(risks, Mapping) or not risks:
-            raise TypeError("risks must be a non-empty dict name -> per-sample risk vector")
-        self.tape, self.opts = tape, _Options(groups, process_group, norms, None)
-        later = _untouched(tape, objective, risks)
-        # differentiated in .against(), streamed (their graphs kept until then): checked now
-        self.later = {name: risk for name, risk in risks.items() if name in later}
-        for name, risk in self.later.items():
-            _check_loss(risk, f"risk {name!r}", per_sample=True)
-            tape.graph.reach(risk, f"risk {name!r}")
-        # held until .against(): .grad does not exist yet (the probe reuses the loss's gradients)
-        self.pieces = {name: collect(tape, risk, per_sample=True, what=f"risk {name!r}")
-                       for name, risk in risks.items() if name not in later}
-        self.order = list(risks)
-
-    def against(self, grads: Mapping, *, optimizer=None, direction: Mapping | None = None) -> GEffect:
-        """The G-effects of the objective whose gradient `grads` is ({parameter or name: tensor},
-        e.g. ``{p: p.grad for p in model.parameters()}`` after the step's backward, or under DeepSpeed
-        and FSDP2 ``gefx.engine_grads(model)``: each rank's gradient shard, never gathered); with
-        `optimizer`, each risk's predicted change along its next update (from ``.grad``), or along
-        `direction`."""
-        if optimizer is not None and direction is not None:
-            raise ValueError("give optimizer= (its next update) or direction=, not both")
-        if self.later:
-            self.tape.check_open()  # the risks left for now are differentiated through the trace
-        opts = self.opts.along(_direction(self.tape, direction) if direction is not None
-                               else _step_update(self.tape, optimizer))
-        later = self.later
-        feeds = {**{name: _held(self.tape, g) for name, g in self.pieces.items()}, **_feeds(self.tape, later)}
-        try:
-            result = _against(self.tape, dense_gradients(self.tape, grads), feeds, opts)
-        except RuntimeError as exc:
-            if not later or "graph freed" not in str(exc):
-                raise
-            raise RuntimeError(f"the risks {sorted(later)} were left for .against() because the objective given to "
-                               "prepare(objective=...) does not reach their graphs, but the backward run since "
-                               "freed them: name the loss that backward differentiates") from exc
-        return GEffect({name: result[name] for name in self.order})
-
-
-def prepare(tape: Tape, risks: Mapping[str, torch.Tensor], *, groups="block", process_group=None,
-            norms: bool = False, objective: torch.Tensor | None = None) -> Prepared:
-    """Collect the risks' pieces now (inside the trace, before the step's backward frees the graph);
-    ``.against(grads)`` gives the G-effects against the step's own gradient later, the trace closed
-    or not. One partial backward per risk, none for the objective (as ``backward=True`` without the
-    reuse), and the step's backward untouched.
-
-    With `objective`, the loss your backward will differentiate: a risk whose graph that backward
-    does not touch (a forward of its own, e.g. the retain NLL under GA) is not collected now but
-    differentiated in ``.against``, streamed against the gradient (``g_effect``'s memory: no set of
-    its output gradients is held through your backward; its graph is kept until then, and
-    ``.against`` must then run inside the trace). Not under DeepSpeed ZeRO-3, whose partitioned
-    weights a backward after the engine's cannot use."""
-    return Prepared(tape, risks, groups, process_group, norms, objective)
-
-
-def _untouched(tape: Tape, objective, risks: Mapping) -> set:
-    """The risks whose autograd graph shares no node with the objective's but the parameters'
-    accumulators (so the objective's backward frees nothing they need)."""
-    if objective is None or any(hasattr(p, "ds_id") for p in tape.params.values()):
-        return set()
-    if not isinstance(objective, torch.Tensor) or objective.grad_fn is None:
-        raise ValueError("prepare(objective=...) must be the loss tensor your backward differentiates")
-    touched = {n for n in _walk(objective.grad_fn, set()) if not hasattr(n, "variable")}
-    return {name for name, risk in risks.items() if isinstance(risk, torch.Tensor) and risk.grad_fn is not None
-            and not _walk(risk.grad_fn, touched) & touched}
-
-
-def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optimizer, instances: bool) -> GEffect:
-    """g_effect with backward=True: the step's backward, then everything against its .grad."""
-    _check_loss(objective, "objective", per_sample=objective.dim() == 1)
-    for name, risk in risks.items():  # before the backward: a bad risk leaves .grad untouched
-        _check_loss(risk, f"risk {name!r}", per_sample=True)
-    if dist.group_size(opts.process_group) > 1:
-        dist.check_supported(tape.model)
-    if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in tape.params.values()):
-        raise ValueError("g_effect(backward=True) runs the step's loss.backward() itself, but under DeepSpeed the "
-                         "engine owns the backward: call gefx.prepare(tape, risks) before engine.backward(loss) "
-                         "and .against(gefx.engine_grads(model)) after it (or g_effect without backward=True "
-                         "before the step)")
-    tape.check_open()
-    zero = _no_earlier_gradient(tape, opts.process_group)
-    if zero is False:
-        # mid gradient accumulation: measured before the step, then the plain backward accumulates
-        # into the earlier gradients in place (online, they would wait aside as a second set)
-        result = _before_step(tape, objective, risks, opts, optimizer, instances)
-        objective.sum().backward(retain_graph=True)
-        return result
-    # every graph's coverage is checked before the step's backward touches .grad (and the objective's
-    # per-sample contract when its instances are asked for); each risk's per-sample probe runs after
-    # it, on the risk's turn: a risk with its own backward is probed by the two passes that are that
-    # backward (collect_each), a risk the step serves before its products are reported (made during
-    # the step's backward, or from its captured gradients); a refusal then restores .grad, as any
-    # error inside StepBackward does
-    obj_reach = check_graph(tape, objective, "objective") if instances else None
-    serving = Serving(tape, objective, risks, keep_all=instances)
-    reaches = {name: tape.graph.reach(risk, f"risk {name!r}") for name, risk in risks.items()}
-    step, sq = StepBackward(serving, zero), {} if opts.norms else None
-    live = {} if instances else _served_live(tape, serving, step, risks, reaches, sq, opts.direction, optimizer)
-    with step:
-        g_obj = pieces_from(tape, objective, serving.captured, per_sample=True, what="objective",
-                            users=obj_reach.calls) if instances else None
-        def feed_of(name, risk, take):  # when the risk's turn comes (see _against)
-            what = f"risk {name!r}"
-            if name in live and serving.reused(name):  # served during the backward, proved now
-                check_graph(tape, risk, what, reaches[name])
-                return live[name][1].close()
-            if not serving.reused(name):  # its own backward, streamed
-                serving.forgo(name)
-                return collect_each(tape, risk, take, what=what)
-            check_graph(tape, risk, what, reaches[name])
-            grads = serving.risk_grads(name)
-            return _held(tape, pieces_from(tape, risk, grads, per_sample=True, what=what,
-                                           users=reaches[name].calls))(take)
-
-        # the risks served by the step's gradients first: those are then released before the others run
-        order = sorted(risks, key=lambda name: not serving.reused(name))
-        feeds = {name: (lambda take, name=name: feed_of(name, risks[name], take)) for name in order}
-        opts = opts.along(_step_update(tape, optimizer))
-        result = _against(tape, dense_gradients(tape, step.grads), feeds, opts, g_obj,
-                          made={name: products for name, (products, _) in live.items()}, squares=sq)
-        return GEffect({name: result[name] for name in risks})
-
-
-def _no_earlier_gradient(tape: Tape, group) -> bool | None:
-    """Whether every counted parameter's ``.grad`` is None or zero; None (not decided here) under
-    torch.distributed or with sharded parameters, where the step keeps earlier gradients aside."""
-    if dist.group_size(group) > 1 or any(shards.layout(p) is not None for p in tape.params.values()):
-        return None
-    return _all_zero([p.grad for p in tape.params.values() if p.grad is not None])
-
-
-def _served_live(tape: Tape, serving: Serving, step: StepBackward, risks, reaches: dict, squares,
-                 direction=None, optimizer=None) -> dict:
-    """{name: (products, feed)} for the risks the step may serve (one process, no sharded
-    parameter): served while the step's backward runs, each layer's rescaled gradients turned into
-    pieces and contracted with ``.grad`` as soon as the backward has finished that parameter's,
-    then dropped: no set of output gradients is held for them. Their products are reported only
-    after the risk's per-sample probe has passed (on its first use: two partial backwards after
-    the step's), so a refusal still leaves no number out. Along `direction` too, or with
-    `optimizer` along its update, each parameter's formed from its finished ``.grad`` (closed
-    forms only)."""
-    if dist.group_size() > 1 or any(shards.layout(p) is not None for p in tape.params.values()):
-        return {}
-    if optimizer is not None:
-        deltas = updates_as_they_come(optimizer)
-        if deltas is None:
-            return {}
-        direction = _Named(tape, deltas)
-    live = {}
-    for name, risk in risks.items():
-        if not serving.may_serve(name):
-            continue
-        products = Against(tape, _GradNow(tape), None, direction, squares)
-
-        def take(n, P, rows=None, products=products):
-            step.when_final(n, partial(products.take, n, P, rows))
-        feed = follow(tape, risk, reaches[name], take, what=f"risk {name!r}")
-        serving.stream(name, feed.arrived_at)
-        live[name] = (products, feed)
-    return live
-
-
-class _GradNow(Mapping):
-    """{name: .grad as it is now} for the counted parameters that have one."""
-
-    def __init__(self, tape: Tape):
-        self.params = tape.params
-
-    def __getitem__(self, name):
-        g = self.params[name].grad
-        if g is None:
-            raise KeyError(name)
-        return g.detach()
-
-    def __contains__(self, name) -> bool:
-        return name in self.params and self.params[name].grad is not None
-
-    def __iter__(self):
-        return (n for n, p in self.params.items() if p.grad is not None)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-def _against(tape: Tape, m_obj: Mapping, feeds: dict, opts: _Options, g_obj=None, *, made: dict | None = None,
-             squares: dict | None = None) -> GEffect:
-    """G-effects against the objective's aggregated gradient given densely (per parameter name;
-    under torch.distributed already summed over the ranks; sharded parameters as shards.Sharded;
-    possibly formed when read), for the risks' pieces (name -> feed: see ``_feeds``); with `g_obj`,
-    the objective's per-sample pieces, the PG-effect too. One risk at a time, each parameter's
-    products as its pieces come, against a gradient at hand (``.grad``); all risks' pieces held
-    together where reading the gradient costs (an aggregate formed per read, collectives under
-    torch.distributed): see ``_together``."""
-    if dist.group_size(opts.process_group) > 1 or isinstance(m_obj, Aggregates):
-        return _together(tape, m_obj, feeds, opts, g_obj)
-    sq = squares if squares is not None or not opts.norms else {}
-    made = made or {}
-    result = GEffect()
-    for name in list(feeds):
-        feed = feeds.pop(name)  # what it holds goes with it
-        products = made.pop(name, None) or Against(tape, m_obj, g_obj, opts.direction, sq)
-        batch = feed(products.take)
-        obj_sq = group_sums(tape, products.objective_squares(), opts.groups, ()) if opts.norms else None
-        result[name] = report(tape, name, batch, products.values, opts.groups, opts.process_group, obj_sq,
-                              None if g_obj is None else g_obj.batch)
-    return result
-
-
-def _together(tape: Tape, m_obj: Mapping, feeds: dict, opts: _Options, g_obj=None) -> GEffect:
-    """``_against`` with every risk's pieces held at once, each value of `m_obj` read once for all
-    (in tape order: under torch.distributed every rank runs the same collectives in the same order)."""
-    held = {name: _gathered(feed) for name, feed in feeds.items()}
-    sq = {} if opts.norms else None
-    rows, preds = _products(tape, list(held.values()), [m_obj, opts.direction], sq)
-    obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
-    result = GEffect()
-    for (name, g), r, pred in zip(held.items(), rows, preds):
-        v = Values(r, None if g_obj is None else _instances(tape, g_obj, g, opts.process_group),
-                    pred if opts.direction is not None else None,
-                    {n: self_norms(P) for n, P in g.pieces.items()} if opts.norms else None)
-        result[name] = report(tape, name, g.batch, v, opts.groups, opts.process_group, obj_sq,
-                              None if g_obj is None else g_obj.batch)
-    return result
-
-
-def _instances(tape: Tape, g_obj, g_risk, group) -> dict:
-    """{name: [B_obj] <grad l_s, grad R>} per parameter: one process, by the cheaper of the ghost
-    and dense forms; under torch.distributed against the risk's aggregated gradient, summed over
-    the ranks (formed and dropped one parameter at a time)."""
-    if dist.group_size(group) > 1:
-        return _products(tape, [g_obj], [aggregated(tape, g_risk, group)])[0][0]
-    return {n: marginals(Q, g_risk.pieces[n], dist.shape(tape.params[n]), need_cols=False)[0]
-            for n, Q in g_obj.pieces.items() if g_risk.pieces.get(n)}

@@ -65,13 +65,15 @@ def forget() -> None:
 
 @dataclass
 class Reach:
-    """The recorded calls whose forwards use the counted parameters the loss reaches (in tape
-    order: only their output gradients are needed), the calls the loss reaches first (its heads)
-    and the structure of its graph."""
+    """A loss proved covered, (a): the recorded calls whose forwards use the counted parameters it
+    reaches (in tape order: only their output gradients are needed), the calls it reaches first
+    (its heads), the structure of its graph, and the loss itself with the name errors give it."""
 
     calls: list
     heads: set = field(default_factory=set)
     signature: int = 0
+    loss: torch.Tensor | None = field(default=None, repr=False)
+    what: str = "the loss"
 
     def slots(self) -> list:
         """(call, output index, edge to differentiate at) for every output of the reached calls."""
@@ -143,6 +145,45 @@ def per_row(tape, call, values: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     shape[dim] = n
     return values.repeat_interleave(n // values.shape[0]).view(shape)
 
+def prove(tape, loss, what: str, per_sample: bool = True) -> Reach:
+    """Stage 2's entry for one loss (docs/ARCHITECTURE.md): a finite floating-point tensor that
+    depends on the trace (a per-sample vector [B] where `per_sample`), covered, (a). Returns its
+    :class:`Reach`, what the later stages take; the per-sample probe, (c), runs inside the loss's
+    own backward (:func:`probe`, called by ``gefx.collect``) or, online, before its pieces are used."""
+    tape.check_open()
+    check_loss(loss, what, per_sample)
+    if not tape.calls:
+        raise ValueError("nothing was recorded: run the model's forward inside the gefx.trace block")
+    reach = tape.graph.reach(loss, what)
+    if not reach.calls:
+        raise ValueError(f"{what} does not depend on any forward traced by this gefx.trace "
+                         "(or on none of its counted parameters)")
+    return reach
+
+
+def check_loss(loss, what: str, per_sample: bool) -> torch.Tensor:
+    """A loss gefx can differentiate: a floating tensor, finite, requiring grad; per sample a vector."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(loss).__name__}")
+    if per_sample and loss.dim() != 1:
+        raise ValueError(f"{what} must be a per-sample vector [B] (entry k depending only on batch "
+                         f"row k), got a tensor of shape {tuple(loss.shape)}"
+                         + ("; a scalar loss has no per-sample split" if loss.dim() == 0 else ""))
+    if not per_sample and loss.dim() not in (0, 1):
+        raise ValueError(f"{what} must be a scalar or a per-sample vector, got shape {tuple(loss.shape)}")
+    if not loss.is_floating_point():
+        raise TypeError(f"{what} must be floating point, got {loss.dtype}")
+    bad = ~torch.isfinite(loss.detach())
+    if bad.any():
+        kind = "NaN" if torch.isnan(loss.detach()).any() else "inf"
+        where = bad.nonzero().flatten().tolist()[:8] if loss.dim() else []
+        raise ValueError(f"{what} contains {kind}" + (f" at entries {where}" if where else ""))
+    if not loss.requires_grad:
+        raise ValueError(f"{what} does not depend on the traced forward (it does not require grad; "
+                         "was it computed under torch.no_grad or from detached outputs?)")
+    return loss
+
+
 class Graph:
     """The coverage check of one trace, (a) of the module docstring: which recorded calls a loss
     reaches and that they account for every counted parameter it reaches."""
@@ -209,7 +250,7 @@ class Graph:
                           [name for name, _ in problems])
         order = {c: k for k, c in enumerate(tape.calls)}
         sig += sorted((order[c], id(c.module), c.module.training) for c in users)
-        return Reach(sorted(users, key=order.__getitem__), heads, hash(tuple(sig)))
+        return Reach(sorted(users, key=order.__getitem__), heads, hash(tuple(sig)), loss, what)
 
 
 class Attribution:
@@ -331,16 +372,16 @@ class Attribution:
 
 
 # -- (c) the per-sample probe ---------------------------------------------------------------------
-def probe(tape, loss: torch.Tensor, reach: Reach, slots: list, grads: list | None, what: str,
-          also: tuple | None = None) -> bool:
-    """Check that loss entry i depends only on the rows of sample i of every reached recorded
-    output. `slots` are ``reach.slots()`` and `grads` the gradient of ``loss.sum()`` at each
-    output (None: computed here). The check runs two backward passes, of the loss's entries
+def probe(tape, reach: Reach, grads: list | None = None, also: tuple | None = None) -> bool:
+    """Check that entry i of the proved loss depends only on the rows of sample i of every
+    reached recorded output. `grads` are the gradient of ``loss.sum()`` at each of
+    ``reach.slots()`` (None: computed here). The check runs two backward passes, of the loss's entries
     on a random part S of the samples and on the rest, whose gradients sum to the loss's:
     with `also` = (visit_s, visit_rest) (and no `grads`), each pass's gradient at slot j is
     also handed to ``visit(j, g)`` as it comes (``gefx.collect.collect_each`` uses them instead
     of a backward of its own). Returns whether the passes ran (not when the structure was
     probed before)."""
+    loss, what, slots = reach.loss, reach.what, reach.slots()
     samples = loss.shape[0]
     done = PROBED.setdefault(tape.model, set())
     want = tape.check == "full" or reach.signature not in done

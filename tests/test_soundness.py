@@ -353,9 +353,9 @@ def test_full_check_probes_every_loss(monkeypatch):
     calls = []
     real = gefx.soundness.probe
 
-    def spy(tape, loss, reach, *rest, **kw):
+    def spy(tape, reach, *rest, **kw):
         calls.append(tape.check == "full" or reach.signature not in gefx.soundness.PROBED.get(model, ()))
-        return real(tape, loss, reach, *rest, **kw)
+        return real(tape, reach, *rest, **kw)
     monkeypatch.setattr(gefx.soundness, "probe", spy)
     for check in ("auto", "full"):
         with gefx.trace(model, check=check) as tape:
