@@ -14,6 +14,7 @@ backward keeps); with ``collect_each`` a layer's at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch.utils._pytree import tree_map
@@ -132,10 +133,13 @@ def collect_each(tape: Tape, reach: Reach, take, *, probe: bool = True) -> int:
         # on first use the per-sample probe's two passes (the loss's entries on a part of the
         # samples, then on the rest) are the backward: pieces are linear in the output gradients,
         # and each sample's come whole from one pass, zeros from the other
-        part = soundness.partition(loss.shape[0], loss.device)
-        feeds = [_Feed(tape, reach.calls, loss.shape[0], what, take, rows) for rows in (part, ~part)]
+        feeds: list = []
+
+        def split(part):  # each probe pass brings the pieces of its own part of the samples
+            feeds.extend(_Feed(tape, reach.calls, loss.shape[0], what, take, rows) for rows in (part, ~part))
+            return feeds[0].arrived, feeds[1].arrived
         try:
-            if not (probe and soundness.probe(tape, reach, also=(feeds[0].arrived, feeds[1].arrived))):
+            if not (probe and soundness.probe(tape, reach, split=split)):
                 feeds = [_Feed(tape, reach.calls, loss.shape[0], what, take)]
                 stream(loss.sum(), reach.slots(), feeds[0].arrived)
         except RuntimeError as exc:
@@ -150,7 +154,7 @@ def collect_each(tape: Tape, reach: Reach, take, *, probe: bool = True) -> int:
 
 def follow(tape: Tape, reach: Reach, take) -> "_Feed":
     """A feed for the proved per-sample loss's gradients at its recorded outputs as another
-    backward brings them (the step's, rescaled: ``gefx.step.Serving.stream``): ``feed.arrived_at(call, k,
+    backward brings them (the step's, rescaled: ``gefx.step.Serving.serve``): ``feed.arrived_at(call, k,
     g)`` for each, ``take(name, pieces)`` for each parameter as soon as its pieces are complete,
     ``feed.close()`` once that backward is over (returns the number of samples). The per-sample
     probe (``probed``) is the caller's, before what the feed gives is used."""
@@ -158,6 +162,43 @@ def follow(tape: Tape, reach: Reach, take) -> "_Feed":
     for call in reach.calls:  # verified now, so that the pieces can be formed inside the backward
         checked_rule(tape, call)
     return _Feed(tape, reach.calls, reach.loss.shape[0], reach.what, take)
+
+
+# -- the feeds of a measurement's risks: feed(take) calls take(name, pieces) per parameter, returns B --
+def streamed(tape: Tape, proofs: dict) -> dict:
+    """name -> feed of each proved per-sample loss's pieces, streamed out of its own backward when
+    its turn comes (:func:`collect_each`: no set of output gradients for the whole model is held)."""
+    return {name: partial(collect_each, tape, reach) for name, reach in proofs.items()}
+
+
+def after_step(tape: Tape, serving, proofs: dict, live: dict) -> dict:
+    """name -> feed of each proved risk's pieces after the step's backward (`serving`:
+    ``gefx.step.Serving``), the risks the step served first (their gradients are then released
+    before the others run): a risk served live has had its products made during the backward
+    (`live`: name -> its feed, which only closes), a risk served from captured gradients makes its
+    pieces from them, the others stream out of their own backward. A served risk is probed here,
+    before its products are reported."""
+    def feed(name: str, reach: Reach, take) -> int:
+        if not serving.reused(name):
+            serving.forgo(name)
+            return collect_each(tape, reach, take)
+        probed(tape, reach)
+        if name in live:
+            return live[name].close()
+        return held(tape, pieces_from(tape, reach, serving.risk_grads(name), per_sample=True))(take)
+
+    order = sorted(proofs, key=lambda name: not serving.reused(name))
+    return {name: partial(feed, name, proofs[name]) for name in order}
+
+
+def held(tape: Tape, g: Grads):
+    """The feed of pieces at hand, in tape order."""
+    def feed(take) -> int:
+        for n in tape.params:
+            if g.pieces.get(n):
+                take(n, g.pieces[n])
+        return g.batch
+    return feed
 
 
 class _Feed:

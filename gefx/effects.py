@@ -234,3 +234,14 @@ def report(tape, name: str, batch: int, values, groups, process_group, obj_sq=No
         out["risk_norm_group"] = out["risk_norm_group"].clamp(min=0).sqrt()
     obj_norm = None if obj_sq is None else torch.stack([obj_sq[g] for g in names]).clamp(min=0).sqrt()
     return RiskEffect(name, names, objective_norm_group=obj_norm, **out)
+
+
+def reported(tape, measured: dict, groups, process_group, obj_batch: int | None = None) -> "GEffect":
+    """Stage 5 for every risk, in order: name -> (batch, products, the objective's squared norm
+    per parameter or None), as stage 4 gives them (``gefx.products.against``), made into a
+    :class:`GEffect` (under torch.distributed every rank reports the same risks in the same order)."""
+    result = GEffect()
+    for name, (batch, values, obj_sq) in measured.items():
+        grouped = None if obj_sq is None else group_sums(tape, obj_sq, groups, ())
+        result[name] = report(tape, name, batch, values, groups, process_group, grouped, obj_batch)
+    return result

@@ -20,21 +20,19 @@ these divided by B (``gefx.losses.token_mean_nll`` gives the reference code's to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Mapping
 
 import torch
 
 from . import dist, shards
-from .collect import Grads, collect, collect_each, follow, pieces_from, probed
-from .effects import GEffect, report
-from .groups import group_sums
-from .pieces import merge, widened
-from .products import Against, Aggregates, ByMarginals, Values, aggregated, dense_gradients, marginals, self_norms
-from .soundness import check_loss, prove
+from .collect import after_step, collect, held, pieces_from, probed, streamed
+from .effects import GEffect, reported
+from .products import Against, ByMarginals, against, aggregated, contracted, dense_gradients
+from .soundness import check_loss, prove, prove_all
 from .step import Serving, StepBackward, _all_zero, _walk
 from .tape import Tape
 from .update import updates, updates_as_they_come
+
 
 def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups="block", process_group=None,
              backward: bool = False, optimizer=None, direction: Mapping | None = None,
@@ -131,68 +129,86 @@ def g_effect(tape: Tape, objective, risks: Mapping[str, torch.Tensor], *, groups
             raise ValueError("backward=True needs the objective as a tensor (the loss to backpropagate), "
                              "not a mapping of gradients")
         m_obj = dense_gradients(tape, objective)
-        return _against(tape, m_obj, _own_backwards(tape, _proved(tape, risks)),
-                        opts.along(_pending_update(tape, optimizer, m_obj)))
+        opts = opts.along(_pending_update(tape, optimizer, m_obj))
+        measured = against(tape, m_obj, streamed(tape, prove_all(tape, risks)), direction=opts.direction,
+                           squares=opts.squares(), group=opts.process_group)
+        return reported(tape, measured, opts.groups, opts.process_group)
     if not isinstance(objective, torch.Tensor) or objective.dim() > 1:
         raise ValueError("objective must be a scalar tensor or a per-sample vector [B]; got "
                          + (f"shape {tuple(objective.shape)}" if isinstance(objective, torch.Tensor)
                             else type(objective).__name__))
-    if backward:
-        return _with_step(tape, objective, risks, opts, optimizer, objective_instances)
-    return _before_step(tape, objective, _proved(tape, risks), opts, optimizer, objective_instances)
+    if not backward:
+        return _before_step(tape, objective, prove_all(tape, risks), opts, optimizer, objective_instances)
+    _can_step(tape, objective, opts.process_group)
+    proofs = prove_all(tape, risks)  # before the backward: a bad risk leaves .grad untouched
+    zero = _no_earlier_gradient(tape, opts.process_group)
+    if zero is not False:
+        return _with_step(tape, objective, proofs, opts, optimizer, objective_instances, zero)
+    # mid gradient accumulation: measured before the step, then the plain backward accumulates into
+    # the earlier gradients in place (online, they would wait aside as a second set)
+    result = _before_step(tape, objective, proofs, opts, optimizer, objective_instances)
+    objective.sum().backward(retain_graph=True)
+    return result
 
 
-# -- the modes: before the step, with the step's backward ---------------------------------------
+# -- the modes: what the risks are contracted against, and whether the step's backward runs ------
 def _before_step(tape: Tape, objective: torch.Tensor, proofs: dict, opts: "_Options", optimizer,
                  instances: bool) -> GEffect:
     """g_effect without backward=True: against the objective's gradient formed from its pieces."""
     # the objective's pieces: per sample only where its instances are asked for (else its sum)
     g_obj = collect(tape, objective, per_sample=instances, what="objective")
+    obj_batch = g_obj.batch if instances else None
     if dist.group_size(opts.process_group) > 1:  # (optimizer= is refused there before the step)
         dist.check_supported(tape.model)
-        return _against(tape, aggregated(tape, g_obj, opts.process_group), _own_backwards(tape, proofs), opts,
-                        g_obj if instances else None)
+        measured = against(tape, aggregated(tape, g_obj, opts.process_group), streamed(tape, proofs),
+                           direction=opts.direction, squares=opts.squares(), g_obj=g_obj if instances else None,
+                           group=opts.process_group)
+        return reported(tape, measured, opts.groups, opts.process_group, obj_batch)
     if optimizer is not None:
         # the update, from .grad plus the objective's aggregate, formed per parameter as each risk
         # reads it (an aggregate per parameter and risk) instead of holding every risk's pieces
         opts = opts.along(_pending_update(tape, optimizer, aggregated(tape, g_obj, opts.process_group)))
-    sq = {} if opts.norms else None
-    return _contracted(tape, _own_backwards(tape, proofs), opts, g_obj.batch if instances else None,
-                       lambda: ByMarginals(tape, g_obj, instances, opts.direction, sq))
+    sq = opts.squares()
+    measured = contracted(streamed(tape, proofs), lambda: ByMarginals(tape, g_obj, instances, opts.direction, sq))
+    return reported(tape, measured, opts.groups, opts.process_group, obj_batch)
 
 
-def _with_step(tape: Tape, objective: torch.Tensor, risks, opts: _Options, optimizer, instances: bool) -> GEffect:
-    """g_effect with backward=True: the step's backward, then everything against its .grad."""
+def _with_step(tape: Tape, objective: torch.Tensor, proofs: dict, opts: "_Options", optimizer, instances: bool,
+               zero: bool | None) -> GEffect:
+    """g_effect with backward=True (no earlier gradient, or several processes or sharded
+    parameters: `zero` None): the step's backward, serving the risks it can, then everything
+    against its .grad."""
+    # every risk's coverage is proved before the step's backward touches .grad (and the objective's
+    # per-sample contract probed when its instances are asked for); each risk's per-sample probe
+    # runs after it, on the risk's turn (gefx.collect.after_step); a refusal then restores .grad,
+    # as any error inside StepBackward does
+    sq = opts.squares()
+    products_for = None if instances else _live_products(tape, sq, opts.direction, optimizer)
+    obj_reach = probed(tape, prove(tape, objective, "objective")) if instances else None
+    serving = Serving(tape, objective, {name: reach.loss for name, reach in proofs.items()}, keep_all=instances)
+    step = StepBackward(serving, zero)
+    live = {} if products_for is None else serving.serve(step, proofs, products_for)
+    with step:
+        g_obj = pieces_from(tape, obj_reach, serving.captured, per_sample=True) if instances else None
+        opts = opts.along(_step_update(tape, optimizer))
+        feeds = after_step(tape, serving, proofs, {name: feed for name, (_, feed) in live.items()})
+        measured = against(tape, dense_gradients(tape, step.grads), feeds, direction=opts.direction, squares=sq,
+                           g_obj=g_obj, group=opts.process_group,
+                           made={name: products for name, (products, _) in live.items()})
+        return reported(tape, {name: measured[name] for name in proofs}, opts.groups, opts.process_group,
+                        None if g_obj is None else g_obj.batch)
+
+
+def _can_step(tape: Tape, objective: torch.Tensor, group) -> None:
+    """What g_effect(backward=True) needs before it may touch .grad (besides proved risks)."""
     check_loss(objective, "objective", per_sample=objective.dim() == 1)
-    if dist.group_size(opts.process_group) > 1:
+    if dist.group_size(group) > 1:
         dist.check_supported(tape.model)
     if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in tape.params.values()):
         raise ValueError("g_effect(backward=True) runs the step's loss.backward() itself, but under DeepSpeed the "
                          "engine owns the backward: call gefx.prepare(tape, risks) before engine.backward(loss) "
                          "and .against(gefx.engine_grads(model)) after it (or g_effect without backward=True "
                          "before the step)")
-    proofs = _proved(tape, risks)  # before the backward: a bad risk leaves .grad untouched
-    zero = _no_earlier_gradient(tape, opts.process_group)
-    if zero is False:
-        # mid gradient accumulation: measured before the step, then the plain backward accumulates
-        # into the earlier gradients in place (online, they would wait aside as a second set)
-        result = _before_step(tape, objective, proofs, opts, optimizer, instances)
-        objective.sum().backward(retain_graph=True)
-        return result
-    # every graph's coverage is proved before the step's backward touches .grad (and the objective's
-    # per-sample contract probed when its instances are asked for); each risk's per-sample probe
-    # runs after it, on the risk's turn (_step_feeds); a refusal then restores .grad, as any error
-    # inside StepBackward does
-    obj_reach = probed(tape, prove(tape, objective, "objective")) if instances else None
-    serving = Serving(tape, objective, risks, keep_all=instances)
-    step, sq = StepBackward(serving, zero), {} if opts.norms else None
-    live = {} if instances else _served_live(tape, serving, step, proofs, sq, opts.direction, optimizer)
-    with step:
-        g_obj = pieces_from(tape, obj_reach, serving.captured, per_sample=True) if instances else None
-        opts = opts.along(_step_update(tape, optimizer))
-        result = _against(tape, dense_gradients(tape, step.grads), _step_feeds(tape, serving, proofs, live), opts,
-                          g_obj, made={name: products for name, (products, _) in live.items()}, squares=sq)
-        return GEffect({name: result[name] for name in risks})
 
 
 def _no_earlier_gradient(tape: Tape, group) -> bool | None:
@@ -203,68 +219,20 @@ def _no_earlier_gradient(tape: Tape, group) -> bool | None:
     return _all_zero([p.grad for p in tape.params.values() if p.grad is not None])
 
 
-# -- stage 2, prove: each risk once, before anything is contracted ----------------------------
-def _proved(tape: Tape, risks: Mapping) -> dict:
-    """Stage 2 for every risk at once (before anything is contracted or any backward touches .grad):
-    name -> its :class:`gefx.soundness.Reach`, what the later stages take."""
-    return {name: prove(tape, risk, f"risk {name!r}") for name, risk in risks.items()}
-
-
-# -- stage 3, pieces: a risk's feed(take) calls take(name, pieces) per parameter, returns B ------
-def _own_backwards(tape: Tape, proofs: dict) -> dict:
-    """name -> feed of each proved risk's per-sample pieces, streamed out of its backward when its
-    turn comes (``gefx.collect.collect_each``: no set of output gradients for the whole model is held)."""
-    return {name: partial(collect_each, tape, reach) for name, reach in proofs.items()}
-
-
-def _step_feeds(tape: Tape, serving: Serving, proofs: dict, live: dict) -> dict:
-    """name -> feed of each proved risk's pieces after the step's backward, the risks the step
-    served first (their gradients are then released before the others run): a risk served live
-    has had its products made during the backward (``_served_live``: the feed only closes them), a
-    risk served from captured gradients makes its pieces from them, the others stream out of their
-    own backward. A served risk is probed here, before its products are reported."""
-    def feed(name: str, reach, take) -> int:
-        if not serving.reused(name):
-            serving.forgo(name)
-            return collect_each(tape, reach, take)
-        probed(tape, reach)
-        if name in live:
-            return live[name][1].close()
-        return _held(tape, pieces_from(tape, reach, serving.risk_grads(name), per_sample=True))(take)
-
-    order = sorted(proofs, key=lambda name: not serving.reused(name))
-    return {name: partial(feed, name, proofs[name]) for name in order}
-
-
-def _served_live(tape: Tape, serving: Serving, step: StepBackward, proofs: dict, squares,
-                 direction=None, optimizer=None) -> dict:
-    """{name: (products, feed)} for the risks the step may serve (one process, no sharded
-    parameter): served while the step's backward runs, each layer's rescaled gradients turned into
-    pieces and contracted with ``.grad`` as soon as the backward has finished that parameter's,
-    then dropped: no set of output gradients is held for them. Their products are reported only
-    after the risk's per-sample probe has passed (on its first use: two partial backwards after
-    the step's), so a refusal still leaves no number out. Along `direction` too, or with
-    `optimizer` along its update, each parameter's formed from its finished ``.grad`` (closed
-    forms only)."""
+def _live_products(tape: Tape, squares, direction, optimizer):
+    """What a risk the step serves is contracted into as the step's backward finishes each
+    ``.grad`` (``Serving.serve``): ``Against`` the ``.grad`` at hand, along `direction`, or with
+    `optimizer` along its update, each parameter's formed from its finished ``.grad``. None (no
+    risk is served live: the step captures what serves) under torch.distributed, with sharded
+    parameters, or for an optimizer without a closed form."""
     if dist.group_size() > 1 or any(shards.layout(p) is not None for p in tape.params.values()):
-        return {}
+        return None
     if optimizer is not None:
         deltas = updates_as_they_come(optimizer)
         if deltas is None:
-            return {}
+            return None
         direction = _Named(tape, deltas)
-    live = {}
-    for name, reach in proofs.items():
-        if not serving.may_serve(name):
-            continue
-        products = Against(tape, _GradNow(tape), None, direction, squares)
-
-        def take(n, P, rows=None, products=products):
-            step.when_final(n, partial(products.take, n, P, rows))
-        feed = follow(tape, reach, take)
-        serving.stream(name, feed.arrived_at)
-        live[name] = (products, feed)
-    return live
+    return lambda: Against(tape, _GradNow(tape), None, direction, squares)
 
 
 class _GradNow(Mapping):
@@ -289,106 +257,6 @@ class _GradNow(Mapping):
         return sum(1 for _ in self)
 
 
-def _held(tape: Tape, g: Grads):
-    """The feed of pieces at hand, in tape order."""
-    def feed(take) -> int:
-        for n in tape.params:
-            if g.pieces.get(n):
-                take(n, g.pieces[n])
-        return g.batch
-    return feed
-
-
-def _gathered(feed) -> Grads:
-    """All of a feed's pieces at once (a parameter's parts, each widened to the whole batch, merged)."""
-    pieces: dict = {}
-
-    def take(n, P, rows=None):
-        P = P if rows is None else [widened(p, rows) for p in P]
-        pieces[n] = merge(pieces[n] + P) if n in pieces else P
-    return Grads(pieces, feed(take))
-
-
-# -- stages 4 and 5, contract and report -------------------------------------------------------
-def _against(tape: Tape, m_obj: Mapping, feeds: dict, opts: _Options, g_obj=None, *, made: dict | None = None,
-             squares: dict | None = None) -> GEffect:
-    """G-effects against the objective's aggregated gradient given densely (per parameter name;
-    under torch.distributed already summed over the ranks; sharded parameters as shards.Sharded;
-    possibly formed when read), for the risks' pieces (name -> feed: see ``_own_backwards``); with
-    `g_obj`, the objective's per-sample pieces, the PG-effect too. One risk at a time, each
-    parameter's products as its pieces come, against a gradient at hand (``.grad``); all risks'
-    pieces held together where reading the gradient costs (an aggregate formed per read,
-    collectives under torch.distributed): see ``_together``."""
-    if dist.group_size(opts.process_group) > 1 or isinstance(m_obj, Aggregates):
-        return _together(tape, m_obj, feeds, opts, g_obj)
-    sq = squares if squares is not None or not opts.norms else {}
-    return _contracted(tape, feeds, opts, None if g_obj is None else g_obj.batch,
-                       lambda: Against(tape, m_obj, g_obj, opts.direction, sq), made)
-
-
-def _contracted(tape: Tape, feeds: dict, opts: _Options, obj_batch: int | None, products_for, made=None) -> GEffect:
-    """Stages 4 and 5, one risk at a time: its feed (stage 3) runs into fresh products
-    (``products_for()``, or those `made` for it during the step's backward) as its pieces come,
-    and the products are reported (``gefx.effects.report``) before the next risk's backward."""
-    made = made or {}
-    result = GEffect()
-    for name in list(feeds):
-        feed = feeds.pop(name)  # what it holds goes with it
-        products = made.pop(name, None) or products_for()
-        batch = feed(products.take)
-        obj_sq = group_sums(tape, products.objective_squares(), opts.groups, ()) if opts.norms else None
-        result[name] = report(tape, name, batch, products.values, opts.groups, opts.process_group, obj_sq, obj_batch)
-    return result
-
-
-def _together(tape: Tape, m_obj: Mapping, feeds: dict, opts: _Options, g_obj=None) -> GEffect:
-    """``_against`` with every risk's pieces held at once, each value of `m_obj` read once for all
-    (in tape order: under torch.distributed every rank runs the same collectives in the same order)."""
-    held = {name: _gathered(feed) for name, feed in feeds.items()}
-    sq = {} if opts.norms else None
-    rows, preds = _products(tape, list(held.values()), [m_obj, opts.direction], sq)
-    obj_sq = group_sums(tape, sq, opts.groups, ()) if opts.norms else None
-    result = GEffect()
-    for (name, g), r, pred in zip(held.items(), rows, preds):
-        v = Values(r, None if g_obj is None else _instances(tape, g_obj, g, opts.process_group),
-                    pred if opts.direction is not None else None,
-                    {n: self_norms(P) for n, P in g.pieces.items()} if opts.norms else None)
-        result[name] = report(tape, name, g.batch, v, opts.groups, opts.process_group, obj_sq,
-                              None if g_obj is None else g_obj.batch)
-    return result
-
-
-def _products(tape: Tape, held: list, mappings: list, squares: dict | None = None) -> list:
-    """out[j][k] = {name: [batch] <grad_i, mappings[j][name]>} for the pieces of `held[k]` (Grads),
-    parameter by parameter in tape order, each mapping's value read once for all the held
-    pieces and dropped before the next parameter (a lazy mapping thus holds one parameter at a
-    time; under torch.distributed every rank runs the same collectives in the same order).
-    `squares`: filled with ||mappings[0][name]||^2."""
-    out = [[{} for _ in held] for _ in mappings]
-    for n in tape.params:
-        for j, m in enumerate(mappings):
-            if m is None or n not in m:
-                continue
-            value = m[n]
-            if squares is not None and j == 0:
-                squares[n] = shards.sq_norm(value)
-            for k, v in enumerate(shards.contract_with([g.pieces.get(n) for g in held], value)):
-                if v is not None:
-                    out[j][k][n] = v
-            del value
-    return out
-
-
-def _instances(tape: Tape, g_obj, g_risk, group) -> dict:
-    """{name: [B_obj] <grad l_s, grad R>} per parameter: one process, by the cheaper of the ghost
-    and dense forms; under torch.distributed against the risk's aggregated gradient, summed over
-    the ranks (formed and dropped one parameter at a time)."""
-    if dist.group_size(group) > 1:
-        return _products(tape, [g_obj], [aggregated(tape, g_risk, group)])[0][0]
-    return {n: marginals(Q, g_risk.pieces[n], dist.shape(tape.params[n]), need_cols=False)[0]
-            for n, Q in g_obj.pieces.items() if g_risk.pieces.get(n)}
-
-
 # -- prepare: pieces now, contracted against a backward gefx does not run -------------------------
 class Prepared:
     """Risks' per-sample gradient pieces, collected before a backward gefx does not run, to be
@@ -402,7 +270,7 @@ class Prepared:
         self.tape, self.opts = tape, _Options(groups, process_group, norms, None)
         later = _untouched(tape, objective, risks)
         # differentiated in .against(), streamed (their graphs kept until then): proved now
-        self.later = _proved(tape, {name: risk for name, risk in risks.items() if name in later})
+        self.later = prove_all(tape, {name: risk for name, risk in risks.items() if name in later})
         # held until .against(): .grad does not exist yet (the probe reuses the loss's gradients)
         self.pieces = {name: collect(tape, risk, per_sample=True, what=f"risk {name!r}")
                        for name, risk in risks.items() if name not in later}
@@ -421,16 +289,17 @@ class Prepared:
         opts = self.opts.along(_direction(self.tape, direction) if direction is not None
                                else _step_update(self.tape, optimizer))
         later = self.later
-        feeds = {**{name: _held(self.tape, g) for name, g in self.pieces.items()}, **_own_backwards(self.tape, later)}
+        feeds = {**{name: held(self.tape, g) for name, g in self.pieces.items()}, **streamed(self.tape, later)}
         try:
-            result = _against(self.tape, dense_gradients(self.tape, grads), feeds, opts)
+            measured = against(self.tape, dense_gradients(self.tape, grads), feeds, direction=opts.direction,
+                               squares=opts.squares(), group=opts.process_group)
         except RuntimeError as exc:
             if not later or "graph freed" not in str(exc):
                 raise
             raise RuntimeError(f"the risks {sorted(later)} were left for .against() because the objective given to "
                                "prepare(objective=...) does not reach their graphs, but the backward run since "
                                "freed them: name the loss that backward differentiates") from exc
-        return GEffect({name: result[name] for name in self.order})
+        return reported(self.tape, {name: measured[name] for name in self.order}, opts.groups, opts.process_group)
 
 
 def prepare(tape: Tape, risks: Mapping[str, torch.Tensor], *, groups="block", process_group=None,
@@ -471,6 +340,10 @@ class _Options:
 
     def along(self, direction) -> "_Options":
         return self if direction is None else _Options(self.groups, self.process_group, self.norms, direction)
+
+    def squares(self) -> dict | None:
+        """A fresh dict for the objective's squared norms where `norms` are asked (else None)."""
+        return {} if self.norms else None
 
 
 def _direction(tape: Tape, direction) -> dict[str, torch.Tensor] | None:

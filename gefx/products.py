@@ -10,6 +10,10 @@ each other and with dense gradients, never forming a per-sample gradient of a ma
     contract_all(P, m)     [Bp]      against dense gradients m ({name: tensor}: ``.grad``, an
                            update, an aggregate), sharded ones included (``gefx.shards``)
 
+and, for a measurement's risks, each risk's feed of pieces (``gefx.collect``) run into its products
+(``Against`` a dense gradient, ``ByMarginals`` the objective's pieces): :func:`against`,
+:func:`contracted` (one risk at a time), :func:`together` (every risk's pieces held at once).
+
 The engine's ops behind them (``gefx.ops``) run on the chosen backend (``gefx.backends``).
 Memory: the ghost forms use at most two Gram tiles of GEFX_TILE_MB MiB each (torch backend), the
 dense form one float32 tensor the size of the parameter.
@@ -25,7 +29,7 @@ import torch
 from . import dist, ops, shards
 from .backends import dispatch
 from .collect import Grads
-from .pieces import Factored, PerSample, Piece, column_blocks, contract, dense, dense_square, masked
+from .pieces import Factored, PerSample, Piece, column_blocks, contract, dense, dense_square, masked, merge, widened
 from .precision import acc_dtype, sq_sum
 from .tape import Tape
 
@@ -334,3 +338,90 @@ class ByMarginals(_Products):
             if n not in self.squares:
                 self.squares[n] = dense_square(Q, dist.shape(self.tape.params[n]))
         return self.squares
+
+
+# -- stage 4 for every risk: its feed (stage 3) run into its products ------------------------------
+def against(tape: Tape, m_obj: Mapping, feeds: dict, *, direction=None, squares: dict | None = None, g_obj=None,
+            group=None, made: dict | None = None) -> dict:
+    """name -> (batch, Values, the objective's squared norm per parameter or None) for each risk's
+    feed (name -> feed(take), ``gefx.collect``) against the objective's aggregated gradient given
+    densely (per parameter name; under torch.distributed already summed over the ranks; sharded
+    parameters as ``shards.Sharded``; possibly formed when read); with `g_obj`, the objective's
+    per-sample pieces, the PG-effect too; `squares` (a dict: norms asked) filled with the
+    objective's squared norms. One risk at a time (:func:`contracted`), against a gradient at hand
+    (``.grad``); every risk's pieces held at once where reading the gradient costs (an aggregate
+    formed per read, collectives under torch.distributed): :func:`together`."""
+    if dist.group_size(group) > 1 or isinstance(m_obj, Aggregates):
+        return together(tape, m_obj, feeds, direction=direction, squares=squares, g_obj=g_obj, group=group)
+    return contracted(feeds, lambda: Against(tape, m_obj, g_obj, direction, squares), made)
+
+
+def contracted(feeds: dict, products_for, made: dict | None = None) -> dict:
+    """One risk at a time: its feed run into fresh products (``products_for()``, or those `made`
+    for it during the step's backward) as its pieces come; what the feed holds is let go before
+    the next risk's backward. name -> (batch, Values, objective squares or None)."""
+    made = made or {}
+    out = {}
+    for name in list(feeds):
+        feed = feeds.pop(name)  # what it holds goes with it
+        products = made.pop(name, None) or products_for()
+        batch = feed(products.take)
+        out[name] = (batch, products.values, None if products.squares is None else products.objective_squares())
+    return out
+
+
+def together(tape: Tape, m_obj: Mapping, feeds: dict, *, direction=None, squares: dict | None = None, g_obj=None,
+             group=None) -> dict:
+    """:func:`against` with every risk's pieces held at once, each value of `m_obj` read once for
+    all (in tape order: under torch.distributed every rank runs the same collectives in the same
+    order)."""
+    held = {name: _gathered(feed) for name, feed in feeds.items()}
+    rows, preds = read_once(tape, list(held.values()), [m_obj, direction], squares)
+    out = {}
+    for (name, g), r, pred in zip(held.items(), rows, preds):
+        v = Values(r, None if g_obj is None else _instances(tape, g_obj, g, group),
+                   pred if direction is not None else None,
+                   {n: self_norms(P) for n, P in g.pieces.items()} if squares is not None else None)
+        out[name] = (g.batch, v, squares)
+    return out
+
+
+def _gathered(feed) -> Grads:
+    """All of a feed's pieces at once (a parameter's parts, each widened to the whole batch, merged)."""
+    pieces: dict = {}
+
+    def take(n, P, rows=None):
+        P = P if rows is None else [widened(p, rows) for p in P]
+        pieces[n] = merge(pieces[n] + P) if n in pieces else P
+    return Grads(pieces, feed(take))
+
+
+def read_once(tape: Tape, held: list, mappings: list, squares: dict | None = None) -> list:
+    """out[j][k] = {name: [batch] <grad_i, mappings[j][name]>} for the pieces of `held[k]` (Grads),
+    parameter by parameter in tape order, each mapping's value read once for all the held
+    pieces and dropped before the next parameter (a lazy mapping thus holds one parameter at a
+    time; under torch.distributed every rank runs the same collectives in the same order).
+    `squares`: filled with ||mappings[0][name]||^2."""
+    out = [[{} for _ in held] for _ in mappings]
+    for n in tape.params:
+        for j, m in enumerate(mappings):
+            if m is None or n not in m:
+                continue
+            value = m[n]
+            if squares is not None and j == 0:
+                squares[n] = shards.sq_norm(value)
+            for k, v in enumerate(shards.contract_with([g.pieces.get(n) for g in held], value)):
+                if v is not None:
+                    out[j][k][n] = v
+            del value
+    return out
+
+
+def _instances(tape: Tape, g_obj, g_risk, group) -> dict:
+    """{name: [B_obj] <grad l_s, grad R>} per parameter: one process, by the cheaper of the ghost
+    and dense forms; under torch.distributed against the risk's aggregated gradient, summed over
+    the ranks (formed and dropped one parameter at a time)."""
+    if dist.group_size(group) > 1:
+        return read_once(tape, [g_obj], [aggregated(tape, g_risk, group)])[0][0]
+    return {n: marginals(Q, g_risk.pieces[n], dist.shape(tape.params[n]), need_cols=False)[0]
+            for n, Q in g_obj.pieces.items() if g_risk.pieces.get(n)}

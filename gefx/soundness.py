@@ -161,6 +161,11 @@ def prove(tape, loss, what: str, per_sample: bool = True) -> Reach:
     return reach
 
 
+def prove_all(tape, risks) -> dict:
+    """Stage 2 for a measurement's risks (name -> per-sample vector): name -> its :class:`Reach`."""
+    return {name: prove(tape, risk, f"risk {name!r}") for name, risk in risks.items()}
+
+
 def check_loss(loss, what: str, per_sample: bool) -> torch.Tensor:
     """A loss gefx can differentiate: a floating tensor, finite, requiring grad; per sample a vector."""
     if not isinstance(loss, torch.Tensor):
@@ -372,15 +377,15 @@ class Attribution:
 
 
 # -- (c) the per-sample probe ---------------------------------------------------------------------
-def probe(tape, reach: Reach, grads: list | None = None, also: tuple | None = None) -> bool:
+def probe(tape, reach: Reach, grads: list | None = None, split=None) -> bool:
     """Check that entry i of the proved loss depends only on the rows of sample i of every
     reached recorded output. `grads` are the gradient of ``loss.sum()`` at each of
     ``reach.slots()`` (None: computed here). The check runs two backward passes, of the loss's entries
-    on a random part S of the samples and on the rest, whose gradients sum to the loss's:
-    with `also` = (visit_s, visit_rest) (and no `grads`), each pass's gradient at slot j is
-    also handed to ``visit(j, g)`` as it comes (``gefx.collect.collect_each`` uses them instead
-    of a backward of its own). Returns whether the passes ran (not when the structure was
-    probed before)."""
+    on a random part S of the samples (:func:`partition`) and on the rest, whose gradients sum to
+    the loss's: with `split` (and no `grads`), ``split(S)`` gives (visit_s, visit_rest), and each
+    pass's gradient at slot j is also handed to ``visit(j, g)`` as it comes
+    (``gefx.collect.collect_each`` uses them instead of a backward of its own). Returns whether the
+    passes ran (not when the structure was probed before)."""
     loss, what, slots = reach.loss, reach.what, reach.slots()
     samples = loss.shape[0]
     done = PROBED.setdefault(tape.model, set())
@@ -393,6 +398,7 @@ def probe(tape, reach: Reach, grads: list | None = None, also: tuple | None = No
     if not want:
         return False
     s = partition(samples, loss.device)
+    also = None if split is None else split(s)
     # per slot: the largest row norm of the S part's gradient on S's rows (own) and on the others
     # (leak), the same for the complement; seen as the gradients stream by, none of them kept
     own: list = [[None, None] for _ in slots]

@@ -48,10 +48,12 @@ import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.autograd.graph import GradientEdge
 
+from .collect import follow
 from .precision import acc_dtype
 from .soundness import per_row, sample_dim
 from .tape import Tape
@@ -98,7 +100,7 @@ class _Plan:
     edge: object = None                  # where dL/dH is taken: H's autograd edge
     g_head: torch.Tensor | None = None   # dr/dH (for reusable plans: computed before the backward)
     scale: torch.Tensor | None = None    # 1 / c_i, set by the head's hook when the fit succeeds
-    streamed: bool = False               # served as the gradients come (Serving.stream), not captured
+    streamed: bool = False               # served as the gradients come (Serving.serve), not captured
     visit: object = None                 # ... by this callback, during the step's backward only
 
     @property
@@ -115,13 +117,13 @@ class Serving:
 
     What is captured: every recorded output's gradient for a vector objective (`keep_all`: its
     per-sample pieces), otherwise only those upstream of a head some risk may reuse and that is not
-    served as they come (:meth:`stream`: its gradients are handed on rescaled, layer by layer, and
+    served as they come (:meth:`serve`: its gradients are handed on rescaled, layer by layer, and
     nothing is kept for it; the online mode streams every risk it may serve in one process, and
     captures under torch.distributed, with sharded parameters, with an optimizer that has no closed
     form, and for PG-effects). A captured gradient is released as soon as no remaining risk needs
     it, and rescaled in place for the last risk using it when nothing else shares its storage.
 
-    One concept in three phases (plan, serve, hand over) sharing the plans: about 145 code lines,
+    One concept in three phases (plan, serve, hand over) sharing the plans: about 155 code lines,
     kept whole because split by phase the plans would pass between three objects.
     """
 
@@ -248,15 +250,31 @@ class Serving:
         plan = self.plans.get(name)
         return plan is not None and plan.scale is not None
 
-    def stream(self, name: str, visit) -> None:
-        """Serve this risk during the backward: ``visit(call, output index, g)`` with its gradient at
-        each recorded output it reaches as the step's arrives (rescaled: a temporary of that output's
-        size; at the head its own dr/dH), nothing captured for it. Only once the head's fit succeeds
-        (:meth:`reused`); otherwise nothing is visited and the caller differentiates the risk."""
-        plan = self.plans[name]
-        assert plan is not None and plan.reusable and not plan.streamed
-        plan.streamed, plan.visit = True, visit
-        self._users[plan.key] -= 1  # it takes nothing captured
+    def serve(self, step: "StepBackward", proofs: dict, products_for) -> dict:
+        """Serve during the backward each proved risk the step may serve (name ->
+        :class:`gefx.soundness.Reach`; one process, no sharded parameter: the caller's to decide,
+        ``gefx.geffect._live_products``): fresh products (``products_for()``) and
+        a feed (``gefx.collect.follow``) to which the risk's gradient at each recorded output it
+        reaches is handed as the step's arrives (rescaled: a temporary of that output's size; at
+        the head its own dr/dH), each parameter's pieces contracted with ``.grad`` as soon as the
+        backward has finished it (``step.when_final``), then dropped: nothing is captured or held
+        for it. Only once the head's fit succeeds (:meth:`reused`); otherwise nothing is visited
+        and the caller differentiates the risk. Returns name -> (products, feed): the feed is
+        closed, and the products reported, after the backward and the risk's per-sample probe."""
+        live = {}
+        for name, reach in proofs.items():
+            if not self.may_serve(name):
+                continue
+            products = products_for()
+
+            def take(n, P, rows=None, products=products):
+                step.when_final(n, partial(products.take, n, P, rows))
+            feed = follow(self.tape, reach, take)
+            plan = self.plans[name]
+            plan.streamed, plan.visit = True, feed.arrived_at
+            self._users[plan.key] -= 1  # it takes nothing captured
+            live[name] = (products, feed)
+        return live
 
     def backward_done(self) -> None:
         """The step's backward is over: the streamed risks' callbacks are let go (they hold the
@@ -328,7 +346,7 @@ class StepBackward:
     place and nothing is copied. `zero`: whether that is so, where the caller has found out.
     ``grads``: the step's own gradient ({name: .grad}) inside the block. :meth:`when_final` runs
     work on a parameter's ``.grad`` as soon as the backward has finished it (risks served as the
-    gradients come, :meth:`Serving.stream`).
+    gradients come, :meth:`Serving.serve`).
     """
 
     def __init__(self, serving: Serving, zero: bool | None = None):

@@ -78,3 +78,17 @@ def slices(tape, params: list[torch.Tensor]) -> dict[str, slice]:
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64)
     return float((x - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+def served_live(monkeypatch) -> list[str]:
+    """The names of the risks the step's backward serves as its gradients come (gefx.step.Serving.serve),
+    appended as each measurement serves them."""
+    from gefx import step as S
+    served, serve = [], S.Serving.serve
+
+    def spy(self, *args):
+        live = serve(self, *args)
+        served.extend(live)
+        return live
+    monkeypatch.setattr(S.Serving, "serve", spy)
+    return served

@@ -9,18 +9,16 @@ from torch import nn
 
 import gefx
 from gefx import pieces
-from gefx import step as S
 from gefx.check import tolerance
 import zoo
-from helpers import tiny_model
+from helpers import served_live, tiny_model
 
 
 def test_tiny_llama_every_kind_exact_in_both_modes_and_model_untouched(monkeypatch):
     model = tiny_model("llama", torch.float32).train()
     before = [p.detach().clone() for p in model.parameters()]
     state = torch.get_rng_state()
-    served, stream = [], S.Serving.stream
-    monkeypatch.setattr(S.Serving, "stream", lambda self, *a: (served.append(a[0]), stream(self, *a))[1])
+    served = served_live(monkeypatch)
     report = gefx.check(model)
     assert served.count("a") == 2  # the online modes check a risk served by the step's backward
     assert report.ok and report.dtype == torch.float64  # a float64 copy fits

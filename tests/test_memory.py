@@ -264,7 +264,7 @@ def test_risk_output_gradients_are_streamed(first, how, monkeypatch):
 def test_served_risk_holds_no_set(first, monkeypatch):
     """A risk the step's gradients serve (GA's forget NLL): each layer's are rescaled, turned into
     pieces and contracted with .grad as soon as the backward has finished that parameter's
-    (gefx.step.Serving.stream), on its first use too (its probe's two passes run after the step's
+    (gefx.step.Serving.serve), on its first use too (its probe's two passes run after the step's
     backward, before its products are reported): the extra memory does not grow with depth.
     Holding them for the whole model (as an autograd.grad call returns them) grows it by a layer's
     set of the forget batch (21 tokens x ~700 outputs x 4 bytes) per layer."""

@@ -7,7 +7,7 @@ import torch
 
 import gefx
 from gefx.losses import sequence_nll
-from helpers import batch, per_sample_grads, rel_err, tiny_model
+from helpers import batch, per_sample_grads, rel_err, served_live, tiny_model
 
 peft = pytest.importorskip("peft", reason="peft is a test extra (pip install -e '.[test]')")
 
@@ -101,9 +101,7 @@ def test_forget_risk_served_with_a_frozen_lm_head(weights, tol, bypass, monkeypa
     brute force's numbers (to one rounding with power-of-two weights; other weights round the
     float32 RMSNorm differently, gefx/step.py). An objective that also reaches the adapters around
     that node (a penalty on a hidden state) is not served, and exact all the same."""
-    from gefx import step as S
-    served, stream = [], S.Serving.stream
-    monkeypatch.setattr(S.Serving, "stream", lambda self, *a: (served.append(a[0]), stream(self, *a))[1])
+    served = served_live(monkeypatch)
     model = lora_model(["q_proj", "v_proj"], dropout=0.0).train()
     params = [p for p in model.parameters() if p.requires_grad]
     fi, fm, fl = batch(3, 9, seed=1)

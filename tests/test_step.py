@@ -7,7 +7,7 @@ import torch
 import gefx
 from gefx import step as S
 from gefx.losses import sequence_nll, token_nll
-from helpers import FAMILIES, batch, full_grad, per_sample_grads, rel_err, slices, tiny_model
+from helpers import FAMILIES, batch, full_grad, per_sample_grads, rel_err, served_live, slices, tiny_model
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
@@ -100,9 +100,8 @@ def test_served_risks_are_contracted_during_the_backward(family, dtype, objectiv
     plain = copy.deepcopy(base).to(dtype)
     _losses(plain, objective)[2].sum().backward()
 
-    streamed, captured = [], []
-    stream, hooks = S.Serving.stream, S.Serving.hooks
-    monkeypatch.setattr(S.Serving, "stream", lambda self, *a: (streamed.append(a[0]), stream(self, *a))[1])
+    streamed, captured = served_live(monkeypatch), []
+    hooks = S.Serving.hooks
 
     def spy_hooks(self):
         captured.append(self.captured)
