@@ -168,6 +168,9 @@ def _before_step(tape: Tape, objective: torch.Tensor, proofs: dict, opts: "_Opti
         # the update, from .grad plus the objective's aggregate, formed per parameter as each risk
         # reads it (an aggregate per parameter and risk) instead of holding every risk's pieces
         opts = opts.along(_pending_update(tape, optimizer, aggregated(tape, g_obj, opts.process_group)))
+    # each product by the cheaper of the ghost and dense forms, the objective's aggregate formed only
+    # where the dense form wins (or for its norm), a parameter at a time: once per risk, one GEMM per
+    # parameter and extra risk, traded for holding no risk's output gradients beyond a layer's
     sq = opts.squares()
     measured = contracted(streamed(tape, proofs), lambda: ByMarginals(tape, g_obj, instances, opts.direction, sq))
     return reported(tape, measured, opts.groups, opts.process_group, obj_batch)
